@@ -1,0 +1,152 @@
+"""Image decoding and resizing with OpenCV.
+
+Pillow reads only the header (format, size, frames) so that a decompression
+bomb is refused before any pixel is decoded; OpenCV decodes and resizes.
+"""
+from __future__ import annotations
+
+import io
+import warnings
+
+import cv2
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from beamzoo.core import Hints, RowOperator
+from beamzoo.schemas import TensorSpec
+
+_REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def image_spec(channels: str = "RGB") -> TensorSpec:
+    return TensorSpec("uint8", (None, None, 3), layout="NHWC", channels=channels, value_range=(0, 255))
+
+
+def sniff(data: bytes, max_pixels: int) -> tuple[str, int, int]:
+    """(format, width, height) from the header alone; raises on a non-image or a bomb."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                fmt, (w, h) = im.format, im.size
+    except Image.DecompressionBombError as exc:
+        raise ValueError(f"image over the pixel limit ({exc})") from None
+    except Exception as exc:
+        raise ValueError(f"not a readable image ({error_reason(exc)})") from None
+    if w * h > max_pixels:
+        raise ValueError(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
+                         "(raise max_pixels to accept it)")
+    if w == 0 or h == 0:
+        raise ValueError(f"image has no pixels ({w}x{h})")
+    return fmt, w, h
+
+
+def error_reason(exc: BaseException) -> str:
+    return str(exc).split("\n")[0] or type(exc).__name__
+
+
+def decode(data: bytes, max_pixels: int, min_side: int | None = None, channels: str = "RGB") -> np.ndarray:
+    """Bytes to an HxWx3 uint8 array, EXIF orientation applied.
+
+    JPEGs much larger than ``min_side`` are decoded at 1/2, 1/4 or 1/8 scale
+    (libjpeg's DCT scaling), never below ``min_side`` on the short side.
+    """
+    fmt, w, h = sniff(data, max_pixels)
+    if fmt == "JPEG" and b"\xff\xd9" not in data[-1024:]:
+        raise ValueError("truncated JPEG (no end-of-image marker)")
+    flags = cv2.IMREAD_COLOR
+    if fmt == "JPEG" and min_side:
+        factor = max((f for f in _REDUCED if min(w, h) // f >= min_side), default=1)
+        flags = _REDUCED.get(factor, cv2.IMREAD_COLOR)
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
+    if img is None:
+        raise ValueError(f"could not decode this {fmt} image (corrupt or truncated)")
+    if channels == "RGB":
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img
+
+
+class DecodeImage(RowOperator):
+    """data (file bytes) -> image (HxWx3 uint8).
+
+    ``max_pixels`` refuses decompression bombs; ``min_side`` lets big JPEGs
+    decode at reduced size when a later step shrinks them anyway.
+    """
+
+    requires = pa.schema([pa.field("data", pa.binary())])
+    consumes = ("data",)
+
+    def __init__(self, max_pixels: int = 100_000_000, min_side: int | None = None,
+                 channels: str = "RGB", name: str = "decode", hints: Hints | None = None):
+        super().__init__(name, hints)
+        self.max_pixels, self.min_side, self.channels = max_pixels, min_side, channels
+        self.produces = pa.schema([image_spec(channels).field("image")])
+
+    def process_row(self, row):
+        img = decode(row["data"], self.max_pixels, self.min_side, self.channels)
+        h, w, c = img.shape
+        return {"image": {"data": img.tobytes(), "height": h, "width": w, "channels": c}}
+
+    def fingerprint(self):
+        return {**super().fingerprint(), "max_pixels": self.max_pixels,
+                "min_side": self.min_side, "channels": self.channels}
+
+
+def resize_crop(img: np.ndarray, resize: int, crop: int) -> np.ndarray:
+    """Short side to ``resize`` (area filter when shrinking), then a centre crop."""
+    h, w = img.shape[:2]
+    scale = resize / min(h, w)
+    nh, nw = max(crop, round(h * scale)), max(crop, round(w * scale))
+    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    img = cv2.resize(img, (nw, nh), interpolation=interp)
+    top, left = (nh - crop) // 2, (nw - crop) // 2
+    return img[top:top + crop, left:left + crop]
+
+
+class ResizeCrop(RowOperator):
+    """image -> pixels: resize, centre crop, scale to ``value_range``, lay out.
+
+    Use ``ResizeCrop.for_input(spec)`` to match a model's declared input.
+    """
+
+    consumes = ("image",)
+
+    def __init__(self, resize: int = 256, crop: int = 224, layout: str = "NCHW",
+                 channels: str = "RGB", value_range: tuple[float, float] = (-1.0, 1.0),
+                 name: str = "resize", hints: Hints | None = None):
+        super().__init__(name, hints)
+        if layout not in ("NCHW", "NHWC"):
+            raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
+        self.resize, self.crop, self.layout = resize, crop, layout
+        self.channels, self.value_range = channels, tuple(value_range)
+        shape = (3, crop, crop) if layout == "NCHW" else (crop, crop, 3)
+        self.spec = TensorSpec("float32", shape, layout, channels, self.value_range)
+        self.requires = pa.schema([image_spec(channels).field("image")])
+        self.produces = pa.schema([self.spec.field("pixels")])
+        lo, hi = self.value_range
+        self._scale, self._offset = np.float32((hi - lo) / 255.0), np.float32(lo)
+
+    @classmethod
+    def for_input(cls, spec: TensorSpec, resize: int | None = None, **kw) -> ResizeCrop:
+        crop = spec.shape[1] if spec.layout == "NCHW" else spec.shape[0]
+        return cls(resize=resize or round(crop * 256 / 224), crop=crop, layout=spec.layout,
+                   channels=spec.channels, value_range=spec.value_range, **kw)
+
+    def process_row(self, row):
+        im = row["image"]
+        img = np.frombuffer(im["data"], np.uint8).reshape(im["height"], im["width"], im["channels"])
+        out = resize_crop(img, self.resize, self.crop).astype(np.float32)
+        out *= self._scale
+        out += self._offset
+        if self.layout == "NCHW":
+            out = out.transpose(2, 0, 1)
+        return {"pixels": np.ascontiguousarray(out)}
+
+    def to_array(self, field, values):
+        stacked = np.stack(values) if values else np.empty((0, *self.spec.shape), np.float32)
+        return pa.FixedShapeTensorArray.from_numpy_ndarray(stacked)
+
+    def fingerprint(self):
+        return {**super().fingerprint(), "resize": self.resize, "crop": self.crop,
+                "layout": self.layout, "channels": self.channels, "value_range": self.value_range}

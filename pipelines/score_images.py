@@ -1,0 +1,59 @@
+"""Batch-score a set of images with an ImageNet classifier; results to Parquet.
+
+    python pipelines/score_images.py --input 'photos/**/*.jpg' --output out/
+    python pipelines/score_images.py --input ... --output out/ --runner=EdgeRunner
+    python pipelines/score_images.py --input ... --output out/ --runner=FlinkRunner --flink_master=[local]
+
+Without --input it scores a sample set of real photographs that ship in
+scikit-image and scikit-learn. Options it does not know go to Beam.
+Writes OUT/predictions-*.parquet and OUT/dead_letter-*.parquet.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from beamzoo import zoo
+from beamzoo.pipeline import run, score_images
+from beamzoo.runners import EdgeRunner
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", help="glob of image files ('**' recurses) or a directory; "
+                                   "default: a sample set of real photographs")
+    p.add_argument("--output", required=True, help="directory for the Parquet results")
+    p.add_argument("--runner", default="DirectRunner",
+                   help="DirectRunner (default), EdgeRunner, FlinkRunner or another Beam runner")
+    p.add_argument("--model", default="efficientnet_lite0", help="model name in the zoo")
+    p.add_argument("--topk", type=int, default=5)
+    p.add_argument("--batch_size", type=int, default=32, help="images per inference call")
+    p.add_argument("--max_pixels", type=int, default=100_000_000,
+                   help="refuse images with more pixels than this (decompression bombs)")
+    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    p.add_argument("--workers", type=int, default=None, help="edge runner: decode threads")
+    p.add_argument("--no_progress", action="store_true", help="edge runner: no progress bar")
+    return p.parse_known_args(argv)
+
+
+def main(argv=None) -> int:
+    args, beam_args = parse(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.input is None:
+        from beamzoo.samples import make_sample_set
+        args.input = str(make_sample_set(os.path.join(args.output, "_samples")))
+        print(f"no --input given: scoring the sample photographs copied to {args.input}")
+    graph = score_images(args.input, zoo.get(args.model), k=args.topk, batch_size=args.batch_size,
+                         max_pixels=args.max_pixels, intra_op_threads=args.threads)
+    edge = EdgeRunner(workers=args.workers, progress=not args.no_progress)
+    stats = run(graph, args.output, args.runner, beam_args, edge=edge)
+    print(stats.line())
+    print(f"{stats.inputs / stats.seconds:.1f} images/s over {stats.seconds:.1f} s; "
+          f"results in {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

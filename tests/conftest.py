@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny ONNX models built with onnx.helper, and image files."""
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("BEAM_TESTING_FORCE_SINGLE_BUNDLE", "0")
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from beamzoo.schemas import TensorSpec
+from beamzoo.zoo import ModelCard, sha256_of
+
+COLOURS = ("red", "green", "blue")
+
+
+def tiny_colour_model(path, size=32, dtype=TensorProto.FLOAT, input_name="images"):
+    """[N,3,size,size] -> logits [N,3]: the mean of each channel.
+
+    An image that is mostly red gets the label "red", and so on.
+    """
+    x = helper.make_tensor_value_info(input_name, dtype, ["N", 3, size, size])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])
+    scale = numpy_helper.from_array(np.array(10.0, np.float32), "scale")
+    nodes = [
+        helper.make_node("ReduceMean", [input_name], ["m"], axes=[2, 3], keepdims=0),
+        helper.make_node("Mul", ["m", "scale"], ["logits"]),
+    ]
+    if dtype != TensorProto.FLOAT:
+        nodes.insert(0, helper.make_node("Cast", [input_name], ["xf"], to=TensorProto.FLOAT))
+        nodes[1].input[0] = "xf"
+    graph = helper.make_graph(nodes, "tiny", [x], [y], [scale])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def tiny_card(path, size=32, **kw) -> ModelCard:
+    args = dict(
+        name="tiny_colour", version="1", input_name="images",
+        input=TensorSpec("float32", (3, size, size), layout="NCHW", channels="RGB", value_range=(-1, 1)),
+        output_name="logits", output=TensorSpec("float32", (3,), layout="NC"),
+        labels=COLOURS, path=str(path), sha256=sha256_of(path), resize=size + size // 7)
+    args.update(kw)
+    return ModelCard(**args)
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    return tiny_card(tiny_colour_model(tmp_path / "tiny.onnx"))
+
+
+def write_colour_image(path, rgb, size=(48, 40)):
+    """A solid-colour image; ``size`` is (width, height)."""
+    img = np.zeros((size[1], size[0], 3), np.uint8)
+    img[:] = rgb[::-1]  # OpenCV writes BGR
+    assert cv2.imwrite(str(path), img)
+    return str(path)
+
+
+@pytest.fixture
+def colour_dir(tmp_path):
+    """Nine real image files of solid red, green or blue, in jpg and png."""
+    d = tmp_path / "images"
+    (d / "sub").mkdir(parents=True)
+    rgbs = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
+    for i in range(9):
+        name = COLOURS[i % 3]
+        ext = "jpg" if i % 2 else "png"
+        folder = d / "sub" if i >= 6 else d
+        write_colour_image(folder / f"{name}{i}.{ext}", rgbs[name])
+    return d
