@@ -5,6 +5,7 @@ import numpy as np
 import pyarrow as pa
 
 from beamzoo.core import Hints, Operator, Result, dead_letters, error_text
+from beamzoo.schemas import tensor_array
 from beamzoo.zoo import ModelCard
 
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
@@ -114,8 +115,7 @@ class OnnxInference(Operator):
     def _with_output(self, batch: pa.RecordBatch, y: np.ndarray) -> pa.RecordBatch:
         schema = self.output_schema(batch.schema)
         cols = {f.name: batch.column(f.name) for f in batch.schema if f.name in schema.names}
-        cols[self.output_field] = pa.FixedShapeTensorArray.from_numpy_ndarray(
-            np.ascontiguousarray(y, dtype=self.card.output.dtype))
+        cols[self.output_field] = tensor_array(np.asarray(y, dtype=self.card.output.dtype))
         return pa.record_batch([cols[n] for n in schema.names], schema=schema)
 
     def fingerprint(self):

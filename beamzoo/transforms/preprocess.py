@@ -6,7 +6,6 @@ bomb is refused before any pixel is decoded; OpenCV decodes and resizes.
 from __future__ import annotations
 
 import io
-import warnings
 
 import cv2
 import numpy as np
@@ -14,7 +13,7 @@ import pyarrow as pa
 from PIL import Image
 
 from beamzoo.core import Hints, RowOperator
-from beamzoo.schemas import TensorSpec
+from beamzoo.schemas import TensorSpec, tensor_array
 
 _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
@@ -23,27 +22,34 @@ def image_spec(channels: str = "RGB") -> TensorSpec:
     return TensorSpec("uint8", (None, None, 3), layout="NHWC", channels=channels, value_range=(0, 255))
 
 
+def read_header(data: bytes) -> tuple[str, int, int]:
+    """(format, width, height) from Pillow's format plugins, reading the header only.
+
+    Not ``Image.open``: its own bomb check (a process-wide setting) would
+    override the caller's ``max_pixels``.
+    """
+    Image.init()
+    for fmt in Image.ID:
+        factory, accept = Image.OPEN[fmt]
+        if accept is not None and accept(data[:16]) is not True:
+            continue
+        try:
+            with factory(io.BytesIO(data), "") as im:
+                return im.format, im.size[0], im.size[1]
+        except Exception:  # noqa: BLE001 - this plugin cannot read it; try the next
+            continue
+    raise ValueError(f"not an image in a known format (starts with {data[:16]!r})")
+
+
 def sniff(data: bytes, max_pixels: int) -> tuple[str, int, int]:
-    """(format, width, height) from the header alone; raises on a non-image or a bomb."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
-                fmt, (w, h) = im.format, im.size
-    except Image.DecompressionBombError as exc:
-        raise ValueError(f"image over the pixel limit ({exc})") from None
-    except Exception as exc:
-        raise ValueError(f"not a readable image ({error_reason(exc)})") from None
+    """(format, width, height); raises on a non-image or a decompression bomb."""
+    fmt, w, h = read_header(data)
     if w * h > max_pixels:
         raise ValueError(f"image is {w}x{h} = {w * h} pixels, over the limit of {max_pixels} "
                          "(raise max_pixels to accept it)")
     if w == 0 or h == 0:
         raise ValueError(f"image has no pixels ({w}x{h})")
     return fmt, w, h
-
-
-def error_reason(exc: BaseException) -> str:
-    return str(exc).split("\n")[0] or type(exc).__name__
 
 
 def decode(data: bytes, max_pixels: int, min_side: int | None = None, channels: str = "RGB") -> np.ndarray:
@@ -145,7 +151,7 @@ class ResizeCrop(RowOperator):
 
     def to_array(self, field, values):
         stacked = np.stack(values) if values else np.empty((0, *self.spec.shape), np.float32)
-        return pa.FixedShapeTensorArray.from_numpy_ndarray(stacked)
+        return tensor_array(stacked)
 
     def fingerprint(self):
         return {**super().fingerprint(), "resize": self.resize, "crop": self.crop,
