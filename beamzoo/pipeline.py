@@ -3,11 +3,15 @@ from __future__ import annotations
 
 from beamzoo.core import Graph, Source
 from beamzoo.runners import EdgeRunner, RunStats, is_edge
-from beamzoo.transforms.inference import OnnxInference
+from beamzoo.schemas import SchemaMismatchError
+from beamzoo.transforms.inference import ModelSignatureError, OnnxInference
 from beamzoo.transforms.io import ReadFiles, list_files
 from beamzoo.transforms.postprocess import TopK
 from beamzoo.transforms.preprocess import DecodeImage, ResizeCrop
-from beamzoo.zoo import ModelCard
+from beamzoo.zoo import ModelCard, ModelIntegrityError
+
+# Mistakes a user can fix; command-line tools print these without a traceback.
+UserError = (FileNotFoundError, SchemaMismatchError, ModelSignatureError, ModelIntegrityError)
 
 
 def score_images(pattern: str, card: ModelCard, k: int = 5, batch_size: int = 32,

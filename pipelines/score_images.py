@@ -16,7 +16,7 @@ import os
 import sys
 
 from beamzoo import zoo
-from beamzoo.pipeline import run, score_images
+from beamzoo.pipeline import UserError, run, score_images
 from beamzoo.runners import EdgeRunner
 
 
@@ -40,15 +40,24 @@ def parse(argv):
 
 def main(argv=None) -> int:
     args, beam_args = parse(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.ERROR)
     if args.input is None:
         from beamzoo.samples import make_sample_set
         args.input = str(make_sample_set(os.path.join(args.output, "_samples")))
         print(f"no --input given: scoring the sample photographs copied to {args.input}")
-    graph = score_images(args.input, zoo.get(args.model), k=args.topk, batch_size=args.batch_size,
+    try:
+        card = zoo.get(args.model)
+    except KeyError as exc:
+        print(f"error: {exc.args[0]}", file=sys.stderr)
+        return 2
+    graph = score_images(args.input, card, k=args.topk, batch_size=args.batch_size,
                          max_pixels=args.max_pixels, intra_op_threads=args.threads)
     edge = EdgeRunner(workers=args.workers, progress=not args.no_progress)
-    stats = run(graph, args.output, args.runner, beam_args, edge=edge)
+    try:
+        stats = run(graph, args.output, args.runner, beam_args, edge=edge)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(stats.line())
     print(f"{stats.inputs / stats.seconds:.1f} images/s over {stats.seconds:.1f} s; "
           f"results in {args.output}")
