@@ -1,0 +1,262 @@
+"""The contenders. Each runs inside its own child process (see run.py).
+
+Every function takes a Ctx and returns a dict with at least ``seconds`` (wall
+time of the run call, model load included), ``first_result_s`` (or None) and
+``labels`` ({file name: top-1 label}).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+import pixels
+
+BATCH = 32
+
+
+@dataclass
+class Ctx:
+    files: str          # directory of *.jpg
+    work: str           # scratch directory for this contender's output
+    model: str          # ONNX file
+    labels: str         # labels text file, one per line
+    cores: int
+    limit_sample: int = 512
+    ref_threads: int = 1
+    flink_master: str = "localhost:8081"
+
+    @property
+    def paths(self) -> list[str]:
+        return sorted(glob.glob(os.path.join(self.files, "*.jpg")))
+
+
+def parquet_labels(directory: str) -> dict[str, str]:
+    import pyarrow.parquet as pq
+    out = {}
+    for p in sorted(glob.glob(os.path.join(directory, "predictions-*.parquet"))):
+        t = pq.read_table(p, columns=["path", "label"])
+        for path, label in zip(t.column("path").to_pylist(), t.column("label").to_pylist()):
+            out[os.path.basename(path)] = label
+    return out
+
+
+def write_predictions(directory: str, paths: list[str], labels: list[str], scores: list[float]):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    os.makedirs(directory, exist_ok=True)
+    table = pa.table({"path": pa.array(paths, pa.string()), "label": pa.array(labels, pa.string()),
+                      "score": pa.array(scores, pa.float32())})
+    pq.write_table(table, os.path.join(directory, "predictions-00000-of-00001.parquet"))
+
+
+def top1(logits: np.ndarray, names: list[str]) -> tuple[list[str], list[float]]:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probs = e / e.sum(axis=1, keepdims=True)
+    idx = probs.argmax(axis=1)
+    return [names[i] for i in idx], probs[np.arange(len(idx)), idx].tolist()
+
+
+def session(model: str, threads: int):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+# ---- limit: each stage alone, CPU seconds per image -------------------------
+
+def limit(ctx: Ctx) -> dict:
+    """CPU-seconds per image of each stage measured alone, at its best setting."""
+    import cv2
+    paths = ctx.paths
+    sample = paths[::max(1, len(paths) // ctx.limit_sample)][:ctx.limit_sample]
+    stages = {"decode": {}, "preprocess": {}}
+    inputs = []
+    for threads in sorted({1, ctx.cores}):
+        cv2.setNumThreads(threads)
+        for p in sample[:16]:  # warm up
+            pixels.preprocess(pixels.decode(pixels.read(p)))
+        dec = pre = 0.0
+        for p in sample:
+            c0 = time.process_time()
+            img = pixels.decode(pixels.read(p))   # file read + header + JPEG decode
+            c1 = time.process_time()
+            x = pixels.preprocess(img)            # resize + crop + normalize
+            dec += c1 - c0
+            pre += time.process_time() - c1
+            if len(inputs) < 256:
+                inputs.append(x)
+        stages["decode"][f"cv2 threads {threads}"] = dec / len(sample)
+        stages["preprocess"][f"cv2 threads {threads}"] = pre / len(sample)
+    x_all = np.stack(inputs)
+    stages["inference"] = {}
+    wall = {}
+    for threads in (1, 2):
+        sess = session(ctx.model, threads)
+        name = sess.get_inputs()[0].name
+        for batch in (1, 8, 32):
+            sess.run(None, {name: x_all[:batch]})  # warm up
+            n = len(x_all) - len(x_all) % batch
+            c0, t0 = time.process_time(), time.perf_counter()
+            for i in range(0, n, batch):
+                sess.run(None, {name: x_all[i:i + batch]})
+            key = f"batch {batch}, intra-op threads {threads}"
+            stages["inference"][key] = (time.process_time() - c0) / n
+            wall[key] = n / (time.perf_counter() - t0)
+        del sess
+    best = {s: min(v.items(), key=lambda kv: kv[1]) for s, v in stages.items()}
+    cpu_per_image = sum(v for _, v in best.values())
+    return {"seconds": None, "first_result_s": None, "labels": {},
+            "images_per_s": ctx.cores / cpu_per_image,
+            "cpu_s_per_image": cpu_per_image,
+            "best": {s: {"setting": k, "cpu_ms_per_image": round(v * 1e3, 3)} for s, (k, v) in best.items()},
+            "all_cpu_ms_per_image": {s: {k: round(v * 1e3, 3) for k, v in d.items()} for s, d in stages.items()},
+            "inference_wall_images_per_s": {k: round(v, 1) for k, v in wall.items()},
+            "sample": {"decode_preprocess": len(sample), "inference": len(x_all)}}
+
+
+# ---- reference: hand-written onnxruntime + OpenCV loop ----------------------
+
+def reference(ctx: Ctx) -> dict:
+    """Batches of 32 decoded by a thread pool while the main thread runs inference."""
+    names = pixels.load_labels(ctx.labels)
+    paths = ctx.paths
+    t0 = time.perf_counter()
+    sess = session(ctx.model, ctx.ref_threads)
+    in_name = sess.get_inputs()[0].name
+    batches = [paths[i:i + BATCH] for i in range(0, len(paths), BATCH)]
+
+    def load_batch(batch):
+        return np.stack([pixels.load(p) for p in batch])
+
+    labels, scores, first = [], [], None
+    with ThreadPoolExecutor(ctx.cores) as pool:
+        ahead = ctx.cores + 1  # batches being decoded while one is inferred
+        pending = deque(pool.submit(load_batch, b) for b in batches[:ahead])
+        nxt = len(pending)
+        while pending:
+            x = pending.popleft().result()
+            if nxt < len(batches):
+                pending.append(pool.submit(load_batch, batches[nxt]))
+                nxt += 1
+            lab, sc = top1(sess.run(None, {in_name: x})[0], names)
+            labels += lab
+            scores += sc
+            first = first or time.perf_counter() - t0
+    write_predictions(ctx.work, paths, labels, scores)
+    seconds = time.perf_counter() - t0
+    return {"seconds": seconds, "first_result_s": first, "scored": len(labels), "failed": 0,
+            "labels": {os.path.basename(p): lab for p, lab in zip(paths, labels)},
+            "settings": {"batch": BATCH, "decode_threads": ctx.cores, "intra_op_threads": ctx.ref_threads}}
+
+
+# ---- Beam stock: RunInference + OnnxModelHandlerNumpy on FnApiRunner --------
+
+_FIRST: dict[str, float] = {}
+
+
+def _mark_first(row):
+    _FIRST.setdefault("t", time.perf_counter())
+    return row
+
+
+def _decode(path):
+    return path, pixels.load(path)
+
+
+def _to_row(kv, names):
+    path, result = kv
+    lab, sc = top1(np.asarray(result.inference)[None], names)
+    return {"path": path, "label": lab[0], "score": sc[0]}
+
+
+def beam_stock(ctx: Ctx) -> dict:
+    import apache_beam as beam
+    import pyarrow as pa
+    from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
+    from apache_beam.ml.inference.onnx_inference import OnnxModelHandlerNumpy
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.runners.portability.fn_api_runner import FnApiRunner
+
+    names = pixels.load_labels(ctx.labels)
+    paths = ctx.paths
+    handler = KeyedModelHandler(OnnxModelHandlerNumpy(
+        ctx.model, providers=["CPUExecutionProvider"], min_batch_size=BATCH, max_batch_size=BATCH))
+    schema = pa.schema([("path", pa.string()), ("label", pa.string()), ("score", pa.float32())])
+    t0 = time.perf_counter()
+    with beam.Pipeline(runner=FnApiRunner(), options=PipelineOptions([])) as p:
+        (p
+         | "Paths" >> beam.Create(paths)
+         | "Decode" >> beam.Map(_decode)
+         | "Infer" >> RunInference(handler)
+         | "Top1" >> beam.Map(_to_row, names)
+         | "First" >> beam.Map(_mark_first)
+         | "Write" >> beam.io.WriteToParquet(os.path.join(ctx.work, "predictions"), schema,
+                                             file_name_suffix=".parquet"))
+    seconds = time.perf_counter() - t0
+    labels = parquet_labels(ctx.work)
+    first = _FIRST["t"] - t0 if "t" in _FIRST else None
+    return {"seconds": seconds, "first_result_s": first, "scored": len(labels), "failed": 0,
+            "labels": labels, "first_result_note": "first row reaching the Parquet writer"}
+
+
+# ---- beamzoo ----------------------------------------------------------------
+
+def _beamzoo(ctx: Ctx, runner: str, beam_args=()) -> dict:
+    from beamzoo.pipeline import run, score_images
+    from beamzoo.runners import EdgeRunner
+    from beamzoo.zoo import EFFICIENTNET_LITE0
+    graph = score_images(os.path.join(ctx.files, "*.jpg"), EFFICIENTNET_LITE0)
+    t0 = time.perf_counter()
+    stats = run(graph, ctx.work, runner, list(beam_args), edge=EdgeRunner(progress=False))
+    seconds = time.perf_counter() - t0
+    first = None
+    if stats.first_result_s is not None:  # the runner's clock starts after setup; ours before
+        first = seconds - stats.seconds + stats.first_result_s
+    return {"seconds": seconds, "first_result_s": first, "scored": stats.scored,
+            "failed": stats.failed, "labels": parquet_labels(ctx.work)}
+
+
+def beamzoo_edge(ctx: Ctx) -> dict:
+    return _beamzoo(ctx, "EdgeRunner")
+
+
+def beamzoo_direct(ctx: Ctx) -> dict:
+    return _beamzoo(ctx, "DirectRunner")
+
+
+# ---- beamzoo on Flink: a hook, only with --flink -----------------------------
+
+def flink_args(master: str):
+    """beamzoo.runners.flink.pipeline_args(master), or None if it is not there yet."""
+    import importlib.util
+    if importlib.util.find_spec("beamzoo.runners.flink") is None:
+        return None
+    from beamzoo.runners import flink
+    fn = getattr(flink, "pipeline_args", None)
+    return fn(master) if fn else None
+
+
+def beamzoo_flink(ctx: Ctx) -> dict:
+    # Note: on Flink the work may run in other processes (SDK harness, task
+    # managers), so this child's peak RSS is only the launcher's.
+    args = flink_args(ctx.flink_master)
+    if args is None:
+        raise RuntimeError("beamzoo.runners.flink.pipeline_args is not available")
+    return _beamzoo(ctx, "FlinkRunner", args)
+
+
+CONTENDERS = {
+    "limit": limit,
+    "reference": reference,
+    "beam_stock": beam_stock,
+    "beamzoo_edge": beamzoo_edge,
+    "beamzoo_direct": beamzoo_direct,
+    "beamzoo_flink": beamzoo_flink,
+}

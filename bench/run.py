@@ -1,0 +1,274 @@
+"""beamzoo benchmark: one command, one table.
+
+    python bench/run.py --n 2000 --out bench/results/
+
+Makes (or reuses) a seeded image set, then runs each contender on the same
+files, one after another, each in a fresh child process, and prints one table
+(images/s, ratio to the limit, peak RSS, time to first result, top-1 agreement
+with the reference loop). Writes OUT/results-n{N}.json. See bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ORDER = ["limit", "reference", "beam_stock", "beamzoo_edge", "beamzoo_direct"]
+TITLES = {"limit": "limit (stages alone)", "reference": "reference loop (ORT+OpenCV)",
+          "beam_stock": "Beam stock RunInference", "beamzoo_edge": "beamzoo EdgeRunner",
+          "beamzoo_direct": "beamzoo DirectRunner", "beamzoo_flink": "beamzoo FlinkRunner"}
+DROP_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
+
+
+def cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+# ---- child side --------------------------------------------------------------
+
+def child(argv) -> int:
+    """Runs one contender; writes its result JSON (argv: name, ctx-json, result-path)."""
+    import contenders
+    name, ctx_json, result_path = argv
+    ctx = contenders.Ctx(**json.loads(ctx_json))
+    res = contenders.CONTENDERS[name](ctx)
+    if res.get("seconds"):
+        res["images_per_s"] = len(ctx.paths) / res["seconds"]
+    with open("/proc/self/status") as f:
+        res["vmhwm_mib"] = next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM"))
+    Path(result_path).write_text(json.dumps(res))
+    return 0
+
+
+# ---- parent side -------------------------------------------------------------
+
+def spawn(name: str, ctx, log_dir: str) -> dict:
+    """Run ``name`` in a fresh process; add its peak RSS (from wait4) to its result."""
+    result_path = os.path.join(log_dir, f"{name}.json")
+    log_path = os.path.join(log_dir, f"{name}.log")
+    env = {k: v for k, v in os.environ.items() if k not in DROP_ENV}
+    cmd = [sys.executable, str(HERE / "run.py"), "--child", name, json.dumps(asdict(ctx)), result_path]
+    t0 = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0 or not os.path.exists(result_path):
+        tail = Path(log_path).read_text()[-3000:]
+        return {"error": f"exit code {proc.returncode}", "log_tail": tail}
+    res = json.loads(Path(result_path).read_text())
+    res["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
+    res["process_s"] = elapsed
+    res["cpu_s"] = usage.ru_utime + usage.ru_stime
+    return res
+
+
+def warm_cache(paths: list[str]) -> None:
+    """Read every file once so all contenders start with the same (warm) page cache."""
+    for p in paths:
+        with open(p, "rb") as f:
+            while f.read(1 << 20):
+                pass
+
+
+def agreement(results: dict, base: str = "reference") -> dict:
+    ref = results.get(base, {}).get("labels") or {}
+    out = {}
+    for name, res in results.items():
+        labels = res.get("labels") or {}
+        common = [k for k in ref if k in labels]
+        if ref and labels and name != base:
+            out[name] = {"files": len(common),
+                         "agree": sum(ref[k] == labels[k] for k in common) / max(1, len(common))}
+    with_labels = [r["labels"] for r in results.values() if r.get("labels")]
+    if len(with_labels) > 1:
+        keys = set.intersection(*(set(lab) for lab in with_labels))
+        out["all"] = {"files": len(keys), "agree": sum(
+            len({lab[k] for lab in with_labels}) == 1 for k in keys) / max(1, len(keys))}
+    return out
+
+
+def fmt(v, spec, none="n/a"):
+    return none if v is None else format(v, spec)
+
+
+def table(results: dict, agree: dict) -> str:
+    limit = results.get("limit", {}).get("images_per_s")
+    head = f"{'contender':<30} {'images/s':>9} {'x limit':>8} {'peak RSS MiB':>13} {'first result s':>15} {'top-1 = ref':>12}"
+    lines = [head, "-" * len(head)]
+    for name, res in results.items():
+        if "error" in res or "skipped" in res:
+            lines.append(f"{TITLES.get(name, name):<30} {res.get('skipped') or 'FAILED: ' + res['error']}")
+            continue
+        ips = res.get("images_per_s")
+        ratio = ips / limit if ips and limit else None
+        rss = None if name == "limit" else res.get("peak_rss_mib")
+        ag = "(base)" if name == "reference" else fmt(agree.get(name, {}).get("agree"), ".4f")
+        lines.append(f"{TITLES.get(name, name):<30} {fmt(ips, '9.1f'):>9} {fmt(ratio, '8.2f'):>8} "
+                     f"{fmt(rss, '13.0f'):>13} {fmt(res.get('first_result_s'), '15.2f'):>15} {ag:>12}")
+    if "all" in agree:
+        lines.append(f"all contenders with labels agree on top-1 for {agree['all']['agree']:.4f} "
+                     f"of {agree['all']['files']} files")
+    return "\n".join(lines)
+
+
+def targets(results: dict, rss: dict | None) -> list[dict]:
+    def ips(name):
+        r = results.get(name, {})
+        return r.get("images_per_s") if "error" not in r else None
+
+    checks = []
+
+    def check(what, num, den, goal):
+        value = num / den if num and den else None
+        checks.append({"target": what, "goal": goal, "value": value,
+                       "pass": None if value is None else value >= goal})
+
+    check("edge / limit", ips("beamzoo_edge"), ips("limit"), 0.85)
+    check("edge / reference", ips("beamzoo_edge"), ips("reference"), 1.0)
+    check("beamzoo DirectRunner / Beam stock", ips("beamzoo_direct"), ips("beam_stock"), 2.0)
+    if rss and rss.get("growth_pct") is not None:
+        checks.append({"target": "edge RSS growth %", "goal": "< 10", "value": rss["growth_pct"],
+                       "pass": rss["growth_pct"] < 10})
+    return checks
+
+
+def target_lines(checks: list[dict]) -> str:
+    out = ["targets:"]
+    for c in checks:
+        verdict = "n/a" if c["pass"] is None else ("PASS" if c["pass"] else "FAIL")
+        goal = c["goal"] if isinstance(c["goal"], str) else f">= {c['goal']}"
+        out.append(f"  {c['target']:<36} {fmt(c['value'], '.2f'):>8}  (goal {goal})  {verdict}")
+    return "\n".join(out)
+
+
+def rss_scaling(ctx_for, base_dir: Path, n: int, big: int, log_dir: str) -> dict:
+    import images
+    big_dir = images.make_cyclic(base_dir, big)
+    warm_cache(images.image_paths(base_dir))
+    out = {}
+    for label, directory, count in (("small", base_dir, n), ("big", big_dir, big)):
+        print(f"rss-scaling: beamzoo_edge on {count} files ...", flush=True)
+        res = spawn("beamzoo_edge", ctx_for(directory, f"rss-{label}"), log_dir)
+        out[label] = {"n": count, "peak_rss_mib": res.get("peak_rss_mib"),
+                      "images_per_s": res.get("images_per_s"), "error": res.get("error")}
+    s, b = out["small"]["peak_rss_mib"], out["big"]["peak_rss_mib"]
+    out["growth_pct"] = (b - s) / s * 100 if s and b else None
+    return out
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child"]:
+        return child(argv[1:])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--n", type=int, default=2000, help="number of images (default 2000)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(HERE / "results"), help="directory for the JSON results")
+    p.add_argument("--cache", default=str(HERE / "cache"), help="where image sets are kept")
+    p.add_argument("--only", nargs="+", choices=ORDER + ["beamzoo_flink"], help="run only these")
+    p.add_argument("--limit-sample", type=int, default=512, help="images the limit's stages are timed on")
+    p.add_argument("--ref-threads", type=int, default=1, help="reference loop: onnxruntime intra-op threads")
+    p.add_argument("--flink", action="store_true", help="also run beamzoo on FlinkRunner")
+    p.add_argument("--flink-master", default="localhost:8081")
+    p.add_argument("--rss-scaling", action="store_true",
+                   help="also measure the edge runner's peak RSS at N vs --rss-n files")
+    p.add_argument("--rss-n", type=int, default=None, help="big N for --rss-scaling (default 10 x N)")
+    args = p.parse_args(argv)
+
+    import contenders
+    import images
+    from beamzoo.zoo import EFFICIENTNET_LITE0
+
+    model = str(EFFICIENTNET_LITE0.onnx_path())  # built and cached before any timing
+    labels = str(Path(sys.modules["beamzoo.zoo"].__file__).parent / "imagenet_labels.txt")
+    base_dir = images.make_set(args.cache, args.n, args.seed)
+    paths = images.image_paths(base_dir)
+    warm_cache(paths)
+    os.makedirs(args.out, exist_ok=True)
+
+    names = list(args.only or ORDER)
+    if args.flink and "beamzoo_flink" not in names:
+        names.append("beamzoo_flink")
+
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="beamzoo-bench-") as tmp:
+        def ctx_for(directory, tag):
+            return contenders.Ctx(files=str(directory), work=os.path.join(tmp, tag), model=model,
+                                  labels=labels, cores=cores(), limit_sample=args.limit_sample,
+                                  ref_threads=args.ref_threads, flink_master=args.flink_master)
+
+        for name in names:
+            if name == "beamzoo_flink":
+                # Hook for the Flink runner being built in beamzoo/runners/flink.py.
+                if not args.flink:
+                    results[name] = {"skipped": "skipped (pass --flink to run it)"}
+                    continue
+                if contenders.flink_args(args.flink_master) is None:
+                    results[name] = {"skipped": "skipped: beamzoo.runners.flink.pipeline_args not found"}
+                    print(f"{name}: {results[name]['skipped']}")
+                    continue
+            print(f"running {name} on {len(paths)} images ...", flush=True)
+            results[name] = res = spawn(name, ctx_for(base_dir, name), tmp)
+            if "error" in res:
+                print(f"{name} FAILED ({res['error']}):\n{res['log_tail']}", flush=True)
+            else:
+                print(f"  {fmt(res.get('images_per_s'), '.1f')} images/s, peak RSS "
+                      f"{res['peak_rss_mib']:.0f} MiB", flush=True)
+        if not args.flink and "beamzoo_flink" not in results:
+            results["beamzoo_flink"] = {"skipped": "skipped (pass --flink to run it)"}
+        rss = rss_scaling(ctx_for, base_dir, args.n, args.rss_n or 10 * args.n, tmp) if args.rss_scaling else None
+
+    agree = agreement(results)
+    checks = targets(results, rss)
+    print()
+    print(f"N={args.n} seed={args.seed} cores={cores()} ({platform.processor() or platform.machine()})")
+    print(table(results, agree))
+    if rss:
+        print(f"edge peak RSS: {fmt(rss['small']['peak_rss_mib'], '.0f')} MiB at N={rss['small']['n']}, "
+              f"{fmt(rss['big']['peak_rss_mib'], '.0f')} MiB at N={rss['big']['n']}: "
+              f"growth {fmt(rss['growth_pct'], '+.1f')}%")
+    print(target_lines(checks))
+
+    for res in results.values():
+        res.pop("labels", None)
+    report = {"n": args.n, "seed": args.seed, "images": str(base_dir), "cores": cores(),
+              "cpu": cpu_model(), "python": platform.python_version(), "versions": versions(),
+              "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "results": results, "agreement": agree,
+              "rss_scaling": rss, "targets": checks}
+    path = Path(args.out) / f"results-n{args.n}.json"
+    path.write_text(json.dumps(report, indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor()
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    out = {}
+    for pkg in ("beamzoo", "apache-beam", "onnxruntime", "opencv-python-headless", "pyarrow", "numpy"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
