@@ -34,10 +34,16 @@ class Result(NamedTuple):
     dead: pa.RecordBatch
 
 
-def dead_letters(paths: list[str], stage: str, errors: list[str]) -> pa.RecordBatch:
-    return pa.record_batch(
-        [pa.array(paths, pa.string()), pa.array([stage] * len(paths), pa.string()),
-         pa.array(errors, pa.string())], schema=DEAD_LETTER_SCHEMA)
+def dead_letters(batch: pa.RecordBatch, rows: list[int], stage: str, errors: list[str]) -> pa.RecordBatch:
+    """Dead letters for ``rows`` of ``batch``: their path (and key, if any), the stage, the reason."""
+    taken = batch.select([n for n in ("path", "key") if n in batch.schema.names]).take(
+        pa.array(rows, pa.int64()))
+    key = taken.column("key") if "key" in taken.schema.names else pa.nulls(len(rows), pa.string())
+    return pa.record_batch([taken.column("path"), pa.array([stage] * len(rows), pa.string()),
+                            pa.array(errors, pa.string()), key], schema=DEAD_LETTER_SCHEMA)
+
+
+NO_DEAD_LETTERS = pa.RecordBatch.from_pylist([], schema=DEAD_LETTER_SCHEMA)
 
 
 def error_text(exc: BaseException) -> str:
@@ -92,7 +98,7 @@ class RowOperator(Operator):
         raise NotImplementedError
 
     def process(self, batch: pa.RecordBatch) -> Result:
-        keep, produced, bad_paths, errors = [], [], [], []
+        keep, produced, bad, errors = [], [], [], []
         needed = [f.name for f in self.requires]
         columns = {n: batch.column(n).to_pylist() for n in {*needed, "path"}}
         for i in range(batch.num_rows):
@@ -101,9 +107,9 @@ class RowOperator(Operator):
                 produced.append(self.process_row(row))
                 keep.append(i)
             except Exception as exc:  # a bad record must not kill the run
-                bad_paths.append(row["path"])
+                bad.append(i)
                 errors.append(error_text(exc))
-        return Result(self._assemble(batch, keep, produced), dead_letters(bad_paths, self.name, errors))
+        return Result(self._assemble(batch, keep, produced), dead_letters(batch, bad, self.name, errors))
 
     def _assemble(self, batch: pa.RecordBatch, keep: list[int], produced: list[dict]) -> pa.RecordBatch:
         schema = self.output_schema(batch.schema)

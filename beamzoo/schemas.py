@@ -30,6 +30,7 @@ DEAD_LETTER_SCHEMA = pa.schema([
     PATH,
     pa.field("stage", pa.string(), nullable=False),
     pa.field("error", pa.string(), nullable=False),
+    pa.field("key", pa.string()),  # the resume key, when the input got one before failing
 ])
 
 

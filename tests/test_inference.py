@@ -78,7 +78,7 @@ def test_a_failing_batch_is_retried_row_by_row(tiny_model):
     x[4, 0, 0, 0] = np.nan
     rows, dead = FailsOnNaN(tiny_model, batch_size=6).process(pixels_batch(x, tiny_model))
     assert rows.column("path").to_pylist() == ["p0", "p1", "p2", "p3", "p5"]
-    assert dead.to_pylist() == [{"path": "p4", "stage": "infer", "error": "RuntimeError: NaN input"}]
+    assert dead.to_pylist() == [{"path": "p4", "stage": "infer", "error": "RuntimeError: NaN input", "key": None}]
 
 
 def test_operator_pickles_without_its_session(tiny_model):

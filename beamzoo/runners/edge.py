@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
-from beamzoo.core import Graph, Operator, Source, dead_letters
+from beamzoo.core import NO_DEAD_LETTERS, Graph, Operator, Source
 from beamzoo.runners.sinks import ParquetSink
 from beamzoo.schemas import DEAD_LETTER_SCHEMA
 
@@ -100,7 +100,7 @@ def _run_steps(steps: tuple[Operator, ...], batch: pa.RecordBatch):
             break
         batch, dl = step.process(batch)
         dead.append(dl)
-    return batch, pa.concat_batches(dead) if dead else dead_letters([], "", [])
+    return batch, pa.concat_batches(dead) if dead else NO_DEAD_LETTERS
 
 
 class _Buffer:

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from beamzoo.core import Hints, Operator, Result, dead_letters, error_text
+from beamzoo.core import NO_DEAD_LETTERS, Hints, Operator, Result, dead_letters, error_text
 from beamzoo.schemas import tensor_array
 from beamzoo.zoo import ModelCard
 
@@ -94,23 +94,22 @@ class OnnxInference(Operator):
             y = np.concatenate([self.run(x[i:i + self.batch_size])
                                 for i in range(0, len(x), self.batch_size)] or
                                [np.empty((0, *self.card.output.shape), np.float32)])
-            return Result(self._with_output(batch, y), dead_letters([], self.name, []))
+            return Result(self._with_output(batch, y), NO_DEAD_LETTERS)
         except Exception:
             return self._row_by_row(batch, x)
 
     def _row_by_row(self, batch, x):
         keep, outs, bad, errors = [], [], [], []
-        paths = batch.column("path").to_pylist()
         for i in range(len(x)):
             try:
                 outs.append(self.run(x[i:i + 1])[0])
                 keep.append(i)
             except Exception as exc:
-                bad.append(paths[i])
+                bad.append(i)
                 errors.append(error_text(exc))
         y = np.stack(outs) if outs else np.empty((0, *self.card.output.shape), np.float32)
         kept = batch.take(pa.array(keep, pa.int64()))
-        return Result(self._with_output(kept, y), dead_letters(bad, self.name, errors))
+        return Result(self._with_output(kept, y), dead_letters(batch, bad, self.name, errors))
 
     def _with_output(self, batch: pa.RecordBatch, y: np.ndarray) -> pa.RecordBatch:
         schema = self.output_schema(batch.schema)

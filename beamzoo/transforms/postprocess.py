@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from beamzoo.core import Hints, Operator, Result, dead_letters
+from beamzoo.core import NO_DEAD_LETTERS, Hints, Operator, Result
 from beamzoo.zoo import ModelCard
 
 PREDICTION_FIELDS = pa.schema([
@@ -51,7 +51,7 @@ class TopK(Operator):
         }
         schema = self.output_schema(batch.schema)
         arrays = [produced[f.name] if f.name in produced else batch.column(f.name) for f in schema]
-        return Result(pa.record_batch(arrays, schema=schema), dead_letters([], self.name, []))
+        return Result(pa.record_batch(arrays, schema=schema), NO_DEAD_LETTERS)
 
     def fingerprint(self):
         return {**super().fingerprint(), "k": self.k, "model": self.card.ref}
