@@ -1,17 +1,22 @@
 """The image-scoring graph and running any graph on any runner."""
 from __future__ import annotations
 
+import os
+import time
+
 from beamzoo.core import Graph, Source
+from beamzoo.resume import check_output_dir, run_id, with_keys
 from beamzoo.runners import EdgeRunner, RunStats, is_edge
 from beamzoo.schemas import SchemaMismatchError
 from beamzoo.transforms.inference import ModelSignatureError, OnnxInference
 from beamzoo.transforms.io import ReadFiles, list_files
 from beamzoo.transforms.postprocess import TopK
 from beamzoo.transforms.preprocess import DecodeImage, ResizeCrop
+from beamzoo.runners.sinks import count_rows, remove_stale_temporaries
 from beamzoo.zoo import ModelCard, ModelIntegrityError
 
 # Mistakes a user can fix; command-line tools print these without a traceback.
-UserError = (FileNotFoundError, SchemaMismatchError, ModelSignatureError, ModelIntegrityError)
+UserError = (FileNotFoundError, FileExistsError, SchemaMismatchError, ModelSignatureError, ModelIntegrityError)
 
 
 def score_images(pattern: str, card: ModelCard, k: int = 5, batch_size: int = 32,
@@ -29,14 +34,28 @@ def score_images(pattern: str, card: ModelCard, k: int = 5, batch_size: int = 32
 
 
 def run(graph: Graph, output: str, runner: str = "DirectRunner", beam_args: list[str] = (),
-        edge: EdgeRunner | None = None) -> RunStats:
-    """Run on the edge runner or, through Beam, on any Beam runner."""
-    paths = list_files(graph.source.pattern)
-    if not paths:
+        edge: EdgeRunner | None = None, resume: bool = False) -> RunStats:
+    """Run on the edge runner or, through Beam, on any Beam runner.
+
+    Rows get resume keys; with ``resume`` the inputs already in ``output``
+    are skipped. The counts returned are of everything in ``output``.
+    """
+    inputs = list_files(graph.source.pattern)
+    if not inputs:
         raise FileNotFoundError(
             f"no files match {graph.source.pattern!r}; check the pattern, and quote it so "
             "the shell does not expand it (e.g. --input 'photos/**/*.jpg')")
+    check_output_dir(output, resume)
+    if resume and os.path.isdir(output):
+        remove_stale_temporaries(output)
+    keyed = with_keys(graph, output, resume)
+    run_name = run_id()
+    start = time.perf_counter()
+    first = None
     if is_edge(runner):
-        return (edge or EdgeRunner()).run(graph, output, paths)
-    from beamzoo.runners import beam
-    return beam.run(graph, output, [f"--runner={runner}", *beam_args], inputs=len(paths))
+        first = (edge or EdgeRunner()).run(keyed, output, keyed.source.paths(), run_name).first_result_s
+    else:
+        from beamzoo.runners import beam
+        beam.run(keyed, output, [f"--runner={runner}", *beam_args], run_name)
+    return RunStats(len(inputs), count_rows(output, "predictions"), count_rows(output, "dead_letter"),
+                    time.perf_counter() - start, first)

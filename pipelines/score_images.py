@@ -34,6 +34,8 @@ def parse(argv):
                    help="refuse images with more pixels than this (decompression bombs)")
     p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
     p.add_argument("--workers", type=int, default=None, help="edge runner: decode threads")
+    p.add_argument("--resume", action="store_true",
+                   help="continue a run in --output: inputs already scored there are skipped")
     p.add_argument("--no_progress", action="store_true", help="edge runner: no progress bar")
     return p.parse_known_args(argv)
 
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
                          max_pixels=args.max_pixels, intra_op_threads=args.threads)
     edge = EdgeRunner(workers=args.workers, progress=not args.no_progress)
     try:
-        stats = run(graph, args.output, args.runner, beam_args, edge=edge)
+        stats = run(graph, args.output, args.runner, beam_args, edge=edge, resume=args.resume)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

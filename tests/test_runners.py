@@ -13,7 +13,7 @@ import pytest
 from badfiles import make_all
 from beamzoo.pipeline import run, score_images
 from beamzoo.runners import EdgeRunner
-from beamzoo.runners.beam import count_rows
+from beamzoo.runners.sinks import count_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

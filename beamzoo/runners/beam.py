@@ -1,14 +1,7 @@
 """Running a graph on a Beam runner (DirectRunner, FlinkRunner, ...)."""
 from __future__ import annotations
 
-import glob
-import os
-import time
-
-import pyarrow.parquet as pq
-
 from beamzoo.core import Graph
-from beamzoo.runners.edge import RunStats
 
 
 def _runner(options):
@@ -21,21 +14,13 @@ def _runner(options):
     return None
 
 
-def count_rows(directory: str, prefix: str) -> int:
-    return sum(pq.ParquetFile(p).metadata.num_rows
-               for p in glob.glob(os.path.join(directory, f"{prefix}-*.parquet")))
-
-
-def run(graph: Graph, output: str, argv: list[str], inputs: int) -> RunStats:
-    """Build the Beam pipeline for ``graph``, run it to the end, count what it wrote."""
+def run(graph: Graph, output: str, argv: list[str], run: str) -> None:
+    """Build the Beam pipeline for ``graph`` and run it to the end."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    from beamzoo.transforms.beam import DEAD_LETTER, ScoreToParquet
+    from beamzoo.transforms.beam import ScoreToParquet
 
     options = PipelineOptions(argv)
-    start = time.perf_counter()
     with beam.Pipeline(runner=_runner(options), options=options) as p:
-        p | "ScoreToParquet" >> ScoreToParquet(graph, output)
-    return RunStats(inputs, count_rows(output, "predictions"), count_rows(output, DEAD_LETTER),
-                    time.perf_counter() - start)
+        p | "ScoreToParquet" >> ScoreToParquet(graph, output, run)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import pyarrow as pa
 
 from beamzoo.core import NO_DEAD_LETTERS, Graph, Operator, Source
+from beamzoo.resume import run_id
 from beamzoo.runners.sinks import ParquetSink
 from beamzoo.schemas import DEAD_LETTER_SCHEMA
 
@@ -37,55 +38,63 @@ class EdgeRunner:
 
     ``workers``: threads for the parallel steps (default: CPU count).
     ``chunk_size``: rows per parallel task. ``queue_depth``: chunks in flight.
+    ``rows_per_file``/``seconds_per_file``: how often output files are committed
+    (what a killed run keeps).
     """
 
     def __init__(self, workers: int | None = None, chunk_size: int = 8,
-                 queue_depth: int | None = None, progress: bool = True):
+                 queue_depth: int | None = None, progress: bool = True,
+                 rows_per_file: int = 10_000, seconds_per_file: float = 60.0):
         self.workers = workers or os.cpu_count() or 1
         self.chunk_size = chunk_size
         self.queue_depth = queue_depth or 4 * self.workers
         self.progress = progress
+        self.rows_per_file, self.seconds_per_file = rows_per_file, seconds_per_file
 
-    def run(self, graph: Graph, output: str, paths: list[str] | None = None) -> RunStats:
+    def run(self, graph: Graph, output: str, paths: list[str] | None = None,
+            run: str | None = None) -> RunStats:
         paths = graph.source.paths() if paths is None else paths
+        run = run or run_id()
+        commit = dict(run=run, rows_per_file=self.rows_per_file, seconds_per_file=self.seconds_per_file)
         split = next((i for i, s in enumerate(graph.steps) if not s.hints.parallel), len(graph.steps))
         head, tail = graph.steps[:split], graph.steps[split:]
         for step in graph.steps:
             step.setup()
         start = time.perf_counter()
         first = None
-        with ParquetSink(output, "predictions", graph.schema) as out, \
-                ParquetSink(output, "dead_letter", DEAD_LETTER_SCHEMA) as dead, \
+        with ParquetSink(output, "predictions", graph.schema, **commit) as out, \
+                ParquetSink(output, "dead_letter", DEAD_LETTER_SCHEMA, **commit) as dead, \
                 _progress(len(paths), self.progress) as bar, \
                 ThreadPoolExecutor(self.workers, thread_name_prefix="beamzoo") as pool:
-            def emit(batch, dl):
+
+            def finish(rows: pa.RecordBatch, dl: pa.RecordBatch):
                 nonlocal first
-                if batch.num_rows:
-                    out.write(batch)
+                if rows.num_rows:
+                    out.write(rows)
                     first = first or time.perf_counter() - start
                 dead.write(dl)
-                bar.update(batch.num_rows + dl.num_rows)
+                bar.update(rows.num_rows + dl.num_rows)
+
+            def drain(n_in: int, future):
+                rows, dl = future.result()
+                dead.write(dl)
+                bar.update(n_in - rows.num_rows)  # dead letters and rows skipped on resume
+                buffer.add(rows)
+                while buffer.full():
+                    finish(*_run_steps(tail, buffer.take()))
 
             pending: deque = deque()
             buffer = _Buffer(tail[0].hints.batch_size if tail else self.chunk_size)
-            chunks = (paths[i:i + self.chunk_size] for i in range(0, len(paths), self.chunk_size))
-            for chunk in chunks:
-                pending.append(pool.submit(_run_steps, head, _paths_batch(chunk)))
+            for i in range(0, len(paths), self.chunk_size):
+                chunk = paths[i:i + self.chunk_size]
+                pending.append((len(chunk), pool.submit(_run_steps, head, _paths_batch(chunk))))
                 if len(pending) >= self.queue_depth:
-                    self._drain(pending.popleft().result(), buffer, tail, dead, emit)
+                    drain(*pending.popleft())
             while pending:
-                self._drain(pending.popleft().result(), buffer, tail, dead, emit)
+                drain(*pending.popleft())
             if buffer.rows:
-                emit(*_run_steps(tail, buffer.take()))
+                finish(*_run_steps(tail, buffer.take()))
         return RunStats(len(paths), out.rows, dead.rows, time.perf_counter() - start, first)
-
-    @staticmethod
-    def _drain(result, buffer, tail, dead, emit):
-        batch, dl = result
-        dead.write(dl)
-        buffer.add(batch)
-        while buffer.full():
-            emit(*_run_steps(tail, buffer.take()))
 
 
 def _paths_batch(paths: list[str]) -> pa.RecordBatch:

@@ -15,7 +15,6 @@ from apache_beam.metrics import Metrics
 
 from beamzoo.core import Graph, Operator, Source
 from beamzoo.schemas import DEAD_LETTER_SCHEMA
-from beamzoo.transforms.io import list_files
 
 DEAD_LETTER = "dead_letter"
 
@@ -68,8 +67,8 @@ class ListFiles(beam.PTransform):
 
     def expand(self, pbegin):
         return (pbegin
-                | "Pattern" >> beam.Create([self.source.pattern])
-                | "Match" >> beam.FlatMap(list_files)
+                | "Start" >> beam.Create([None])
+                | "Match" >> beam.FlatMap(lambda _, source: source.paths(), self.source)
                 | "Spread" >> beam.Reshuffle()
                 | "Batch" >> beam.BatchElements(min_batch_size=self.batch_size,
                                                 max_batch_size=self.batch_size)
@@ -96,14 +95,19 @@ class RunGraph(beam.PTransform):
 
 
 class WriteParquet(beam.PTransform):
-    """PCollection[RecordBatch] -> Parquet files ``directory/prefix-SSSSS-of-NNNNN.parquet``."""
+    """PCollection[RecordBatch] -> ``directory/<prefix>-SSSSS-of-NNNNN.parquet``.
 
-    def __init__(self, directory: str, prefix: str, schema: pa.Schema):
+    Beam's file sink writes to a temporary folder and renames the files into
+    place when the write is final, so a reader never sees half a file.
+    """
+
+    def __init__(self, directory: str, prefix: str, schema: pa.Schema, counter: str | None = None):
         super().__init__()
         self.directory, self.prefix, self.schema = directory, prefix, schema
+        self.counter = counter or prefix
 
     def expand(self, batches):
-        counter = Metrics.counter("beamzoo", f"{self.prefix}_written")
+        counter = Metrics.counter("beamzoo", f"{self.counter}_written")
 
         def to_table(batch):
             counter.inc(batch.num_rows)
@@ -117,14 +121,17 @@ class WriteParquet(beam.PTransform):
 
 
 class ScoreToParquet(beam.PTransform):
-    """PBegin -> runs the graph and writes predictions and dead letters under ``directory``."""
+    """PBegin -> runs the graph; writes ``predictions-<run>-*.parquet`` and
+    ``dead_letter-<run>-*.parquet`` under ``directory``."""
 
-    def __init__(self, graph: Graph, directory: str):
+    def __init__(self, graph: Graph, directory: str, run: str = "run"):
         super().__init__()
-        self.graph, self.directory = graph, directory
+        self.graph, self.directory, self.run = graph, directory, run
 
     def expand(self, pbegin):
         out = pbegin | "Score" >> RunGraph(self.graph)
-        out["rows"] | "WritePredictions" >> WriteParquet(self.directory, "predictions", self.graph.schema)
-        out[DEAD_LETTER] | "WriteDeadLetters" >> WriteParquet(self.directory, DEAD_LETTER, DEAD_LETTER_SCHEMA)
+        out["rows"] | "WritePredictions" >> WriteParquet(
+            self.directory, f"predictions-{self.run}", self.graph.schema, counter="predictions")
+        out[DEAD_LETTER] | "WriteDeadLetters" >> WriteParquet(
+            self.directory, f"{DEAD_LETTER}-{self.run}", DEAD_LETTER_SCHEMA, counter=DEAD_LETTER)
         return out
