@@ -136,8 +136,9 @@ class Source:
         self.pattern = pattern
 
     def paths(self) -> list[str]:
-        from beamzoo.transforms.io import list_files
-        return list_files(self.pattern)
+        """The matching files whose names Arrow can hold (valid UTF-8)."""
+        from beamzoo.transforms.io import list_files, split_unencodable
+        return split_unencodable(list_files(self.pattern))[0]
 
     def __repr__(self):
         return f"Source({self.pattern!r})"

@@ -4,15 +4,17 @@ from __future__ import annotations
 import os
 import time
 
-from beamzoo.core import Graph, Source
-from beamzoo.resume import check_output_dir, run_id, with_keys
+import pyarrow as pa
+
+from beamzoo.core import Graph, Source, dead_letters
+from beamzoo.resume import check_output_dir, done_rows, run_id, with_keys
 from beamzoo.runners import EdgeRunner, RunStats, is_edge
-from beamzoo.schemas import SchemaMismatchError
+from beamzoo.runners.sinks import ParquetSink, count_rows, remove_stale_temporaries
+from beamzoo.schemas import DEAD_LETTER_SCHEMA, SchemaMismatchError
 from beamzoo.transforms.inference import ModelSignatureError, OnnxInference
-from beamzoo.transforms.io import ReadFiles, list_files
+from beamzoo.transforms.io import ReadFiles, list_files, printable, split_unencodable
 from beamzoo.transforms.postprocess import TopK
 from beamzoo.transforms.preprocess import DecodeImage, ResizeCrop
-from beamzoo.runners.sinks import count_rows, remove_stale_temporaries
 from beamzoo.zoo import ModelCard, ModelIntegrityError
 
 # Mistakes a user can fix; command-line tools print these without a traceback.
@@ -50,6 +52,7 @@ def run(graph: Graph, output: str, runner: str = "DirectRunner", beam_args: list
         remove_stale_temporaries(output)
     keyed = with_keys(graph, output, resume)
     run_name = run_id()
+    _refuse_unencodable(split_unencodable(inputs)[1], output, run_name, resume)
     start = time.perf_counter()
     first = None
     if is_edge(runner):
@@ -59,3 +62,16 @@ def run(graph: Graph, output: str, runner: str = "DirectRunner", beam_args: list
         beam.run(keyed, output, [f"--runner={runner}", *beam_args], run_name)
     return RunStats(len(inputs), count_rows(output, "predictions"), count_rows(output, "dead_letter"),
                     time.perf_counter() - start, first)
+
+
+def _refuse_unencodable(paths: list[str], output: str, run_name: str, resume: bool) -> None:
+    """Dead letters (stage "list") for file names that are not valid UTF-8."""
+    shown = [printable(p) for p in paths]
+    if resume:
+        shown = [p for p in shown if p not in done_rows(output)[1]]
+    if not shown:
+        return
+    batch = pa.record_batch({"path": shown}, schema=Source.schema)
+    error = "file name is not valid UTF-8; rename the file to score it"
+    with ParquetSink(output, "dead_letter", DEAD_LETTER_SCHEMA, f"{run_name}-list") as sink:
+        sink.write(dead_letters(batch, list(range(len(shown))), "list", [error] * len(shown)))

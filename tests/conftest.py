@@ -59,7 +59,10 @@ def write_colour_image(path, rgb, size=(48, 40)):
     """A solid-colour image; ``size`` is (width, height)."""
     img = np.zeros((size[1], size[0], 3), np.uint8)
     img[:] = rgb[::-1]  # OpenCV writes BGR
-    assert cv2.imwrite(str(path), img)
+    ok, data = cv2.imencode(os.path.splitext(str(path))[1], img)
+    assert ok
+    with open(path, "wb") as f:
+        f.write(data.tobytes())
     return str(path)
 
 

@@ -6,6 +6,7 @@ bomb is refused before any pixel is decoded; OpenCV decodes and resizes.
 from __future__ import annotations
 
 import io
+import math
 
 import cv2
 import numpy as np
@@ -100,9 +101,20 @@ class DecodeImage(RowOperator):
 
 
 def resize_crop(img: np.ndarray, resize: int, crop: int) -> np.ndarray:
-    """Short side to ``resize`` (area filter when shrinking), then a centre crop."""
+    """Short side to ``resize`` (area filter when shrinking), then a centre crop.
+
+    With an extreme aspect ratio (say 1 x 10000) the resized image would be
+    enormous, so the long side is first cut to what the crop keeps.
+    """
     h, w = img.shape[:2]
     scale = resize / min(h, w)
+    keep = math.ceil(crop / scale) + 2  # source pixels the crop needs, and a margin for the filter
+    if max(h, w) * scale > 4 * resize and max(h, w) > keep:
+        if h > w:
+            img = img[(h - keep) // 2:(h - keep) // 2 + keep]
+        else:
+            img = img[:, (w - keep) // 2:(w - keep) // 2 + keep]
+        h, w = img.shape[:2]
     nh, nw = max(crop, round(h * scale)), max(crop, round(w * scale))
     interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
     img = cv2.resize(img, (nw, nh), interpolation=interp)

@@ -1,0 +1,213 @@
+"""Hostile and odd inputs: each ends as a prediction or a dead letter, and nothing hangs."""
+from __future__ import annotations
+
+import json
+import os
+import threading
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from badfiles import photo
+from beamzoo.core import Source
+from beamzoo.pipeline import run, score_images
+from beamzoo.runners import EdgeRunner
+from beamzoo.transforms.io import ReadFiles, list_files
+from beamzoo.transforms.preprocess import DecodeImage, ResizeCrop, decode
+from conftest import write_colour_image
+from test_runners import read
+
+EDGE = dict(runner="EdgeRunner", edge=EdgeRunner(workers=2, progress=False))
+
+
+def process(steps, paths):
+    batch = pa.record_batch([pa.array(paths, pa.string())], schema=Source.schema)
+    dead = []
+    for step in steps:
+        batch, dl = step.process(batch)
+        dead += dl.to_pylist()
+    return batch, dead
+
+
+def test_cyclic_and_deep_symlinks_end_and_list_each_file_once(tmp_path):
+    d = tmp_path / "d"
+    deep = d.joinpath(*[f"n{i}" for i in range(60)])
+    deep.mkdir(parents=True)
+    write_colour_image(deep / "deep.png", (200, 0, 0))
+    write_colour_image(d / "top.png", (200, 0, 0))
+    os.symlink(d, d / "n0" / "up")           # a cycle back to the top
+    os.symlink(d / "n0", d / "n0" / "n1" / "again")  # a second cycle: glob would explode
+    os.symlink("missing", d / "dangling.png")
+    os.symlink(d / "self", d / "self")       # a link to itself
+    for pattern in (str(d), str(d / "**" / "*.png")):
+        found = list_files(pattern)
+        assert found == [str(deep / "deep.png"), str(d / "top.png")]
+
+
+def test_unreadable_file_is_a_read_dead_letter(tmp_path):
+    d = tmp_path / "perm"
+    d.mkdir()
+    os.chmod(tmp_path, 0o755)
+    os.chmod(d, 0o755)
+    secret = write_colour_image(d / "secret.png", (200, 0, 0))
+    os.chmod(secret, 0)
+
+    def attempt(path=secret):
+        rows, dead = process([ReadFiles()], [path])
+        return rows.num_rows, dead
+
+    attempt(str(d / "missing.png"))  # the same code path once here: the child can import nothing
+    n, dead = run_as_nobody(attempt) if os.geteuid() == 0 else attempt()
+    assert n == 0 and dead[0]["stage"] == "read" and "PermissionError" in dead[0]["error"]
+
+
+def run_as_nobody(fn):
+    """Run ``fn`` in a forked child with the rights of user nobody; returns its JSON result."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child
+        try:
+            os.setgid(65534)
+            os.setuid(65534)
+            out = fn()
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            out = {"child failed": repr(exc)}
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        data = f.read()
+    os.waitpid(pid, 0)
+    return json.loads(data)
+
+
+def test_non_utf8_and_very_long_names(tmp_path, tiny_model):
+    d = tmp_path / "names"
+    d.mkdir()
+    write_colour_image(d / "plain.png", (200, 0, 0))
+    long_name = "x" * 240 + ".png"
+    write_colour_image(d / long_name, (0, 200, 0))
+    weird = "line\nbreak ü .. %FF.png"
+    write_colour_image(d / weird, (0, 0, 200))
+    with open(os.path.join(os.fsencode(d), b"bad\xff\xfename.png"), "wb") as f:
+        f.write((d / "plain.png").read_bytes())
+    stats = run(score_images(str(d / "*"), tiny_model, k=3), str(tmp_path / "out"), **EDGE)
+    assert (stats.inputs, stats.scored, stats.failed) == (4, 3, 1)
+    labels = {os.path.basename(r["path"]): r["label"] for r in read(str(tmp_path / "out"), "predictions")}
+    assert labels == {"plain.png": "red", long_name: "green", weird: "blue"}
+    [dead] = read(str(tmp_path / "out"), "dead_letter")
+    assert dead["stage"] == "list" and dead["path"].endswith("bad\\xff\\xfename.png")
+    assert "not valid UTF-8" in dead["error"]
+    # No input name wrote anything outside the output directory.
+    assert sorted(os.listdir(tmp_path)) == ["names", "out", "tiny.onnx"]
+    assert all(f.startswith(("predictions-", "dead_letter-")) for f in os.listdir(tmp_path / "out"))
+
+
+def test_files_that_vanish_or_change_after_listing(tmp_path, tiny_model):
+    d = tmp_path / "moving"
+    d.mkdir()
+    gone = write_colour_image(d / "gone.png", (200, 0, 0))
+    changed = write_colour_image(d / "changed.png", (200, 0, 0))
+    paths = list_files(str(d / "*"))
+    os.unlink(gone)
+    write_colour_image(changed, (0, 0, 200))
+    rows, dead = process([ReadFiles(), DecodeImage()], paths)
+    assert rows.column("path").to_pylist() == [changed]
+    assert dead[0]["path"] == gone and "FileNotFoundError" in dead[0]["error"]
+
+
+def test_extreme_aspect_ratios_are_scored(tmp_path, tiny_model):
+    d = tmp_path / "thin"
+    d.mkdir()
+    write_colour_image(d / "wide.png", (200, 0, 0), size=(10000, 1))
+    write_colour_image(d / "tall.png", (0, 200, 0), size=(1, 10000))
+    stats = run(score_images(str(d / "*"), tiny_model, k=3), str(tmp_path / "out"), **EDGE)
+    assert (stats.scored, stats.failed) == (2, 0)
+    labels = {os.path.basename(r["path"]): r["label"] for r in read(str(tmp_path / "out"), "predictions")}
+    assert labels == {"wide.png": "red", "tall.png": "green"}
+
+
+def test_cmyk_jpeg_decodes_to_the_right_colours(tmp_path):
+    rgb = cv2.cvtColor(photo(), cv2.COLOR_BGR2RGB)
+    Image.fromarray(rgb).convert("CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    assert Image.open(tmp_path / "cmyk.jpg").mode == "CMYK"
+    img = decode((tmp_path / "cmyk.jpg").read_bytes(), 10**8)
+    assert img.shape == rgb.shape
+    assert np.abs(img.astype(int) - rgb).mean() < 8
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "PNG"])
+def test_animated_images_give_their_first_frame(tmp_path, fmt):
+    frames = [Image.new("RGB", (64, 48), c) for c in ((220, 0, 0), (0, 0, 220), (0, 220, 0))]
+    path = tmp_path / f"anim.{fmt.lower()}"
+    frames[0].save(path, fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
+    assert Image.open(path).n_frames == 3
+    img = decode(path.read_bytes(), 10**8)
+    assert img.shape == (48, 64, 3)
+    r, g, b = img.reshape(-1, 3).mean(axis=0)
+    assert r > 150 and g < 60 and b < 60  # red, the first frame
+
+
+@pytest.mark.slow
+def test_a_directory_with_100000_entries(tmp_path, tiny_model):
+    d = tmp_path / "crowd"
+    d.mkdir()
+    png = cv2.imencode(".png", np.full((8, 8, 3), (0, 0, 200), np.uint8))[1].tobytes()
+    for i in range(100_000):
+        with open(d / f"{i:06d}.{'png' if i % 10_000 == 0 else 'txt'}", "wb") as f:
+            f.write(png if i % 10_000 == 0 else b"")
+    assert len(list_files(str(d / "*"))) == 100_000
+    assert len(list_files(str(d))) == 10  # a directory means its images
+    stats = run(score_images(str(d / "*"), tiny_model, k=3, batch_size=64), str(tmp_path / "out"),
+                runner="EdgeRunner", edge=EdgeRunner(chunk_size=256, progress=False))
+    assert (stats.inputs, stats.scored, stats.failed) == (100_000, 10, 99_990)
+
+
+SEED_JPEG = cv2.imencode(".jpg", cv2.resize(photo(), (64, 48)), [cv2.IMWRITE_JPEG_QUALITY, 80])[1].tobytes()
+SEED_PNG = cv2.imencode(".png", cv2.resize(photo(), (40, 30)))[1].tobytes()
+
+
+@st.composite
+def mutated(draw):
+    data = bytearray(draw(st.sampled_from([SEED_JPEG, SEED_PNG])))
+    for _ in range(draw(st.integers(1, 8))):
+        kind = draw(st.sampled_from(["flip", "cut", "insert", "header"]))
+        pos = draw(st.integers(0, len(data) - 1)) if data else 0
+        if kind == "flip" and data:
+            data[pos] ^= draw(st.integers(1, 255))
+        elif kind == "cut":
+            del data[pos:pos + draw(st.integers(1, 64))]
+        elif kind == "insert":
+            data[pos:pos] = draw(st.binary(min_size=1, max_size=32))
+        elif kind == "header" and len(data) > 24:  # mess with declared sizes
+            data[16:24] = draw(st.binary(min_size=8, max_size=8))
+    return bytes(data)
+
+
+@settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(mutated(), min_size=1, max_size=4))
+def test_mutated_image_bytes_never_crash_or_hang(blobs):
+    paths = [f"fuzz{i}" for i in range(len(blobs))]
+    schema = pa.schema([Source.schema.field("path"), pa.field("data", pa.binary())])
+    batch = pa.record_batch([pa.array(paths), pa.array(blobs, pa.binary())], schema=schema)
+    seen = []
+    result = {}
+
+    def work():
+        rows, dead = batch, []
+        for step in (DecodeImage(max_pixels=4_000_000, min_side=32), ResizeCrop(resize=36, crop=32)):
+            rows, dl = step.process(rows)
+            dead += dl.column("path").to_pylist()
+        result["rows"], result["dead"] = rows.column("path").to_pylist(), dead
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    t.join(10)
+    assert not t.is_alive(), "decoding hung"
+    seen = result["rows"] + result["dead"]
+    assert sorted(seen) == sorted(paths)
