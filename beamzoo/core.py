@@ -8,6 +8,7 @@ per batch.
 """
 from __future__ import annotations
 
+import os
 import traceback
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -128,12 +129,16 @@ class RowOperator(Operator):
 
 
 class Source:
-    """The start of a graph: produces the ``path`` column."""
+    """The start of a graph: produces the ``path`` column.
+
+    A local pattern is made absolute, so that workers started elsewhere (a
+    Flink cluster's Python workers) find the same files.
+    """
 
     schema = pa.schema([PATH])
 
     def __init__(self, pattern: str):
-        self.pattern = pattern
+        self.pattern = pattern if "://" in pattern else os.path.abspath(pattern)
 
     def paths(self) -> list[str]:
         """The matching files whose names Arrow can hold (valid UTF-8)."""

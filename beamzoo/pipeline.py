@@ -42,6 +42,7 @@ def run(graph: Graph, output: str, runner: str = "DirectRunner", beam_args: list
     Rows get resume keys; with ``resume`` the inputs already in ``output``
     are skipped. The counts returned are of everything in ``output``.
     """
+    output = os.path.abspath(output)
     inputs = list_files(graph.source.pattern)
     if not inputs:
         raise FileNotFoundError(

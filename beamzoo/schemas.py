@@ -46,6 +46,12 @@ class TensorSpec:
     ``layout`` names the stacked batch ("NCHW", "NHWC", "NC").
     ``channels`` is the channel order ("RGB", "BGR") for images.
     ``value_range`` is (low, high) of the values, e.g. (-1.0, 1.0).
+
+    >>> want = TensorSpec("float32", (3, 224, 224), "NCHW", "RGB", (-1, 1))
+    >>> want.mismatches(TensorSpec("float32", (3, 224, 224), "NCHW", "BGR", (-1, 1)))
+    ['channels BGR, expected RGB']
+    >>> TensorSpec.from_field(want.field("pixels")) == want
+    True
     """
 
     dtype: str

@@ -14,6 +14,16 @@ def _runner(options):
     return None
 
 
+def with_flink_defaults(argv: list[str]) -> list[str]:
+    """Add what FlinkRunner needs (job server jar, Flink version, environment)
+    for ``--flink_master`` (default ``[local]``), unless the user set it."""
+    from beamzoo.runners import flink
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    master = next((a.split("=", 1)[1] for a in argv if a.startswith("--flink_master=")), "[local]")
+    extra = [a for a in flink.pipeline_args(master) if a.split("=", 1)[0] not in given]
+    return argv + extra
+
+
 def run(graph: Graph, output: str, argv: list[str], run: str) -> None:
     """Build the Beam pipeline for ``graph`` and run it to the end."""
     import apache_beam as beam
@@ -21,6 +31,8 @@ def run(graph: Graph, output: str, argv: list[str], run: str) -> None:
 
     from beamzoo.transforms.beam import ScoreToParquet
 
+    if "--runner=FlinkRunner" in argv:
+        argv = with_flink_defaults(argv)
     options = PipelineOptions(argv)
     with beam.Pipeline(runner=_runner(options), options=options) as p:
         p | "ScoreToParquet" >> ScoreToParquet(graph, output, run)
