@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import os
+import socket
 
-os.environ.setdefault("BEAM_TESTING_FORCE_SINGLE_BUNDLE", "0")
 
 import cv2
 import numpy as np
@@ -78,3 +78,35 @@ def colour_dir(tmp_path):
         folder = d / "sub" if i >= 6 else d
         write_colour_image(folder / f"{name}{i}.{ext}", rgbs[name])
     return d
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone
+    except FileNotFoundError:
+        return False
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.fixture(scope="session")
+def flink_cluster():
+    """A local standalone Flink cluster (JobManager, TaskManager, Beam worker pool);
+    afterwards, nothing it started may be left running or listening."""
+    from beamzoo.runners import flink
+    info = flink.cluster_up(parallelism=2, rest_port=8081, worker_port=50000)
+    pids = {p for ps in info["pids"].values() for p in ps}
+    assert len(pids) == 3, info
+    info["seen_worker_pids"] = set()
+    yield info
+    pids |= set(flink.taskmanager_pids())
+    flink.cluster_down()
+    left = [p for p in pids | info["seen_worker_pids"] if _alive(p)]
+    assert not left, f"processes left alive after cluster_down: {left}"
+    busy = [p for p in (8081, flink.JM_RPC_PORT, 50000) if _listening(p)]
+    assert not busy, f"ports still listening after cluster_down: {busy}"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 
 import pytest
 
@@ -19,23 +18,11 @@ pytestmark = [
     pytest.mark.flink,
     pytest.mark.slow,
     pytest.mark.skipif(shutil.which("java") is None, reason="needs a Java runtime (17)"),
+    # LOOPBACK workers' gRPC reader threads end with CANCELLED when a job is done
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning"),
 ]
 
 N = 200
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone
-    except FileNotFoundError:
-        return False
-
-
-def _listening(port: int) -> bool:
-    with socket.socket() as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 def run_squares(out_dir, args) -> list[tuple[int, int, int]]:
@@ -61,20 +48,6 @@ def check_squares(rows):
     assert sorted((x, sq) for _, x, sq in rows) == [(x, x * x) for x in range(N)]
 
 
-@pytest.fixture(scope="module")
-def cluster():
-    info = flink.cluster_up(parallelism=2, rest_port=8081, worker_port=50000)
-    pids = [p for ps in info["pids"].values() for p in ps]
-    assert len(pids) == 3, info
-    info["seen_worker_pids"] = set()
-    yield info
-    flink.cluster_down()
-    left = [p for p in set(pids) | info["seen_worker_pids"] if _alive(p)]
-    assert not left, f"processes left alive after cluster_down: {left}"
-    busy = [p for p in (8081, flink.JM_RPC_PORT, 50000) if _listening(p)]
-    assert not busy, f"ports still listening after cluster_down: {busy}"
-
-
 def test_embedded_local_loopback(tmp_path):
     rows = run_squares(tmp_path, flink.pipeline_args("[local]"))
     check_squares(rows)
@@ -82,7 +55,8 @@ def test_embedded_local_loopback(tmp_path):
     assert {pid for pid, _, _ in rows} == {os.getpid()}
 
 
-def test_standalone_cluster_external_workers(cluster, tmp_path):
+def test_standalone_cluster_external_workers(flink_cluster, tmp_path):
+    cluster = flink_cluster
     assert cluster["overview"]["taskmanagers"] >= 1
     assert cluster["overview"]["slots-total"] >= 2
     rows = run_squares(tmp_path, flink.pipeline_args(cluster["rest"], parallelism=2, worker_port=50000))

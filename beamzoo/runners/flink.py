@@ -117,26 +117,26 @@ def job_server_jar(fetch: bool = True) -> Path:
     build = cache_dir() / "job-server-build"
     cmd = ["mvn", "-q", "-B", "-f", str(build / "pom.xml"), "package"]
     if not jar.exists():
+        build.mkdir(parents=True, exist_ok=True)
+        (build / "pom.xml").write_text(
+            _JOB_SERVER_POM.format(flink=FLINK_VERSION, beam=JOB_SERVER_BEAM_VERSION, main=JOB_SERVER_MAIN)
+        )
         hint = (
             f"The Beam Flink job server jar is missing ({jar}). Fetch it with "
-            f"`{sys.executable} -m beamzoo.runners.flink fetch`, i.e. "
-            f"`{' '.join(cmd)}` (needs Maven and Maven Central; pom written there) "
-            f"and copy {build}/target/{name} to {jar}."
+            f"`{sys.executable} -m beamzoo.runners.flink fetch`, or by hand: "
+            f"`{' '.join(cmd)} && mv {build}/target/{name} {jar}` "
+            f"(needs Java, Maven and Maven Central)."
         )
         if not fetch:
             raise RuntimeError(hint)
         if shutil.which("mvn") is None:
             raise RuntimeError("mvn not found (apt-get install maven). " + hint)
-        build.mkdir(parents=True, exist_ok=True)
-        (build / "pom.xml").write_text(
-            _JOB_SERVER_POM.format(flink=FLINK_VERSION, beam=JOB_SERVER_BEAM_VERSION, main=JOB_SERVER_MAIN)
-        )
         proc = subprocess.run(cmd, capture_output=True, text=True)
         built = build / "target" / name
         if proc.returncode != 0 or not built.exists():
             tail = (proc.stdout + proc.stderr)[-2000:]
             raise RuntimeError(f"Building the job server failed: {tail}\n{hint}")
-        tmp = jar.with_suffix(".tmp")
+        tmp = jar.with_name(f"{name}.{os.getpid()}.tmp")
         shutil.move(str(built), tmp)
         tmp.rename(jar)
         shutil.rmtree(build / "target", ignore_errors=True)
@@ -217,7 +217,14 @@ def pipeline_args(master: str, *, parallelism: int = 2, worker_port: int = 50000
 # ---------------------------------------------------------------- local cluster
 
 _DAEMONS = {"jobmanager": "standalonesession", "taskmanager": "taskexecutor"}
+_POOLS: dict[int, subprocess.Popen] = {}  # worker pools started by this process
 _IDENT = "beamzoo"  # FLINK_IDENT_STRING: names the daemons' pid and log files
+# what each process's command line holds, so that a recycled pid is never signalled
+_MARKERS = {
+    "jobmanager": "StandaloneSessionClusterEntrypoint",
+    "taskmanager": "TaskManagerRunner",
+    "worker-pool": "worker_pool_main",
+}
 
 
 def _pid_files() -> dict[str, Path]:
@@ -237,9 +244,22 @@ def _read_pids(path: Path) -> list[int]:
 def _alive(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone
     except (FileNotFoundError, IndexError):
         return False
+
+
+def _live(name: str) -> list[int]:
+    """Live pids recorded for one of the cluster's processes (see _MARKERS)."""
+    pids = []
+    for pid in _read_pids(_pid_files()[name]):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        except OSError:
+            continue
+        if _MARKERS[name] in cmdline and _alive(pid):
+            pids.append(pid)
+    return pids
 
 
 def _port_owner(port: int) -> str:
@@ -300,12 +320,23 @@ def _write_conf(conf: Path, home: Path, parallelism: int, rest_port: int) -> Non
         "taskmanager.host": "localhost",
         "taskmanager.bind-host": "localhost",
         "taskmanager.numberOfTaskSlots": parallelism,
-        "taskmanager.memory.process.size": "1536m",
+        "taskmanager.memory.process.size": "2048m",
         "taskmanager.memory.managed.fraction": 0.25,
+        # a Beam graph has many operators, each with its own network channels
+        "taskmanager.memory.network.min": "256mb",
+        "taskmanager.memory.network.max": "256mb",
         "parallelism.default": parallelism,
         "rest.address": "localhost",
         "rest.bind-address": "localhost",
         "rest.port": rest_port,
+        # notice a lost TaskManager in seconds, not the default 50 s
+        "heartbeat.interval": 2000,
+        "heartbeat.timeout": 10000,
+        # restart a job that lost a TaskManager (Beam's batch translation leaves
+        # the restart strategy to the cluster)
+        "restart-strategy.type": "fixed-delay",
+        "restart-strategy.fixed-delay.attempts": 5,
+        "restart-strategy.fixed-delay.delay": "5 s",
     }
     (run / "tmp").mkdir(parents=True, exist_ok=True)
     text = "".join(f"{k}: {v if isinstance(v, (int, float)) else json.dumps(str(v))}\n" for k, v in settings.items())
@@ -337,7 +368,7 @@ def cluster_up(parallelism: int = 2, rest_port: int = 8081, worker_port: int = 5
     job_server_jar()  # fetch now, not in the middle of the first pipeline
     run = run_dir()
     for name, pidfile in _pid_files().items():
-        live = [p for p in _read_pids(pidfile) if _alive(p)]
+        live = _live(name)
         if live:
             raise RuntimeError(
                 f"A local cluster already runs ({name}: pid {live}); "
@@ -353,18 +384,18 @@ def cluster_up(parallelism: int = 2, rest_port: int = 8081, worker_port: int = 5
     (run / "cluster.json").write_text(
         json.dumps({"parallelism": parallelism, "rest_port": rest_port, "worker_port": worker_port})
     )
-    env = dict(os.environ, FLINK_CONF_DIR=str(conf), FLINK_LOG_DIR=str(run / "log"), FLINK_PID_DIR=str(run / "pid"),
-               FLINK_IDENT_STRING=_IDENT)
-    # The worker pool starts its workers as plain `python`: make that this interpreter.
-    shim = run / "bin"
-    shim.mkdir(exist_ok=True)
-    (shim / "python").unlink(missing_ok=True)
-    (shim / "python").symlink_to(sys.executable)
-    env["PATH"] = str(shim) + os.pathsep + env.get("PATH", "")
+    # The worker pool starts its workers as plain `python`: make that this
+    # interpreter (a script, not a symlink: a symlinked venv python loses the venv).
+    shim = run / "bin" / "python"
+    shim.parent.mkdir(exist_ok=True)
+    tmp = shim.with_name("python.tmp")
+    tmp.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    tmp.chmod(0o755)
+    os.replace(tmp, shim)  # replaces the file itself, never writes through a link
+    env = _env()
     try:
         for name in _DAEMONS:
-            subprocess.run(["bash", str(home / "bin" / f"{name}.sh"), "start"], env=env, check=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            _start_daemon(name)
         with open(run / "log" / "beam-worker-pool.log", "ab") as log:
             pool = subprocess.Popen(
                 [sys.executable, "-m", "apache_beam.runners.worker.worker_pool_main", f"--service_port={worker_port}"],
@@ -372,6 +403,7 @@ def cluster_up(parallelism: int = 2, rest_port: int = 8081, worker_port: int = 5
                 start_new_session=True,  # own process group: its workers are stopped with it
             )
         _pid_files()["worker-pool"].write_text(f"{pool.pid}\n")
+        _POOLS[pool.pid] = pool  # to reap it in cluster_down() (no zombie, no ResourceWarning)
         deadline = time.monotonic() + timeout
         while True:
             ov = _overview(rest_port) or {}
@@ -382,6 +414,7 @@ def cluster_up(parallelism: int = 2, rest_port: int = 8081, worker_port: int = 5
             )
             if ready:
                 return cluster_status()
+            # pids we just started (a daemon may not have exec'd java yet: no marker check)
             dead = [n for n, f in _pid_files().items() if not any(_alive(p) for p in _read_pids(f))]
             if dead or time.monotonic() > deadline:
                 why = f"{', '.join(dead)} died" if dead else f"not ready after {timeout:.0f}s"
@@ -393,18 +426,44 @@ def cluster_up(parallelism: int = 2, rest_port: int = 8081, worker_port: int = 5
         raise
 
 
+def _env() -> dict:
+    run = run_dir()
+    env = dict(os.environ, FLINK_CONF_DIR=str(run / "conf"), FLINK_LOG_DIR=str(run / "log"),
+               FLINK_PID_DIR=str(run / "pid"), FLINK_IDENT_STRING=_IDENT)
+    env["PATH"] = str(run / "bin") + os.pathsep + env.get("PATH", "")
+    return env
+
+
+def _start_daemon(name: str) -> None:
+    """Start one more jobmanager or taskmanager JVM with the cluster's config."""
+    script = flink_home(fetch=False) / "bin" / f"{name}.sh"
+    proc = subprocess.run(["bash", str(script), "start"], env=_env(), capture_output=True, text=True)
+    if proc.returncode != 0:
+        out = (proc.stdout + proc.stderr).strip()[-1500:]
+        raise RuntimeError(f"{name}.sh start failed: {out}\nlogs in {run_dir() / 'log'}")
+
+
+def start_taskmanager() -> None:
+    """Add a TaskManager to the running local cluster (e.g. after one was lost)."""
+    _start_daemon("taskmanager")
+
+
+def taskmanager_pids() -> list[int]:
+    return _live("taskmanager")
+
+
 def cluster_down(timeout: float = 60) -> None:
     """Stop the JVMs and the worker pool (with its workers) that cluster_up()
     started; verify that they are gone and their ports are free."""
-    files = _pid_files()
-    pool = [p for p in _read_pids(files.pop("worker-pool")) if _alive(p)]
-    jvms = [p for f in files.values() for p in _read_pids(f) if _alive(p)]
+    pool = _live("worker-pool")
+    jvms = _live("jobmanager") + _live("taskmanager")
     for pid in pool:  # SIGINT: the pool stops its workers; then the whole group
         _signal_group(pid, signal.SIGINT)
     for pid in jvms:
         _signal(pid, signal.SIGTERM)
     everyone = pool + jvms
     if not everyone:
+        _reap()
         for f in _pid_files().values():  # stale ones
             f.unlink(missing_ok=True)
         return
@@ -416,6 +475,7 @@ def cluster_down(timeout: float = 60) -> None:
         _wait_gone(everyone, timeout / 2)
     for pid in pool:  # stray workers left in the pool's process group
         _signal_group(pid, signal.SIGKILL)
+    _reap()
     left = [p for p in everyone if _alive(p)]
     if left:
         raise RuntimeError(f"Local Flink cluster processes still alive: {left}")
@@ -427,6 +487,13 @@ def cluster_down(timeout: float = 60) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"Ports still in use after cluster_down: {busy} ({_port_owner(busy[0])})")
         time.sleep(0.2)
+
+
+def _reap() -> None:
+    for pid, proc in list(_POOLS.items()):  # pools this process started and that ended
+        if not _alive(pid):
+            proc.wait(5)
+            del _POOLS[pid]
 
 
 def _ports() -> list[int]:
@@ -462,7 +529,7 @@ def _wait_gone(pids: list[int], timeout: float) -> bool:
 
 def cluster_status() -> dict:
     """Pids (alive ones) of the local cluster and Flink's REST /overview."""
-    pids = {n: [p for p in _read_pids(f) if _alive(p)] for n, f in _pid_files().items()}
+    pids = {name: _live(name) for name in _MARKERS}
     rest_port, _, worker_port = _ports()
     return {
         "pids": pids,

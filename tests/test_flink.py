@@ -1,0 +1,135 @@
+"""The score pipeline on Apache Flink (Beam's portable FlinkRunner): embedded, on a
+local standalone cluster, and through the loss of a TaskManager."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections import Counter
+
+import cv2
+import pytest
+
+from badfiles import make_all, photo
+from beamzoo.runners import flink
+from beamzoo.samples import make_sample_set
+from beamzoo.transforms.io import list_files
+from test_runners import ROOT, assert_same_rows, read
+
+pytestmark = [
+    pytest.mark.flink,
+    pytest.mark.slow,
+    pytest.mark.integration,
+    pytest.mark.skipif(shutil.which("java") is None, reason="needs a Java runtime (17)"),
+]
+
+
+def score_cmd(*args: str) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "pipelines", "score_images.py"), "--no_progress", *args]
+
+
+def score(*args: str) -> str:
+    out = subprocess.run(score_cmd(*args), capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def rest(path: str) -> dict:
+    with urllib.request.urlopen(f"http://localhost:8081{path}", timeout=10) as r:
+        return json.load(r)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp("photos")
+    make_sample_set(d / "samples")
+    make_all(d / "odd")
+    return d
+
+
+@pytest.fixture(scope="module")
+def edge_out(images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("edge")
+    score("--input", str(images), "--output", str(out), "--runner=EdgeRunner")
+    return out
+
+
+def assert_same_as_edge(out, edge_out):
+    assert_same_rows(read(str(out), "predictions"), read(str(edge_out), "predictions"))
+    assert read(str(out), "dead_letter") == read(str(edge_out), "dead_letter")
+
+
+def test_embedded_flink_gives_the_same_rows(images, edge_out, tmp_path):
+    log = score("--input", str(images), "--output", str(tmp_path), "--runner=FlinkRunner", "--flink_master=[local]")
+    assert "inputs: 24  scored: 19  dead letters: 5" in log
+    assert_same_as_edge(tmp_path, edge_out)
+
+
+def test_standalone_flink_gives_the_same_rows_and_spreads_the_work(flink_cluster, images, edge_out, tmp_path):
+    log = score("--input", str(images), "--output", str(tmp_path), "--runner=FlinkRunner",
+                "--flink_master=localhost:8081")
+    assert "inputs: 24  scored: 19  dead letters: 5" in log
+    assert_same_as_edge(tmp_path, edge_out)
+    # Flink's own figures: every subtask of the scoring operator read records.
+    job = max(rest("/jobs/overview")["jobs"], key=lambda j: j["start-time"])
+    assert job["state"] == "FINISHED"
+    vertices = rest(f"/jobs/{job['jid']}")["vertices"]
+    scoring = next(v for v in vertices if "ScoreToParquet/{Score" in v["name"])
+    subtasks = rest(f"/jobs/{job['jid']}/vertices/{scoring['id']}")["subtasks"]
+    read_counts = [s["metrics"]["read-records"] for s in subtasks]
+    assert len(read_counts) == 2 and min(read_counts) > 0, read_counts
+
+
+@pytest.fixture(scope="module")
+def many_photos(tmp_path_factory):
+    """240 real photographs (the samples, re-encoded at several sizes)."""
+    d = tmp_path_factory.mktemp("many")
+    sources = [cv2.imread(str(p)) for p in list_files(str(make_sample_set(d / "src")))]
+    for i in range(240):
+        img = sources[i % len(sources)]
+        scale = 0.5 + (i % 7) / 10
+        small = cv2.resize(img, (int(img.shape[1] * scale), int(img.shape[0] * scale)))
+        cv2.imwrite(str(d / f"photo{i:04d}.jpg"), small)
+    cv2.imwrite(str(d / "cat.jpg"), photo())
+    shutil.rmtree(d / "src")
+    return d
+
+
+def test_losing_a_taskmanager_mid_run_loses_and_duplicates_nothing(flink_cluster, many_photos, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.Popen(
+        score_cmd("--input", str(many_photos / "*.jpg"), "--output", str(out), "--runner=FlinkRunner",
+                  "--flink_master=localhost:8081"),
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Wait until the scoring operator is running, then kill the TaskManager's JVM.
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline and proc.poll() is None:
+            running = [j for j in rest("/jobs/overview")["jobs"] if j["state"] == "RUNNING"]
+            if running and running[0]["tasks"]["running"] > 0:
+                break
+            time.sleep(0.5)
+        time.sleep(3)
+        assert proc.poll() is None, "the job ended before the TaskManager could be killed"
+        [tm] = flink.taskmanager_pids()
+        os.kill(tm, signal.SIGKILL)
+        flink.start_taskmanager()
+        stdout, stderr = proc.communicate(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-3000:]
+    inputs = list_files(str(many_photos / "*.jpg"))
+    assert f"inputs: {len(inputs)}  scored: {len(inputs)}  dead letters: 0" in stdout
+    paths = Counter(r["path"] for r in read(str(out), "predictions"))
+    assert set(paths) == set(inputs) and set(paths.values()) == {1}
+    job = max(rest("/jobs/overview")["jobs"], key=lambda j: j["start-time"])
+    assert job["state"] == "FINISHED"
+    exceptions = rest(f"/jobs/{job['jid']}/exceptions")
+    assert exceptions.get("exceptionHistory", {}).get("entries") or exceptions.get("root-exception"), \
+        "Flink recorded no failure: the TaskManager was not lost mid-job"
