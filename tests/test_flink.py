@@ -7,7 +7,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.request
 from collections import Counter
@@ -15,11 +14,12 @@ from collections import Counter
 import cv2
 import pytest
 
-from badfiles import make_all, photo
+from badfiles import photo
 from beamzoo.runners import flink
 from beamzoo.samples import make_sample_set
 from beamzoo.transforms.io import list_files
 from test_runners import ROOT, assert_same_rows, read
+from test_score_images import images, score, score_cmd  # noqa: F401 - images is a fixture
 
 pytestmark = [
     pytest.mark.flink,
@@ -29,27 +29,9 @@ pytestmark = [
 ]
 
 
-def score_cmd(*args: str) -> list[str]:
-    return [sys.executable, os.path.join(ROOT, "pipelines", "score_images.py"), "--no_progress", *args]
-
-
-def score(*args: str) -> str:
-    out = subprocess.run(score_cmd(*args), capture_output=True, text=True, cwd=ROOT, timeout=900)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return out.stdout
-
-
 def rest(path: str) -> dict:
     with urllib.request.urlopen(f"http://localhost:8081{path}", timeout=10) as r:
         return json.load(r)
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory):
-    d = tmp_path_factory.mktemp("photos")
-    make_sample_set(d / "samples")
-    make_all(d / "odd")
-    return d
 
 
 @pytest.fixture(scope="module")

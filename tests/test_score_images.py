@@ -18,15 +18,20 @@ pytestmark = pytest.mark.integration
 CATS = {"tabby", "tiger cat", "Egyptian cat"}
 
 
+def score_cmd(*args: str) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "pipelines", "score_images.py"), "--no_progress", *args]
+
+
 def score(*args: str) -> str:
-    cmd = [sys.executable, os.path.join(ROOT, "pipelines", "score_images.py"), *args]
-    out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    """Run the score pipeline as a user would; its output."""
+    out = subprocess.run(score_cmd(*args), capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout
 
 
 @pytest.fixture(scope="module")
 def images(tmp_path_factory):
+    """The sample photographs and the odd files of badfiles.py."""
     d = tmp_path_factory.mktemp("photos")
     make_sample_set(d / "samples")
     make_all(d / "odd")
@@ -39,7 +44,7 @@ def results(images, tmp_path_factory):
     logs = {}
     for runner in ("EdgeRunner", "DirectRunner"):
         logs[runner] = score("--input", str(images / "**" / "*.*"), "--output", str(out / runner),
-                             f"--runner={runner}", "--no_progress")
+                             f"--runner={runner}")
     return out, logs
 
 
@@ -82,7 +87,7 @@ def test_output_schema(results):
 
 
 def test_quick_start_scores_the_embedded_sample_set(tmp_path):
-    log = score("--output", str(tmp_path), "--runner=EdgeRunner", "--no_progress")
+    log = score("--output", str(tmp_path), "--runner=EdgeRunner")
     assert "inputs: 12  scored: 12  dead letters: 0" in log
     rows = {os.path.basename(r["path"]): r for r in read(str(tmp_path), "predictions")}
     assert rows["coffee.png"]["label"] == "espresso"

@@ -10,7 +10,6 @@ with stride 1 and equal in/out channels (drop-connect is a no-op at inference).
 import math
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 IMAGE_SIZE = 224
