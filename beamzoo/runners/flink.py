@@ -1,24 +1,12 @@
 """Run Beam Python pipelines on Apache Flink, embedded or on a local cluster.
 
-Two pieces are fetched once into a cache (``$BEAMZOO_CACHE/flink``, default
-``~/.cache/beamzoo/flink``):
+``pipeline_args`` gives FlinkRunner's options. ``cluster_up()`` starts a
+JobManager and a TaskManager (separate JVMs, via the distribution's bin
+scripts) and a Beam worker pool for ``--environment_type=EXTERNAL``;
+``cluster_down()`` stops all of them. What they need is fetched by
+``beamzoo.runners.flink_fetch``.
 
-* the Beam Flink job server jar.  Maven Central as reached from here serves no
-  ``beam-runners-flink-*-job-server`` jar at all, and no ``beam-runners-flink-2.x``
-  runner, so the jar is assembled with Maven (shade plugin) from the newest
-  runner library whose whole dependency tree is served:
-  ``org.apache.beam:beam-runners-flink-1.19:2.62.0`` (Flink 1.19.0 client).
-  The Beam 2.77 Python SDK talks to it over the portable job/Fn API.
-* a Flink 1.19 distribution, from the PyPI packages ``apache-flink-libraries``
-  (lib/, opt/, plugins/) and ``apache-flink`` (bin/, conf/), installed with
-  ``pip install --no-deps --target`` so that nothing lands in the venv
-  (apache-flink pins an old apache-beam).
-
-``cluster_up()`` starts a JobManager and a TaskManager (separate JVMs, via the
-distribution's bin scripts) and a Beam worker pool for
-``--environment_type=EXTERNAL``; ``cluster_down()`` stops all of them.
-
-CLI: ``python -m beamzoo.runners.flink fetch|up|down|status``.
+CLI: ``beamzoo flink fetch|up|down|status``.
 """
 from __future__ import annotations
 
@@ -35,158 +23,15 @@ import time
 import urllib.request
 from pathlib import Path
 
-FLINK_VERSION = "1.19"  # Beam's --flink_version (the runner's Flink minor)
-FLINK_DIST_VERSION = "1.19.3"  # the cluster: apache-flink(-libraries) on PyPI
-JOB_SERVER_BEAM_VERSION = "2.62.0"  # beam-runners-flink-1.19 release it is built from
-JOB_SERVER_MAIN = "org.apache.beam.runners.flink.FlinkJobServerDriver"
+from beamzoo.runners.flink_fetch import (  # noqa: F401 - part of this module's API
+    FLINK_DIST_VERSION, FLINK_VERSION, JOB_SERVER_BEAM_VERSION, cache_dir, flink_home, job_server_jar)
+
 JM_RPC_PORT = 6123
-
-_JOB_SERVER_POM = """<?xml version="1.0" encoding="UTF-8"?>
-<project xmlns="http://maven.apache.org/POM/4.0.0">
-  <modelVersion>4.0.0</modelVersion>
-  <groupId>beamzoo.local</groupId>
-  <artifactId>beam-runners-flink-{flink}-job-server</artifactId>
-  <version>{beam}</version>
-  <dependencies>
-    <dependency><groupId>org.apache.beam</groupId>
-      <artifactId>beam-runners-flink-{flink}</artifactId><version>{beam}</version></dependency>
-    <dependency><groupId>org.slf4j</groupId><artifactId>slf4j-simple</artifactId>
-      <version>1.7.30</version><scope>runtime</scope></dependency>
-    <dependency><groupId>org.slf4j</groupId><artifactId>jcl-over-slf4j</artifactId>
-      <version>1.7.30</version><scope>runtime</scope></dependency>
-  </dependencies>
-  <build><plugins><plugin>
-    <groupId>org.apache.maven.plugins</groupId>
-    <artifactId>maven-shade-plugin</artifactId><version>3.5.1</version>
-    <executions><execution><phase>package</phase><goals><goal>shade</goal></goals>
-      <configuration>
-        <filters><filter><artifact>*:*</artifact><excludes>
-          <exclude>META-INF/*.SF</exclude><exclude>META-INF/*.DSA</exclude>
-          <exclude>META-INF/*.RSA</exclude>
-        </excludes></filter></filters>
-        <transformers>
-          <transformer implementation="org.apache.maven.plugins.shade.resource.ServicesResourceTransformer"/>
-          <transformer implementation="org.apache.maven.plugins.shade.resource.AppendingTransformer">
-            <resource>reference.conf</resource></transformer>
-          <transformer implementation="org.apache.maven.plugins.shade.resource.ManifestResourceTransformer">
-            <mainClass>{main}</mainClass></transformer>
-        </transformers>
-      </configuration>
-    </execution></executions>
-  </plugin></plugins></build>
-</project>
-"""
-
-
-# ---------------------------------------------------------------- locations
-
-
-def beam_version() -> str:
-    from apache_beam.version import __version__
-
-    return __version__
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("BEAMZOO_CACHE")
-    base = Path(root).expanduser() if root else Path.home() / ".cache" / "beamzoo"
-    return base / "flink"
 
 
 def run_dir() -> Path:
     """Config, logs and pid files of the local cluster."""
     return cache_dir() / "run"
-
-
-def beam_cached_jar_path() -> Path:
-    """Where Beam's JavaJarServer looks for the job server of FLINK_VERSION
-    before downloading it (~/.apache_beam/cache/jars/<basename of maven url>)."""
-    from apache_beam.utils.subprocess_server import JavaJarServer
-
-    url = JavaJarServer.path_to_beam_jar(f":runners:flink:{FLINK_VERSION}:job-server:shadowJar")
-    return Path(JavaJarServer.JAR_CACHE) / os.path.basename(url)
-
-
-# ---------------------------------------------------------------- fetching
-
-
-def job_server_jar(fetch: bool = True) -> Path:
-    """The Flink job server jar; built with Maven into the cache if missing."""
-    name = f"beam-runners-flink-{FLINK_VERSION}-job-server-{JOB_SERVER_BEAM_VERSION}.jar"
-    jar = cache_dir() / name
-    build = cache_dir() / "job-server-build"
-    cmd = ["mvn", "-q", "-B", "-f", str(build / "pom.xml"), "package"]
-    if not jar.exists():
-        build.mkdir(parents=True, exist_ok=True)
-        (build / "pom.xml").write_text(
-            _JOB_SERVER_POM.format(flink=FLINK_VERSION, beam=JOB_SERVER_BEAM_VERSION, main=JOB_SERVER_MAIN)
-        )
-        hint = (
-            f"The Beam Flink job server jar is missing ({jar}). Fetch it with "
-            f"`{sys.executable} -m beamzoo.runners.flink fetch`, or by hand: "
-            f"`{' '.join(cmd)} && mv {build}/target/{name} {jar}` "
-            f"(needs Java, Maven and Maven Central)."
-        )
-        if not fetch:
-            raise RuntimeError(hint)
-        if shutil.which("mvn") is None:
-            raise RuntimeError("mvn not found (apt-get install maven). " + hint)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        built = build / "target" / name
-        if proc.returncode != 0 or not built.exists():
-            tail = (proc.stdout + proc.stderr)[-2000:]
-            raise RuntimeError(f"Building the job server failed: {tail}\n{hint}")
-        tmp = jar.with_name(f"{name}.{os.getpid()}.tmp")
-        shutil.move(str(built), tmp)
-        tmp.rename(jar)
-        shutil.rmtree(build / "target", ignore_errors=True)
-    _link_into_beam_cache(jar)
-    return jar
-
-
-def _link_into_beam_cache(jar: Path) -> None:
-    """So that plain `--runner=FlinkRunner --flink_version=1.19` never downloads."""
-    try:
-        target = beam_cached_jar_path()
-    except ImportError:
-        return
-    if target.exists() or target.is_symlink():
-        if target.resolve() == jar.resolve() or not target.is_symlink():
-            return  # ours, or a real jar someone staged: leave it
-        target.unlink()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        target.symlink_to(jar)
-    except OSError:
-        shutil.copyfile(jar, target)
-
-
-def flink_home(fetch: bool = True) -> Path:
-    """FLINK_HOME of the Flink distribution (pyflink/ of the PyPI packages)."""
-    target = cache_dir() / f"flink-{FLINK_DIST_VERSION}"
-    home = target / "pyflink"
-    ok = (home / "lib" / f"flink-dist-{FLINK_DIST_VERSION}.jar").exists() and (
-        home / "bin" / "jobmanager.sh"
-    ).exists()
-    if ok:
-        return home
-    pkgs = [f"apache-flink-libraries=={FLINK_DIST_VERSION}", f"apache-flink=={FLINK_DIST_VERSION}"]
-    tmp = target.with_name(target.name + ".tmp")
-    cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--target", str(tmp), *pkgs]
-    hint = (
-        f"The Flink distribution is missing ({home}). Fetch it with "
-        f"`{sys.executable} -m beamzoo.runners.flink fetch`, i.e. `{' '.join(cmd)}` "
-        f"then rename {tmp} to {target}."
-    )
-    if not fetch:
-        raise RuntimeError(hint)
-    shutil.rmtree(tmp, ignore_errors=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"pip failed: {(proc.stdout + proc.stderr)[-2000:]}\n{hint}")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
-    return home
 
 
 # ---------------------------------------------------------------- pipeline options
@@ -357,7 +202,7 @@ def _check_ports_free(ports: dict[str, int]) -> None:
             owner = _port_owner(port) or "an unknown process"
             raise RuntimeError(
                 f"Port {port} ({what}) is already in use by {owner}. Stop it first "
-                f"(if it is a beamzoo cluster: `{sys.executable} -m beamzoo.runners.flink down`)."
+                f"(if it is a beamzoo cluster: `beamzoo flink down`)."
             )
 
 
@@ -372,7 +217,7 @@ def cluster_up(parallelism: int = 2, rest_port: int = 8081, worker_port: int = 5
         if live:
             raise RuntimeError(
                 f"A local cluster already runs ({name}: pid {live}); "
-                f"`{sys.executable} -m beamzoo.runners.flink down` first."
+                f"`beamzoo flink down` first."
             )
         pidfile.unlink(missing_ok=True)
     _check_ports_free({"Flink REST": rest_port, "Flink JobManager RPC": JM_RPC_PORT, "Beam worker pool": worker_port})
@@ -544,7 +389,7 @@ def cluster_status() -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m beamzoo.runners.flink", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="beamzoo flink", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("fetch", help="fetch the job server jar and the Flink distribution")
     up = sub.add_parser("up", help="start a local Flink cluster and a Beam worker pool")
