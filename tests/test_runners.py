@@ -118,4 +118,4 @@ def test_beam_metrics_count_rows_and_failures(tmp_path, mixed_dir, tiny_model):
     counters = {c.key.metric.name: c.committed
                 for c in result.metrics().query(MetricsFilter().with_namespace("beamzoo"))["counters"]}
     assert counters["read_failed"] == 1 and counters["decode_failed"] == 4
-    assert counters["predictions_written"] == 7 and counters["dead_letter_written"] == 5
+    assert counters["scored"] == 7 and counters["failed"] == 5

@@ -104,10 +104,10 @@ class WriteParquet(beam.PTransform):
     def __init__(self, directory: str, prefix: str, schema: pa.Schema, counter: str | None = None):
         super().__init__()
         self.directory, self.prefix, self.schema = directory, prefix, schema
-        self.counter = counter or prefix
+        self.counter = counter or f"{prefix}_written"
 
     def expand(self, batches):
-        counter = Metrics.counter("beamzoo", f"{self.counter}_written")
+        counter = Metrics.counter("beamzoo", self.counter)
 
         def to_table(batch):
             counter.inc(batch.num_rows)
@@ -131,7 +131,7 @@ class ScoreToParquet(beam.PTransform):
     def expand(self, pbegin):
         out = pbegin | "Score" >> RunGraph(self.graph)
         out["rows"] | "WritePredictions" >> WriteParquet(
-            self.directory, f"predictions-{self.run}", self.graph.schema, counter="predictions")
+            self.directory, f"predictions-{self.run}", self.graph.schema, counter="scored")
         out[DEAD_LETTER] | "WriteDeadLetters" >> WriteParquet(
-            self.directory, f"{DEAD_LETTER}-{self.run}", DEAD_LETTER_SCHEMA, counter=DEAD_LETTER)
+            self.directory, f"{DEAD_LETTER}-{self.run}", DEAD_LETTER_SCHEMA, counter="failed")
         return out
