@@ -14,23 +14,26 @@ from beamzoo.schemas import DEAD_LETTER_SCHEMA, SchemaMismatchError
 from beamzoo.transforms.inference import ModelSignatureError, OnnxInference
 from beamzoo.transforms.io import ReadFiles, list_files, printable, split_unencodable
 from beamzoo.transforms.postprocess import TopK
-from beamzoo.transforms.preprocess import DecodeImage, ResizeCrop
+from beamzoo.transforms.preprocess import DecodeResize, ResizeCrop
 from beamzoo.zoo import ModelCard, ModelIntegrityError
 
 # Mistakes a user can fix; command-line tools print these without a traceback.
 UserError = (FileNotFoundError, FileExistsError, SchemaMismatchError, ModelSignatureError, ModelIntegrityError)
 
 
-def score_images(pattern: str, card: ModelCard, k: int = 5, batch_size: int = 32,
+def score_images(pattern: str, card: ModelCard, k: int = 5, batch_size: int = 8,
                  max_pixels: int = 100_000_000, max_bytes: int = 256 << 20,
-                 intra_op_threads: int = 0, reduced_decode: bool = True) -> Graph:
-    """files -> read -> decode -> resize -> infer -> top-k, checked as it is built."""
+                 intra_op_threads: int = 1, reduced_decode: bool = True) -> Graph:
+    """files -> read -> decode and resize -> infer -> top-k, checked as it is built.
+
+    The defaults suit a CPU: each worker thread runs the whole chain on its
+    own small batch with a one-thread onnxruntime session, so decoding and
+    inference keep every core busy without fighting over them.
+    """
     resize = ResizeCrop.for_input(card.input, resize=card.resize)
     return (Graph(Source(pattern))
             | ReadFiles(max_bytes=max_bytes)
-            | DecodeImage(max_pixels=max_pixels, channels=card.input.channels,
-                          min_side=resize.resize if reduced_decode else None)
-            | resize
+            | DecodeResize(resize, max_pixels=max_pixels, reduced_decode=reduced_decode)
             | OnnxInference(card, batch_size=batch_size, intra_op_threads=intra_op_threads)
             | TopK(card, k=k))
 

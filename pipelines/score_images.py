@@ -29,10 +29,12 @@ def parse(argv):
                    help="DirectRunner (default), EdgeRunner, FlinkRunner or another Beam runner")
     p.add_argument("--model", default="efficientnet_lite0", help="model name in the zoo")
     p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--batch_size", type=int, default=32, help="images per inference call")
+    p.add_argument("--batch_size", type=int, default=8, help="images per inference call")
     p.add_argument("--max_pixels", type=int, default=100_000_000,
                    help="refuse images with more pixels than this (decompression bombs)")
-    p.add_argument("--threads", type=int, default=0, help="onnxruntime intra-op threads (0: all cores)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="onnxruntime intra-op threads per session (1: workers run inference side by "
+                        "side; 0: all cores for each call)")
     p.add_argument("--workers", type=int, default=None, help="edge runner: decode threads")
     p.add_argument("--resume", action="store_true",
                    help="continue a run in --output: inputs already scored there are skipped")

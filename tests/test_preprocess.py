@@ -118,3 +118,15 @@ def test_resize_crop_output_contract_and_values(bad_dir):
 def test_whole_graph_schema_is_checked(bad_dir):
     g = Graph(Source(str(bad_dir / "*.png"))) | ReadFiles() | DecodeImage() | ResizeCrop()
     assert g.schema.names == ["path", "pixels"]
+
+
+def test_decode_resize_gives_the_same_pixels_as_the_two_steps(bad_dir):
+    from beamzoo.transforms.preprocess import DecodeResize
+    paths = [str(bad_dir / n) for n in ("good.jpg", "large.jpg", "exif_rotated.jpg", "gray.png", "text.jpg")]
+    for layout, channels in (("NCHW", "RGB"), ("NHWC", "BGR")):
+        resize = ResizeCrop(resize=64, crop=56, layout=layout, channels=channels, value_range=(0, 1))
+        two, dead2 = run_chain([ReadFiles(), DecodeImage(min_side=64, channels=channels), resize], paths)
+        one, dead1 = run_chain([ReadFiles(), DecodeResize(resize)], paths)
+        assert one.schema.equals(two.schema, check_metadata=True)
+        assert np.array_equal(one.column("pixels").to_numpy_ndarray(), two.column("pixels").to_numpy_ndarray())
+        assert dead1.to_pylist() == dead2.to_pylist()

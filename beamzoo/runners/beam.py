@@ -1,6 +1,8 @@
 """Running a graph on a Beam runner (DirectRunner, FlinkRunner, ...)."""
 from __future__ import annotations
 
+import os
+
 from beamzoo.core import Graph
 
 
@@ -14,11 +16,22 @@ def _runner(options):
     return None
 
 
+def _given(argv: list[str]) -> set[str]:
+    return {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+
+
+def with_direct_defaults(argv: list[str]) -> list[str]:
+    """Beam's in-process runner with one worker thread per core, unless the user chose."""
+    if "--direct_num_workers" in _given(argv):
+        return argv
+    return argv + [f"--direct_num_workers={os.cpu_count() or 1}", "--direct_running_mode=multi_threading"]
+
+
 def with_flink_defaults(argv: list[str]) -> list[str]:
     """Add what FlinkRunner needs (job server jar, Flink version, environment)
     for ``--flink_master`` (default ``[local]``), unless the user set it."""
     from beamzoo.runners import flink
-    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    given = _given(argv)
     master = next((a.split("=", 1)[1] for a in argv if a.startswith("--flink_master=")), "[local]")
     extra = [a for a in flink.pipeline_args(master) if a.split("=", 1)[0] not in given]
     return argv + extra
@@ -33,6 +46,8 @@ def run(graph: Graph, output: str, argv: list[str], run: str) -> None:
 
     if "--runner=FlinkRunner" in argv:
         argv = with_flink_defaults(argv)
+    elif "--runner=DirectRunner" in argv:
+        argv = with_direct_defaults(argv)
     options = PipelineOptions(argv)
     with beam.Pipeline(runner=_runner(options), options=options) as p:
         p | "ScoreToParquet" >> ScoreToParquet(graph, output, run)

@@ -45,21 +45,25 @@ class OnnxInference(Operator):
     """pixels -> logits with onnxruntime, ``batch_size`` rows per run.
 
     Knobs: ``intra_op_threads`` and ``inter_op_threads`` (0 = onnxruntime's
-    default), ``optimization`` ("disable", "basic", "extended", "all"),
-    ``providers`` (e.g. ["CUDAExecutionProvider", "CPUExecutionProvider"]).
+    default: all cores), ``optimization`` ("disable", "basic", "extended",
+    "all"), ``spin`` (let idle onnxruntime threads spin; off, since decoding
+    wants those cores), ``providers`` (e.g. ["CUDAExecutionProvider",
+    "CPUExecutionProvider"]). With one intra-op thread the step may run in
+    several threads at once (``hints.parallel``), one session shared.
     A batch that fails is retried row by row so only the bad rows dead-letter.
     """
 
     def __init__(self, card: ModelCard, input_field: str = "pixels", output_field: str = "logits",
-                 batch_size: int = 32, intra_op_threads: int = 0, inter_op_threads: int = 0,
-                 optimization: str = "all", providers: list[str] | None = None, name: str = "infer"):
-        super().__init__(name, Hints(batch_size=batch_size, parallel=False))
+                 batch_size: int = 8, intra_op_threads: int = 1, inter_op_threads: int = 0,
+                 optimization: str = "all", spin: bool = False, providers: list[str] | None = None,
+                 name: str = "infer"):
+        super().__init__(name, Hints(batch_size=batch_size, parallel=intra_op_threads == 1))
         if optimization not in _OPT_LEVELS:
             raise ValueError(f"optimization must be one of {_OPT_LEVELS}, got {optimization!r}")
         self.card, self.input_field, self.output_field = card, input_field, output_field
         self.batch_size = batch_size
         self.intra_op_threads, self.inter_op_threads = intra_op_threads, inter_op_threads
-        self.optimization, self.providers = optimization, providers
+        self.optimization, self.spin, self.providers = optimization, spin, providers
         self.requires = pa.schema([card.input.field(input_field)])
         self.produces = pa.schema([card.output.field(output_field)])
         self.consumes = (input_field,)
@@ -75,6 +79,7 @@ class OnnxInference(Operator):
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = self.intra_op_threads
         opts.inter_op_num_threads = self.inter_op_threads
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         opts.graph_optimization_level = getattr(
             ort.GraphOptimizationLevel,
             {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",

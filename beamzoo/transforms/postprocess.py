@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from beamzoo.core import NO_DEAD_LETTERS, Hints, Operator, Result
+from beamzoo.core import NO_DEAD_LETTERS, Operator, Result
 from beamzoo.zoo import ModelCard
 
 PREDICTION_FIELDS = pa.schema([
@@ -27,7 +27,7 @@ class TopK(Operator):
     produces = PREDICTION_FIELDS
 
     def __init__(self, card: ModelCard, k: int = 5, input_field: str = "logits", name: str = "topk"):
-        super().__init__(name, Hints(batch_size=256))
+        super().__init__(name)
         if not card.labels:
             raise ValueError(f"model {card.ref} has no labels; TopK needs them")
         if k < 1 or k > len(card.labels):
