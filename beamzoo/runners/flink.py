@@ -47,8 +47,8 @@ def pipeline_args(master: str, *, parallelism: int = 2, worker_port: int = 50000
         f"--flink_version={FLINK_VERSION}",
         f"--flink_job_server_jar={job_server_jar(fetch)}",
     ]
-    if master == "[local]":
-        return args + ["--environment_type=LOOPBACK"]
+    if master == "[local]":  # workers are threads of this process; subtasks one per core
+        return args + ["--environment_type=LOOPBACK", f"--parallelism={os.cpu_count() or 1}"]
     return args + [
         "--environment_type=EXTERNAL",
         f"--environment_config=localhost:{worker_port}",
