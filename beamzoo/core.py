@@ -140,6 +140,11 @@ class Source:
     def __init__(self, pattern: str):
         self.pattern = pattern if "://" in pattern else os.path.abspath(pattern)
 
+    @classmethod
+    def batch(cls, paths: list[str]) -> pa.RecordBatch:
+        """The first batch of a graph: a ``path`` column."""
+        return pa.record_batch([pa.array(paths, pa.string())], schema=cls.schema)
+
     def paths(self) -> list[str]:
         """The matching files whose names Arrow can hold (valid UTF-8)."""
         from beamzoo.transforms.io import list_files, split_unencodable

@@ -87,7 +87,7 @@ class EdgeRunner:
             buffer = _Buffer(tail[0].hints.batch_size if tail else self.chunk_size)
             for i in range(0, len(paths), self.chunk_size):
                 chunk = paths[i:i + self.chunk_size]
-                pending.append((len(chunk), pool.submit(_run_steps, head, _paths_batch(chunk))))
+                pending.append((len(chunk), pool.submit(_run_steps, head, Source.batch(chunk))))
                 if len(pending) >= self.queue_depth:
                     drain(*pending.popleft())
             while pending:
@@ -95,10 +95,6 @@ class EdgeRunner:
             if buffer.rows:
                 finish(*_run_steps(tail, buffer.take()))
         return RunStats(len(paths), out.rows, dead.rows, time.perf_counter() - start, first)
-
-
-def _paths_batch(paths: list[str]) -> pa.RecordBatch:
-    return pa.record_batch([pa.array(paths, pa.string())], schema=Source.schema)
 
 
 def _run_steps(steps: tuple[Operator, ...], batch: pa.RecordBatch):

@@ -50,10 +50,6 @@ class ApplyOperator(beam.PTransform):
         return outputs.rows, outputs[DEAD_LETTER]
 
 
-def _to_batch(paths: list[str]) -> pa.RecordBatch:
-    return pa.record_batch([pa.array(paths, pa.string())], schema=Source.schema)
-
-
 class ListFiles(beam.PTransform):
     """PBegin -> PCollection[RecordBatch of paths], spread over workers.
 
@@ -72,7 +68,7 @@ class ListFiles(beam.PTransform):
                 | "Spread" >> beam.Reshuffle()
                 | "Batch" >> beam.BatchElements(min_batch_size=self.batch_size,
                                                 max_batch_size=self.batch_size)
-                | "ToArrow" >> beam.Map(_to_batch))
+                | "ToArrow" >> beam.Map(Source.batch))
 
 
 class RunGraph(beam.PTransform):
