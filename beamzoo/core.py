@@ -146,9 +146,14 @@ class Source:
         return pa.record_batch([pa.array(paths, pa.string())], schema=cls.schema)
 
     def paths(self) -> list[str]:
-        """The matching files whose names Arrow can hold (valid UTF-8)."""
-        from beamzoo.transforms.io import list_files, split_unencodable
-        return split_unencodable(list_files(self.pattern))[0]
+        """The files this source reads: the matching files, as ``select`` keeps them."""
+        from beamzoo.transforms.io import list_files
+        return self.select(list_files(self.pattern))
+
+    def select(self, paths: list[str]) -> list[str]:
+        """Of the listed files, those whose names Arrow can hold (valid UTF-8)."""
+        from beamzoo.transforms.io import split_unencodable
+        return split_unencodable(paths)[0]
 
     def __repr__(self):
         return f"Source({self.pattern!r})"

@@ -60,7 +60,7 @@ def run(graph: Graph, output: str, runner: str = "DirectRunner", beam_args: list
     start = time.perf_counter()
     first = None
     if is_edge(runner):
-        first = (edge or EdgeRunner()).run(keyed, output, keyed.source.paths(), run_name).first_result_s
+        first = (edge or EdgeRunner()).run(keyed, output, keyed.source.select(inputs), run_name).first_result_s
     else:
         from beamzoo.runners import beam
         beam.run(keyed, output, [f"--runner={runner}", *beam_args], run_name)
@@ -71,8 +71,9 @@ def run(graph: Graph, output: str, runner: str = "DirectRunner", beam_args: list
 def _refuse_unencodable(paths: list[str], output: str, run_name: str, resume: bool) -> None:
     """Dead letters (stage "list") for file names that are not valid UTF-8."""
     shown = [printable(p) for p in paths]
-    if resume:
-        shown = [p for p in shown if p not in done_rows(output)[1]]
+    if resume and shown:
+        _, unkeyed = done_rows(output)
+        shown = [p for p in shown if p not in unkeyed]
     if not shown:
         return
     batch = pa.record_batch({"path": shown}, schema=Source.schema)

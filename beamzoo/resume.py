@@ -66,9 +66,9 @@ class ResumableSource(Source):
         super().__init__(pattern)
         self.directory = directory
 
-    def paths(self) -> list[str]:
+    def select(self, paths: list[str]) -> list[str]:
         _, unkeyed = done_rows(self.directory)
-        return [p for p in super().paths() if p not in unkeyed]
+        return [p for p in super().select(paths) if p not in unkeyed]
 
 
 class Key(Operator):

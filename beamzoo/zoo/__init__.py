@@ -78,7 +78,12 @@ class ModelCard:
         return target
 
     def model_sha256(self) -> str:
-        return self.sha256 or sha256_of(self.onnx_path())
+        """The sha256 of the verified ONNX file."""
+        path = self.onnx_path()
+        if self.sha256:
+            return self.sha256
+        pin = path.with_suffix(".sha256")
+        return pin.read_text().strip() if self.path is None else sha256_of(path)
 
 
 def _verify(path: Path, expected: str | None, ref: str) -> None:
