@@ -1,8 +1,10 @@
 """Shared fixtures: tiny ONNX models built with onnx.helper, and image files."""
 from __future__ import annotations
 
+import json
 import os
 import socket
+import urllib.request
 
 
 import cv2
@@ -110,3 +112,19 @@ def flink_cluster():
     assert not left, f"processes left alive after cluster_down: {left}"
     busy = [p for p in (8081, flink.JM_RPC_PORT, 50000) if _listening(p)]
     assert not busy, f"ports still listening after cluster_down: {busy}"
+
+
+def flink_rest(path: str) -> dict:
+    with urllib.request.urlopen(f"http://localhost:8081{path}", timeout=10) as r:
+        return json.load(r)
+
+
+def subtask_reads(vertex_name: str) -> list[int]:
+    """Records read by each subtask of the latest job's first vertex whose name
+    contains ``vertex_name``, from Flink's REST API."""
+    job = max(flink_rest("/jobs/overview")["jobs"], key=lambda j: j["start-time"])
+    assert job["state"] == "FINISHED", job
+    vertices = flink_rest(f"/jobs/{job['jid']}")["vertices"]
+    vertex = next(v for v in vertices if vertex_name in v["name"])
+    subtasks = flink_rest(f"/jobs/{job['jid']}/vertices/{vertex['id']}")["subtasks"]
+    return [s["metrics"]["read-records"] for s in subtasks]

@@ -2,13 +2,11 @@
 local standalone cluster, and through the loss of a TaskManager."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
 import subprocess
 import time
-import urllib.request
 from collections import Counter
 
 import cv2
@@ -16,6 +14,7 @@ import pytest
 
 from badfiles import photo
 from beamzoo.runners import flink
+from conftest import flink_rest, subtask_reads
 from beamzoo.samples import make_sample_set
 from beamzoo.transforms.io import list_files
 from test_runners import ROOT, assert_same_rows, read
@@ -27,11 +26,6 @@ pytestmark = [
     pytest.mark.integration,
     pytest.mark.skipif(shutil.which("java") is None, reason="needs a Java runtime (17)"),
 ]
-
-
-def rest(path: str) -> dict:
-    with urllib.request.urlopen(f"http://localhost:8081{path}", timeout=10) as r:
-        return json.load(r)
 
 
 @pytest.fixture(scope="module")
@@ -58,12 +52,7 @@ def test_standalone_flink_gives_the_same_rows_and_spreads_the_work(flink_cluster
     assert "inputs: 24  scored: 19  dead letters: 5" in log
     assert_same_as_edge(tmp_path, edge_out)
     # Flink's own figures: every subtask of the scoring operator read records.
-    job = max(rest("/jobs/overview")["jobs"], key=lambda j: j["start-time"])
-    assert job["state"] == "FINISHED"
-    vertices = rest(f"/jobs/{job['jid']}")["vertices"]
-    scoring = next(v for v in vertices if "ScoreToParquet/{Score" in v["name"])
-    subtasks = rest(f"/jobs/{job['jid']}/vertices/{scoring['id']}")["subtasks"]
-    read_counts = [s["metrics"]["read-records"] for s in subtasks]
+    read_counts = subtask_reads("ScoreToParquet/{Score")
     assert len(read_counts) == 2 and min(read_counts) > 0, read_counts
 
 
@@ -92,7 +81,7 @@ def test_losing_a_taskmanager_mid_run_loses_and_duplicates_nothing(flink_cluster
         # Wait until the scoring operator is running, then kill the TaskManager's JVM.
         deadline = time.monotonic() + 180
         while time.monotonic() < deadline and proc.poll() is None:
-            running = [j for j in rest("/jobs/overview")["jobs"] if j["state"] == "RUNNING"]
+            running = [j for j in flink_rest("/jobs/overview")["jobs"] if j["state"] == "RUNNING"]
             if running and running[0]["tasks"]["running"] > 0:
                 break
             time.sleep(0.5)
@@ -110,8 +99,8 @@ def test_losing_a_taskmanager_mid_run_loses_and_duplicates_nothing(flink_cluster
     assert f"inputs: {len(inputs)}  scored: {len(inputs)}  dead letters: 0" in stdout
     paths = Counter(r["path"] for r in read(str(out), "predictions"))
     assert set(paths) == set(inputs) and set(paths.values()) == {1}
-    job = max(rest("/jobs/overview")["jobs"], key=lambda j: j["start-time"])
+    job = max(flink_rest("/jobs/overview")["jobs"], key=lambda j: j["start-time"])
     assert job["state"] == "FINISHED"
-    exceptions = rest(f"/jobs/{job['jid']}/exceptions")
+    exceptions = flink_rest(f"/jobs/{job['jid']}/exceptions")
     assert exceptions.get("exceptionHistory", {}).get("entries") or exceptions.get("root-exception"), \
         "Flink recorded no failure: the TaskManager was not lost mid-job"

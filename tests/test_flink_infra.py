@@ -13,6 +13,7 @@ import shutil
 import pytest
 
 from beamzoo.runners import flink
+from conftest import subtask_reads
 
 pytestmark = [
     pytest.mark.flink,
@@ -36,7 +37,7 @@ def run_squares(out_dir, args) -> list[tuple[int, int, int]]:
             | beam.Create(list(range(N)))
             | beam.Reshuffle()
             # a lambda is pickled by value: the EXTERNAL workers cannot import this test module
-            | beam.Map(lambda x: f"{os.getpid()},{x},{x * x}")
+            | "Square" >> beam.Map(lambda x: f"{os.getpid()},{x},{x * x}")
             | beam.io.WriteToText(str(out_dir / "squares"))
         )
     files = sorted(out_dir.glob("squares-*"))
@@ -63,7 +64,9 @@ def test_standalone_cluster_external_workers(flink_cluster, tmp_path):
     check_squares(rows)
     worker_pids = {pid for pid, _, _ in rows}
     cluster["seen_worker_pids"] |= worker_pids
-    assert os.getpid() not in worker_pids
-    assert len(worker_pids) >= 2, f"all elements processed by one worker: {worker_pids}"
+    assert os.getpid() not in worker_pids  # EXTERNAL: the pool's worker processes did the work
+    # Both subtasks of the squaring step got elements (which worker process serves
+    # a subtask is the TaskManager's choice, so the pids alone prove nothing).
+    assert min(subtask_reads("Square")) > 0
     overview = flink.cluster_status()["overview"]
     assert overview["jobs-finished"] >= 1 and overview["jobs-failed"] == 0, overview
