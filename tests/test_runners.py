@@ -119,3 +119,32 @@ def test_beam_metrics_count_rows_and_failures(tmp_path, mixed_dir, tiny_model):
                 for c in result.metrics().query(MetricsFilter().with_namespace("beamzoo"))["counters"]}
     assert counters["read_failed"] == 1 and counters["decode_failed"] == 4
     assert counters["scored"] == 7 and counters["failed"] == 5
+
+
+def test_cancelled_worker_stream_at_job_end_is_not_reported():
+    import threading
+
+    import grpc
+
+    from beamzoo.runners.beam import quiet_worker_shutdown
+
+    class Cancelled(grpc.RpcError):
+        def code(self):
+            return grpc.StatusCode.CANCELLED
+
+    def fail(exc):
+        raise exc
+
+    reported = []
+    before = threading.excepthook
+    threading.excepthook = lambda args: reported.append((args.thread.name, type(args.exc_value).__name__))
+    try:
+        quiet_worker_shutdown()
+        for name, exc in (("read_grpc_client_inputs", Cancelled()), ("read_grpc_client_inputs", ValueError("real")),
+                          ("other", Cancelled())):
+            t = threading.Thread(target=fail, args=(exc,), name=name)
+            t.start()
+            t.join()
+    finally:
+        threading.excepthook = before
+    assert reported == [("read_grpc_client_inputs", "ValueError")]
