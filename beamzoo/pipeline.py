@@ -4,8 +4,6 @@ from __future__ import annotations
 import os
 import time
 
-import pyarrow as pa
-
 from beamzoo.core import Graph, Source, dead_letters
 from beamzoo.resume import check_output_dir, done_rows, run_id, with_keys
 from beamzoo.runners import EdgeRunner, RunStats, is_edge
@@ -76,7 +74,7 @@ def _refuse_unencodable(paths: list[str], output: str, run_name: str, resume: bo
         shown = [p for p in shown if p not in unkeyed]
     if not shown:
         return
-    batch = pa.record_batch({"path": shown}, schema=Source.schema)
+    batch = Source.batch(shown)
     error = "file name is not valid UTF-8; rename the file to score it"
     with ParquetSink(output, "dead_letter", DEAD_LETTER_SCHEMA, f"{run_name}-list") as sink:
         sink.write(dead_letters(batch, list(range(len(shown))), "list", [error] * len(shown)))

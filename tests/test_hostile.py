@@ -20,18 +20,15 @@ from beamzoo.runners import EdgeRunner
 from beamzoo.transforms.io import ReadFiles, list_files
 from beamzoo.transforms.preprocess import DecodeImage, ResizeCrop, decode
 from conftest import write_colour_image
+from test_preprocess import run_chain
 from test_runners import read
 
 EDGE = dict(runner="EdgeRunner", edge=EdgeRunner(workers=2, progress=False))
 
 
 def process(steps, paths):
-    batch = pa.record_batch([pa.array(paths, pa.string())], schema=Source.schema)
-    dead = []
-    for step in steps:
-        batch, dl = step.process(batch)
-        dead += dl.to_pylist()
-    return batch, dead
+    rows, dead = run_chain(steps, paths)
+    return rows, dead.to_pylist()
 
 
 def test_cyclic_and_deep_symlinks_end_and_list_each_file_once(tmp_path):

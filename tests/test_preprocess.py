@@ -21,7 +21,8 @@ def bad_dir(tmp_path_factory):
 
 
 def run_chain(steps, paths):
-    batch = pa.record_batch([pa.array(paths, pa.string())], schema=Source.schema)
+    """Run ``steps`` on a batch of ``paths``: (surviving rows, all dead letters as a Table)."""
+    batch = Source.batch(paths)
     dead = []
     for step in steps:
         batch, dl = step.process(batch)
