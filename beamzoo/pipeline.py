@@ -61,7 +61,9 @@ def run(graph: Graph, output: str, runner: str = "DirectRunner", beam_args: list
         first = (edge or EdgeRunner()).run(keyed, output, keyed.source.select(inputs), run_name).first_result_s
     else:
         from beamzoo.runners import beam
-        beam.run(keyed, output, [f"--runner={runner}", *beam_args], run_name)
+        wall = time.time()
+        first_time = beam.run(keyed, output, [f"--runner={runner}", *beam_args], run_name)
+        first = None if first_time is None else max(0.0, first_time - wall)
     return RunStats(len(inputs), count_rows(output, "predictions"), count_rows(output, "dead_letter"),
                     time.perf_counter() - start, first)
 

@@ -63,7 +63,8 @@ def main(argv=None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(stats.line())
-    print(f"{stats.inputs / stats.seconds:.1f} images/s over {stats.seconds:.1f} s; "
+    first = "" if stats.first_result_s is None else f" (first result after {stats.first_result_s:.1f} s)"
+    print(f"{stats.inputs / stats.seconds:.1f} images/s over {stats.seconds:.1f} s{first}; "
           f"results in {args.output}")
     return 0
 

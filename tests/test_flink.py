@@ -3,6 +3,7 @@ local standalone cluster, and through the loss of a TaskManager."""
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 
 from badfiles import photo
 from beamzoo.runners import flink
+from beamzoo.runners.job_server import class_archive
 from conftest import flink_rest, subtask_reads
 from beamzoo.samples import make_sample_set
 from beamzoo.transforms.io import list_files
@@ -44,6 +46,17 @@ def test_embedded_flink_gives_the_same_rows(images, edge_out, tmp_path):
     log = score("--input", str(images), "--output", str(tmp_path), "--runner=FlinkRunner", "--flink_master=[local]")
     assert "inputs: 24  scored: 19  dead letters: 5" in log
     assert_same_as_edge(tmp_path, edge_out)
+    # when the first prediction reached the writer, from Beam's metrics
+    took, first = map(float, re.search(r"over ([0-9.]+) s \(first result after ([0-9.]+) s\)", log).groups())
+    assert 0 < first <= took
+    # the job server beamzoo started is gone, and left a class-data archive for the next runs
+    assert not _job_servers()
+    assert class_archive(str(flink.job_server_jar(fetch=False))).stat().st_size > 1 << 20
+
+
+def _job_servers() -> list[str]:
+    out = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    return [line for line in out.splitlines() if "beamzoo-job-server-" in line]
 
 
 def test_standalone_flink_gives_the_same_rows_and_spreads_the_work(flink_cluster, images, edge_out, tmp_path):

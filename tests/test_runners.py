@@ -49,6 +49,7 @@ def test_edge_and_direct_runner_give_the_same_rows(tmp_path, mixed_dir, tiny_mod
         assert stats.inputs == inputs == 21
         assert stats.scored + stats.failed == stats.inputs
         assert stats.failed == 5
+        assert stats.first_result_s is not None and 0 < stats.first_result_s <= stats.seconds
     a, b = read(str(tmp_path / "edge"), "predictions"), read(str(tmp_path / "direct"), "predictions")
     assert_same_rows(a, b)
     colours = {r["path"].split("/")[-1]: r["label"] for r in a}

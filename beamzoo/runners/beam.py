@@ -1,6 +1,7 @@
 """Running a graph on a Beam runner (DirectRunner, FlinkRunner, ...)."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -68,18 +69,55 @@ def quiet_worker_shutdown() -> None:
     logging.getLogger("apache_beam.runners.worker.data_plane").addFilter(_NotCancelled())
 
 
-def run(graph: Graph, output: str, argv: list[str], run: str) -> None:
-    """Build the Beam pipeline for ``graph`` and run it to the end."""
+def flink_job_server(argv: list[str]):
+    """The JobServer for a FlinkRunner run (start it with ``with``), or None where the user gave
+    ``--job_endpoint`` (their own job server) or ``--flink_submit_uber_jar``."""
+    from apache_beam.options.pipeline_options import (
+        FlinkRunnerOptions, JobServerOptions, PipelineOptions, PortableOptions)
+    from apache_beam.runners.portability.flink_runner import FlinkRunner
+
+    from beamzoo.runners.job_server import JobServer
+    options = PipelineOptions(argv)
+    flink = options.view_as(FlinkRunnerOptions)
+    if options.view_as(PortableOptions).job_endpoint or flink.flink_submit_uber_jar:
+        return None
+    jvm = options.view_as(JobServerOptions)
+    return JobServer(flink.flink_job_server_jar, FlinkRunner.add_http_scheme(flink.flink_master),
+                     jvm.job_server_jvm_properties or None, jvm.job_server_java_launcher)
+
+
+def run(graph: Graph, output: str, argv: list[str], run: str) -> float | None:
+    """Build the Beam pipeline for ``graph`` and run it to the end. Returns
+    when (``time.time()``) the first prediction reached the writer, if any."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
     from beamzoo.transforms.beam import ScoreToParquet
 
+    server = None
     if "--runner=FlinkRunner" in argv:
         argv = with_flink_defaults(argv)
+        server = flink_job_server(argv)
         quiet_worker_shutdown()
     elif "--runner=DirectRunner" in argv:
         argv = with_direct_defaults(argv)
-    options = PipelineOptions(argv)
-    with beam.Pipeline(runner=_runner(options), options=options) as p:
-        p | "ScoreToParquet" >> ScoreToParquet(graph, output, run)
+    with server or contextlib.nullcontext():  # the JVM boots while the pipeline is built
+        if server:
+            argv = [*argv, f"--job_endpoint={server.endpoint}"]
+        options = PipelineOptions(argv)
+        pipeline = beam.Pipeline(runner=_runner(options), options=options)
+        pipeline | "ScoreToParquet" >> ScoreToParquet(graph, output, run)
+        if server:
+            server.wait()
+        result = pipeline.run()
+        result.wait_until_finish()
+        return first_output_time(result)  # asks the job server: before it stops
+
+
+def first_output_time(result) -> float | None:
+    """The smallest ``predictions_time_ms`` the writer recorded, in seconds."""
+    from apache_beam.metrics.metric import MetricsFilter
+    found = result.metrics().query(MetricsFilter().with_name("predictions_time_ms"))["distributions"]
+    values = [r.committed or r.attempted for r in found]
+    values = [v.min for v in values if v is not None and v.count]
+    return min(values) / 1000 if values else None

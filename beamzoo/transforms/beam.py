@@ -7,6 +7,7 @@ fails a bundle. This is the only module in the package that imports Beam.
 from __future__ import annotations
 
 import os
+import time
 
 import apache_beam as beam
 import pyarrow as pa
@@ -97,16 +98,21 @@ class WriteParquet(beam.PTransform):
     place when the write is final, so a reader never sees half a file.
     """
 
-    def __init__(self, directory: str, prefix: str, schema: pa.Schema, counter: str | None = None):
+    def __init__(self, directory: str, prefix: str, schema: pa.Schema, counter: str | None = None,
+                 clock: str | None = None):
         super().__init__()
         self.directory, self.prefix, self.schema = directory, prefix, schema
         self.counter = counter or f"{prefix}_written"
+        self.clock = clock  # a distribution of when (ms since the epoch) batches arrived
 
     def expand(self, batches):
         counter = Metrics.counter("beamzoo", self.counter)
+        clock = Metrics.distribution("beamzoo", self.clock) if self.clock else None
 
         def to_table(batch):
             counter.inc(batch.num_rows)
+            if clock:
+                clock.update(int(time.time() * 1000))
             return pa.Table.from_batches([batch])
 
         return (batches
@@ -127,7 +133,8 @@ class ScoreToParquet(beam.PTransform):
     def expand(self, pbegin):
         out = pbegin | "Score" >> RunGraph(self.graph)
         out["rows"] | "WritePredictions" >> WriteParquet(
-            self.directory, f"predictions-{self.run}", self.graph.schema, counter="scored")
+            self.directory, f"predictions-{self.run}", self.graph.schema, counter="scored",
+            clock="predictions_time_ms")
         out[DEAD_LETTER] | "WriteDeadLetters" >> WriteParquet(
             self.directory, f"{DEAD_LETTER}-{self.run}", DEAD_LETTER_SCHEMA, counter="failed")
         return out
