@@ -19,7 +19,7 @@ from beamzoo.zoo import ModelCard, ModelIntegrityError
 UserError = (FileNotFoundError, FileExistsError, SchemaMismatchError, ModelSignatureError, ModelIntegrityError)
 
 
-def score_images(pattern: str, card: ModelCard, k: int = 5, batch_size: int = 8,
+def score_images(pattern: str, card: ModelCard, k: int = 5, batch_size: int = 4,
                  max_pixels: int = 100_000_000, max_bytes: int = 256 << 20,
                  intra_op_threads: int = 1, reduced_decode: bool = True) -> Graph:
     """files -> read -> decode and resize -> infer -> top-k, checked as it is built.

@@ -29,7 +29,7 @@ def parse(argv):
                    help="DirectRunner (default), EdgeRunner, FlinkRunner or another Beam runner")
     p.add_argument("--model", default="efficientnet_lite0", help="model name in the zoo")
     p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--batch_size", type=int, default=8, help="images per inference call")
+    p.add_argument("--batch_size", type=int, default=4, help="images per inference call")
     p.add_argument("--max_pixels", type=int, default=100_000_000,
                    help="refuse images with more pixels than this (decompression bombs)")
     p.add_argument("--threads", type=int, default=1,

@@ -54,7 +54,7 @@ class OnnxInference(Operator):
     """
 
     def __init__(self, card: ModelCard, input_field: str = "pixels", output_field: str = "logits",
-                 batch_size: int = 8, intra_op_threads: int = 1, inter_op_threads: int = 0,
+                 batch_size: int = 4, intra_op_threads: int = 1, inter_op_threads: int = 0,
                  optimization: str = "all", spin: bool = False, providers: list[str] | None = None,
                  name: str = "infer"):
         super().__init__(name, Hints(batch_size=batch_size, parallel=intra_op_threads == 1))
