@@ -220,26 +220,16 @@ def _beamzoo(ctx: Ctx, runner: str, beam_args=()) -> dict:
     from beamzoo.runners import EdgeRunner
     from beamzoo.zoo import EFFICIENTNET_LITE0
 
-    class TimedEdge(EdgeRunner):
-        """Notes when the runner's own clock starts (after every step's setup)."""
-
-        def run(self, graph, *args, **kw):
-            for step in graph.steps:
-                step.setup()  # idempotent; the runner's own call is then a no-op
-            self.started = time.perf_counter()
-            return super().run(graph, *args, **kw)
-
     if runner != "EdgeRunner":  # import Beam before the clock starts
         importlib.import_module("beamzoo.runners.beam")
         importlib.import_module("beamzoo.transforms.beam")
     graph = score_images(os.path.join(ctx.files, "*.jpg"), EFFICIENTNET_LITE0)
-    edge = TimedEdge(progress=False)
     t0, c0 = time.perf_counter(), time.process_time()
-    stats = run(graph, ctx.work, runner, list(beam_args), edge=edge)
+    stats = run(graph, ctx.work, runner, list(beam_args), edge=EdgeRunner(progress=False))
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     first = None
-    if stats.first_result_s is not None:  # measured by the runner from its own start
-        first = edge.started - t0 + stats.first_result_s
+    if stats.first_result_s is not None:  # counted by run() from after it listed the files
+        first = seconds - stats.seconds + stats.first_result_s
     return {"seconds": seconds, "cpu_s": cpu, "first_result_s": first, "scored": stats.scored,
             "failed": stats.failed, "labels": parquet_labels(ctx.work)}
 
@@ -252,15 +242,7 @@ def beamzoo_direct(ctx: Ctx) -> dict:
     return _beamzoo(ctx, "DirectRunner")
 
 
-# ---- beamzoo on Flink: a hook, only with --flink -----------------------------
-
-def flink_available() -> bool:
-    """Whether beamzoo.runners.flink.pipeline_args exists (it is being built)."""
-    if importlib.util.find_spec("beamzoo.runners.flink") is None:
-        return False
-    from beamzoo.runners import flink
-    return callable(getattr(flink, "pipeline_args", None))
-
+# ---- beamzoo on Flink ------------------------------------------------------
 
 def beamzoo_flink(ctx: Ctx) -> dict:
     # Note: on Flink the work may run in other processes (SDK harness, task

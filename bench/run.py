@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -22,7 +23,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["limit", "reference", "beam_stock", "beamzoo_edge", "beamzoo_direct"]
+ORDER = ["limit", "reference", "beam_stock", "beamzoo_edge", "beamzoo_direct", "beamzoo_flink"]
 TITLES = {"limit": "limit (stages alone)", "reference": "reference loop (ORT+OpenCV)",
           "beam_stock": "Beam stock RunInference", "beamzoo_edge": "beamzoo EdgeRunner",
           "beamzoo_direct": "beamzoo DirectRunner", "beamzoo_flink": "beamzoo FlinkRunner"}
@@ -158,6 +159,7 @@ def targets(results: dict, rss: dict | None) -> list[dict]:
     check("edge / limit", ips("beamzoo_edge"), ips("limit"), 0.85)
     check("edge / reference", ips("beamzoo_edge"), ips("reference"), 1.0)
     check("beamzoo DirectRunner / Beam stock", ips("beamzoo_direct"), ips("beam_stock"), 2.0)
+    check("beamzoo FlinkRunner / limit", ips("beamzoo_flink"), ips("limit"), 0.5)
     if rss and rss.get("growth_pct") is not None:
         checks.append({"target": "edge RSS growth %", "goal": "< 10", "value": rss["growth_pct"],
                        "pass": rss["growth_pct"] < 10})
@@ -197,13 +199,14 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(HERE / "results"), help="directory for the JSON results")
     p.add_argument("--cache", default=str(HERE / "cache"), help="where image sets are kept")
-    p.add_argument("--only", nargs="+", choices=ORDER + ["beamzoo_flink"], help="run only these")
+    p.add_argument("--only", nargs="+", choices=ORDER, help="run only these")
     p.add_argument("--repeat", type=int, default=1,
                    help="run every contender this many times, round-robin; report each one's best run")
     p.add_argument("--limit-sample", type=int, default=512, help="images the limit's stages are timed on")
     p.add_argument("--ref-threads", type=int, default=0,
                    help="reference loop: onnxruntime intra-op threads (0: onnxruntime's default, all cores)")
-    p.add_argument("--flink", action="store_true", help="also run beamzoo on FlinkRunner")
+    p.add_argument("--no-flink", action="store_true",
+                   help="leave out beamzoo on FlinkRunner (it needs Java; the first run fetches the job server)")
     p.add_argument("--flink-master", default="[local]",
                    help="'[local]' (embedded Flink) or host:port of a cluster from `beamzoo flink up`")
     p.add_argument("--rss-scaling", action="store_true",
@@ -224,8 +227,6 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()[0]
 
     names = list(args.only or ORDER)
-    if "beamzoo_flink" not in names and (args.flink or not args.only):
-        names.append("beamzoo_flink")
 
     results, runs = {}, {}
     with tempfile.TemporaryDirectory(prefix="beamzoo-bench-") as tmp:
@@ -234,11 +235,10 @@ def main(argv=None) -> int:
                                   labels=labels, cores=cores(), limit_sample=args.limit_sample,
                                   ref_threads=args.ref_threads, flink_master=args.flink_master)
 
-        for name in names:  # the hook for the Flink runner being built in beamzoo/runners/flink.py
-            if name == "beamzoo_flink" and not args.flink:
-                results[name] = {"skipped": "skipped (pass --flink to run it)"}
-            elif name == "beamzoo_flink" and not contenders.flink_available():
-                results[name] = {"skipped": "skipped: beamzoo.runners.flink.pipeline_args not found"}
+        if "beamzoo_flink" in names and args.no_flink:
+            results["beamzoo_flink"] = {"skipped": "skipped (--no-flink)"}
+        elif "beamzoo_flink" in names and shutil.which("java") is None:
+            results["beamzoo_flink"] = {"skipped": "skipped: no `java` on PATH (FlinkRunner needs Java 17)"}
         todo = [name for name in names if name not in results]
         for r in range(args.repeat):
             for name in todo:
