@@ -1,10 +1,12 @@
 """The Flink job server JVM that beamzoo starts for a FlinkRunner run."""
 from __future__ import annotations
 
+import logging
 import shutil
 
 import pytest
 
+from beamzoo.runners import flink, job_server
 from beamzoo.runners.beam import flink_job_server
 from beamzoo.runners.job_server import JVM_OPTIONS, JobServer, class_archive
 
@@ -42,3 +44,22 @@ def test_class_archive_is_per_jar_and_jvm(tmp_path):
     assert class_archive(str(a)) != class_archive(str(b))
     assert class_archive(str(a)) == class_archive(str(a))
     assert class_archive(str(a), java="java") != class_archive(str(a), java=str(tmp_path / "other-java"))
+
+
+@needs_java
+@pytest.mark.flink
+@pytest.mark.slow
+def test_class_archive_is_written_once_and_a_broken_one_is_dropped(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(job_server, "cache_dir", lambda: tmp_path)
+    jar = str(flink.job_server_jar())
+    archive = class_archive(jar)
+    with JobServer(jar, "[local]") as server:  # no archive yet: this JVM writes one at exit
+        server.wait()
+    assert archive.stat().st_size > 1 << 20
+    assert not list(tmp_path.glob("*.tmp"))
+
+    archive.write_bytes(archive.read_bytes()[: 1 << 20])  # cut short: a JVM that maps it crashes
+    with caplog.at_level(logging.WARNING), JobServer(jar, "[local]") as server:
+        server.wait()  # started again without the archive
+    assert "did not start with the class-data archive" in caplog.text
+    assert not archive.exists()

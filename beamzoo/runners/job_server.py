@@ -65,18 +65,28 @@ class JobServer:
         self.port = _free_port()
         self.endpoint = f"localhost:{self.port}"
         self._proc: subprocess.Popen | None = None
-        self._dir = self._dump = None
+        self._dir = self._dump = self._archive = None
 
     def start(self) -> "JobServer":
         self._dir = tempfile.mkdtemp(prefix="beamzoo-job-server-")
-        options = list(self.jvm_options)
-        if self.jvm_options == list(JVM_OPTIONS):
-            archive = class_archive(self.jar, self.java)
-            if archive.exists():
-                options.append(f"-XX:SharedArchiveFile={archive}")
-            else:  # this run writes it when its JVM exits
-                self._dump = (Path(f"{archive}.{os.getpid()}.tmp"), archive)
-                options.append(f"-XX:ArchiveClassesAtExit={self._dump[0]}")
+        self._launch(self._archive_options())
+        return self
+
+    def _archive_options(self) -> list[str]:
+        """Use the class-data archive, or write it at exit when there is none
+        (only with beamzoo's own JVM options: the archive depends on them)."""
+        if self.jvm_options != list(JVM_OPTIONS):
+            return []
+        archive = class_archive(self.jar, self.java)
+        if archive.exists():
+            self._archive = archive
+            return [f"-XX:SharedArchiveFile={archive}"]
+        self._dump = (Path(f"{archive}.{os.getpid()}.tmp"), archive)
+        return [f"-XX:ArchiveClassesAtExit={self._dump[0]}"]
+
+    def _launch(self, archive_options: list[str]) -> None:
+        # a JVM crash report goes to the run's folder, not the user's working directory
+        options = [*self.jvm_options, *archive_options, f"-XX:ErrorFile={self._dir}/hs_err_%p.log"]
         log.debug("job server JVM options: %s", options)
         cmd = [self.java, *options, "-jar", self.jar, "--flink-master", self.master,
                "--artifacts-dir", os.path.join(self._dir, "artifacts"), "--job-port", str(self.port),
@@ -85,7 +95,6 @@ class JobServer:
             self._proc = subprocess.Popen(
                 cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 preexec_fn=_die_with_parent if sys.platform == "linux" else None)
-        return self
 
     @property
     def log_path(self) -> str:
@@ -105,6 +114,13 @@ class JobServer:
                 return self.endpoint
             except OSError:
                 pass
+            if self._proc.poll() is not None and self._archive is not None:
+                log.warning("The Flink job server did not start with the class-data archive %s; "
+                            "removing it and starting without it.", self._archive)
+                self._archive.unlink(missing_ok=True)
+                self._archive = None
+                self._launch([])
+                continue
             if self._proc.poll() is not None or time.monotonic() > deadline:
                 why = (f"exited with code {self._proc.returncode}" if self._proc.poll() is not None
                        else f"did not listen on port {self.port} within {self.timeout:.0f} s")
@@ -126,11 +142,16 @@ class JobServer:
             self._proc.wait()
         if self._dump:
             tmp, archive = self._dump
-            if tmp.exists() and tmp.stat().st_size:
-                os.replace(tmp, archive)
+            if self._proc.returncode >= 0 and tmp.exists() and self._archive_works(tmp):
+                os.replace(tmp, archive)  # written whole, and a JVM can map it
             tmp.unlink(missing_ok=True)
         shutil.rmtree(self._dir, ignore_errors=True)
         self._proc = None
+
+    def _archive_works(self, archive: Path) -> bool:
+        check = [self.java, *self.jvm_options, f"-XX:SharedArchiveFile={archive}", "-Xshare:on",
+                 f"-XX:ErrorFile={self._dir}/hs_err_%p.log", "-cp", self.jar, "-version"]
+        return subprocess.run(check, capture_output=True, cwd=self._dir).returncode == 0
 
     def __enter__(self) -> "JobServer":
         return self.start()
