@@ -42,7 +42,7 @@ class EdgeRunner:
     (what a killed run keeps).
     """
 
-    def __init__(self, workers: int | None = None, chunk_size: int = 8,
+    def __init__(self, workers: int | None = None, chunk_size: int = 16,
                  queue_depth: int | None = None, progress: bool = True,
                  rows_per_file: int = 10_000, seconds_per_file: float = 60.0):
         self.workers = workers or os.cpu_count() or 1
