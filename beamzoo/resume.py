@@ -9,6 +9,7 @@ have no key and are skipped by path.
 """
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -46,17 +47,27 @@ def check_output_dir(directory: str, resume: bool) -> None:
             "it (inputs already scored are skipped), or choose an empty directory")
 
 
-def done_rows(directory: str) -> tuple[set[tuple[str, str]], set[str]]:
-    """(path, key) pairs already committed, and paths that failed before getting a key."""
+def done_rows(directory: str) -> tuple[frozenset[tuple[str, str]], frozenset[str]]:
+    """(path, key) pairs already committed, and paths that failed before getting a key.
+
+    Read once per state of the folder: committed files only ever appear
+    whole (renamed into place), so their names, sizes and times identify it.
+    """
+    files = output_files(directory)
+    return _read_done(tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=1)  # one folder: a resumed run reads it in select() and Key
+def _read_done(files: tuple[tuple[str, int, int], ...]):
     keyed, unkeyed = set(), set()
-    for f in output_files(directory):
+    for f, _, _ in files:
         table = pq.read_table(f, columns=["path", "key"])
         for path, key in zip(table.column("path").to_pylist(), table.column("key").to_pylist()):
             if key is None:
                 unkeyed.add(path)
             else:
                 keyed.add((path, key))
-    return keyed, unkeyed
+    return frozenset(keyed), frozenset(unkeyed)
 
 
 class ResumableSource(Source):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import numpy as np
 import pytest
 
 from beamzoo.pipeline import run, score_images
+from beamzoo import resume
 from beamzoo.resume import done_rows, graph_version
 from beamzoo.runners import EdgeRunner
 from beamzoo.runners.sinks import count_rows
@@ -82,6 +84,21 @@ def test_unreadable_inputs_are_not_retried(tmp_path, colour_dir, tiny_model):
     stats = run(graph, str(tmp_path), **EDGE, resume=True)
     assert (stats.inputs, stats.scored, stats.failed) == (7, 6, 1)
     assert done_rows(str(tmp_path))[1] == {str(colour_dir / "empty.png")}
+
+
+def test_committed_outputs_are_read_once_per_state_of_the_folder(tmp_path, colour_dir, tiny_model, monkeypatch):
+    graph = score_images(str(colour_dir / "*"), tiny_model, k=3)
+    run(graph, str(tmp_path), **EDGE)
+    reads = Counter()
+    real = resume.pq.read_table
+    monkeypatch.setattr(resume.pq, "read_table", lambda f, **kw: reads.update([f]) or real(f, **kw))
+    stats = run(graph, str(tmp_path), **EDGE, resume=True)  # select() and the Key step both ask
+    assert (stats.inputs, stats.scored, stats.failed) == (6, 6, 0)
+    assert reads and max(reads.values()) == 1  # nothing new was scored: the folder did not change
+    first = sorted(tmp_path.glob("predictions-*.parquet"))[0]
+    shutil.copy(first, tmp_path / "predictions-copy-00000.parquet")
+    done_rows(str(tmp_path))  # the folder changed: read again
+    assert reads[str(tmp_path / "predictions-copy-00000.parquet")] == 1
 
 
 KILLABLE = textwrap.dedent("""
