@@ -7,13 +7,14 @@ import subprocess
 import sys
 import textwrap
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from badfiles import make_all
 from beamzoo.pipeline import run, score_images
 from beamzoo.runners import EdgeRunner
-from beamzoo.runners.sinks import count_rows
+from beamzoo.runners.sinks import ParquetSink, count_rows
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -63,6 +64,20 @@ def test_edge_runner_bounded_queue_and_small_batches(tmp_path, colour_dir, tiny_
     assert (stats.inputs, stats.scored, stats.failed) == (9, 9, 0)
     assert stats.first_result_s is not None and stats.first_result_s <= stats.seconds
     assert count_rows(str(tmp_path), "predictions") == 9
+    (file,) = glob.glob(str(tmp_path / "predictions-*.parquet"))
+    assert pq.ParquetFile(file).metadata.num_row_groups == 1  # not one per batch of 2
+
+
+def test_sink_writes_row_groups_of_the_set_size_and_commits_whole_files(tmp_path):
+    schema = pa.schema([pa.field("path", pa.string())])
+    with ParquetSink(str(tmp_path), "predictions", schema, "r", rows_per_file=7, row_group_rows=3) as sink:
+        for i in range(10):
+            sink.write(pa.record_batch([pa.array([f"p{i}"])], schema=schema))
+    files = sorted(glob.glob(str(tmp_path / "predictions-*.parquet")))
+    groups = [[pq.ParquetFile(f).metadata.row_group(g).num_rows
+               for g in range(pq.ParquetFile(f).metadata.num_row_groups)] for f in files]
+    assert groups == [[3, 3, 1], [3]]
+    assert pq.read_table(files[0]).column("path").to_pylist() == [f"p{i}" for i in range(7)]
 
 
 def test_failed_edge_run_leaves_no_output_files(tmp_path, colour_dir, tiny_model):
