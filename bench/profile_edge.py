@@ -1,15 +1,14 @@
 """Where the edge runner spends CPU, step by step, next to the bare stage costs.
 
-    python bench/profile_edge.py --n 500 [--cprofile] [--infer-in-pool]
+    python bench/profile_edge.py --n 500 [--cprofile]
 
 Wraps each step's ``process`` to add up its thread CPU time, runs the edge
-runner (through beamzoo.pipeline.run, as the benchmark does) on the benchmark
-image set, and prints CPU ms per image for each step beside the same work done
-with plain OpenCV/onnxruntime (bench/pixels.py). With --cprofile it also
-profiles the parallel steps in one thread and prints the top functions by own
-time. --infer-in-pool tries a suggested change without editing beamzoo:
-inference with one intra-op thread, marked parallel, so the pool's threads
-run whole chunks (read .. infer) side by side.
+runner with its defaults (through beamzoo.pipeline.run, as the benchmark
+does) on the benchmark image set, and prints CPU ms per image for each step
+beside the same work done with plain OpenCV/onnxruntime (bench/pixels.py) at
+the same settings (one intra-op thread, batches of 4). With --cprofile it
+also profiles the parallel steps in one thread and prints the top functions
+by own time.
 """
 from __future__ import annotations
 
@@ -42,8 +41,8 @@ def wrap_steps(graph, cpu: dict, calls: dict):
         step.process = timed
 
 
-def bare_costs(paths: list[str], model: str) -> dict:
-    """CPU ms per image of the same work without beamzoo (one thread, batch 32)."""
+def bare_costs(paths: list[str], model: str, batch: int) -> dict:
+    """CPU ms per image of the same work without beamzoo (one thread)."""
     import numpy as np
 
     import contenders
@@ -59,17 +58,17 @@ def bare_costs(paths: list[str], model: str) -> dict:
         xs.append(pixels.preprocess(img))
         c3 = time.thread_time()
         read, dec, pre = read + c1 - c0, dec + c2 - c1, pre + c3 - c2
-    sess = contenders.session(model, 0)
+    sess = contenders.session(model, 1)
     x = np.stack(xs)
     name = sess.get_inputs()[0].name
-    sess.run(None, {name: x[:32]})
-    c0 = time.process_time()
-    for i in range(0, len(x), 32):
-        sess.run(None, {name: x[i:i + 32]})
-    infer = time.process_time() - c0
+    sess.run(None, {name: x[:batch]})
+    c0 = time.thread_time()
+    for i in range(0, len(x), batch):
+        sess.run(None, {name: x[i:i + batch]})
+    infer = time.thread_time() - c0
     n = len(paths)
-    return {"read": read / n * 1e3, "decode": dec / n * 1e3, "resize": pre / n * 1e3,
-            "infer (process CPU, batch 32, default threads)": infer / n * 1e3}
+    return {"read": read / n * 1e3, "decode (reduced-size JPEG)": dec / n * 1e3,
+            "resize + crop + scale": pre / n * 1e3, f"infer (batch {batch}, one thread)": infer / n * 1e3}
 
 
 def main(argv=None) -> int:
@@ -78,26 +77,18 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=str(HERE / "cache"))
     p.add_argument("--cprofile", action="store_true")
-    p.add_argument("--infer-in-pool", action="store_true")
     args = p.parse_args(argv)
 
     import images
     import pyarrow as pa
-    from beamzoo.core import Hints
     from beamzoo.pipeline import run, score_images
     from beamzoo.runners import EdgeRunner
     from beamzoo.zoo import EFFICIENTNET_LITE0
 
     directory = images.make_set(args.cache, args.n, args.seed)
     paths = images.image_paths(directory)
-    graph = score_images(os.path.join(directory, "*.jpg"), EFFICIENTNET_LITE0,
-                         intra_op_threads=1 if args.infer_in_pool else 0)
+    graph = score_images(os.path.join(directory, "*.jpg"), EFFICIENTNET_LITE0)
     edge = EdgeRunner(progress=False)
-    if args.infer_in_pool:
-        for step in graph.steps:
-            if step.name == "infer":
-                step.hints = Hints(batch_size=step.hints.batch_size, parallel=True)
-        edge = EdgeRunner(progress=False, chunk_size=8)
     cpu, calls, seen = defaultdict(float), defaultdict(int), {}
     original = EdgeRunner.run
 
@@ -118,15 +109,16 @@ def main(argv=None) -> int:
     for name, v in cpu.items():
         print(f"{name:<10} {v / n * 1e3:18.2f} {calls[name]:>6}")
     print(f"{'(other)':<10} {(total_cpu - sum(cpu.values())) / n * 1e3:18.2f}   "
-          "(onnxruntime pool threads, runner, sink, setup)")
-    bare = bare_costs(paths, str(EFFICIENTNET_LITE0.onnx_path()))
+          "(model loading, the runner between steps, Parquet)")
+    batch = next(s.hints.batch_size for s in seen["graph"].steps if s.name == "infer")
+    bare = bare_costs(paths, str(EFFICIENTNET_LITE0.onnx_path()), batch)
     print("same work without beamzoo (one thread):")
     for k, v in bare.items():
         print(f"  {k:<48} {v:6.2f} ms/img")
 
     if args.cprofile:
         g = seen["graph"]
-        head = [s for s in g.steps if s.hints.parallel and s.name not in ("infer", "topk")]
+        head = [s for s in g.steps if s.name not in ("infer", "topk")]
         prof = cProfile.Profile()
         prof.enable()
         for i in range(0, n, 8):
