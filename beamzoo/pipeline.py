@@ -21,14 +21,14 @@ UserError = (FileNotFoundError, FileExistsError, SchemaMismatchError, ModelSigna
 
 def score_images(pattern: str, card: ModelCard, k: int = 5, batch_size: int = 4,
                  max_pixels: int = 100_000_000, max_bytes: int = 256 << 20,
-                 intra_op_threads: int = 1, reduced_decode: bool = True) -> Graph:
+                 intra_op_threads: int = 1, reduced_decode: bool = True, shrink: str = "area") -> Graph:
     """files -> read -> decode and resize -> infer -> top-k, checked as it is built.
 
     The defaults suit a CPU: each worker thread runs the whole chain on its
     own small batch with a one-thread onnxruntime session, so decoding and
     inference keep every core busy without fighting over them.
     """
-    resize = ResizeCrop.for_input(card.input, resize=card.resize)
+    resize = ResizeCrop.for_input(card.input, resize=card.resize, shrink=shrink)
     return (Graph(Source(pattern))
             | ReadFiles(max_bytes=max_bytes)
             | DecodeResize(resize, max_pixels=max_pixels, reduced_decode=reduced_decode)

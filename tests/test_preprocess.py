@@ -116,6 +116,17 @@ def test_resize_crop_output_contract_and_values(bad_dir):
     assert np.allclose(nhwc[0].transpose(2, 0, 1), x[0])
 
 
+def test_shrink_filter_area_or_linear():
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (300, 400, 3), np.uint8)
+    area, linear = resize_crop(img, 150, 128, "area"), resize_crop(img, 150, 128, "linear")
+    assert np.array_equal(area, cv2.resize(img, (200, 150), interpolation=cv2.INTER_AREA)[11:139, 36:164])
+    assert np.array_equal(linear, cv2.resize(img, (200, 150), interpolation=cv2.INTER_LINEAR)[11:139, 36:164])
+    assert ResizeCrop(shrink="linear").fingerprint() != ResizeCrop().fingerprint()  # a new graph version
+    with pytest.raises(ValueError, match="shrink must be one of .*'area'.*'linear'.*got 'cubic'"):
+        ResizeCrop(shrink="cubic")
+
+
 def test_whole_graph_schema_is_checked(bad_dir):
     g = Graph(Source(str(bad_dir / "*.png"))) | ReadFiles() | DecodeImage() | ResizeCrop()
     assert g.schema.names == ["path", "pixels"]
@@ -124,8 +135,9 @@ def test_whole_graph_schema_is_checked(bad_dir):
 def test_decode_resize_gives_the_same_pixels_as_the_two_steps(bad_dir):
     from beamzoo.transforms.preprocess import DecodeResize
     paths = [str(bad_dir / n) for n in ("good.jpg", "large.jpg", "exif_rotated.jpg", "gray.png", "text.jpg")]
-    for layout, channels in (("NCHW", "RGB"), ("NHWC", "BGR")):
-        resize = ResizeCrop(resize=64, crop=56, layout=layout, channels=channels, value_range=(0, 1))
+    for layout, channels, shrink in (("NCHW", "RGB", "area"), ("NHWC", "BGR", "linear")):
+        resize = ResizeCrop(resize=64, crop=56, layout=layout, channels=channels, value_range=(0, 1),
+                            shrink=shrink)
         two, dead2 = run_chain([ReadFiles(), DecodeImage(min_side=64, channels=channels), resize], paths)
         one, dead1 = run_chain([ReadFiles(), DecodeResize(resize)], paths)
         assert one.schema.equals(two.schema, check_metadata=True)

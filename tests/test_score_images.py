@@ -93,6 +93,17 @@ def test_quick_start_scores_the_embedded_sample_set(tmp_path):
     assert rows["coffee.png"]["label"] == "espresso"
 
 
+def test_bilinear_shrink_scores_the_same_photos_under_a_new_graph_version(tmp_path):
+    area, linear = tmp_path / "area", tmp_path / "linear"
+    score("--output", str(area), "--runner=EdgeRunner")
+    score("--output", str(linear), "--runner=EdgeRunner", "--shrink", "linear")
+    a = {os.path.basename(r["path"]): r for r in read(str(area), "predictions")}
+    b = {os.path.basename(r["path"]): r for r in read(str(linear), "predictions")}
+    assert b["coffee.png"]["label"] == "espresso" and CATS & set(b["chelsea.png"]["topk_labels"])
+    assert a["coffee.png"]["score"] != b["coffee.png"]["score"]  # other pixels
+    assert not {r["key"] for r in a.values()} & {r["key"] for r in b.values()}
+
+
 def test_bad_arguments_get_clear_errors(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "pipelines", "score_images.py"), "--output", str(tmp_path),
            "--input", str(tmp_path / "missing" / "*.jpg"), "--runner=EdgeRunner"]

@@ -17,6 +17,7 @@ from beamzoo.core import Hints, RowOperator
 from beamzoo.schemas import TensorSpec, tensor_array
 
 _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+SHRINK_FILTERS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
 
 
 def image_spec(channels: str = "RGB") -> TensorSpec:
@@ -100,8 +101,9 @@ class DecodeImage(RowOperator):
                 "min_side": self.min_side, "channels": self.channels}
 
 
-def resize_crop(img: np.ndarray, resize: int, crop: int) -> np.ndarray:
-    """Short side to ``resize`` (area filter when shrinking), then a centre crop.
+def resize_crop(img: np.ndarray, resize: int, crop: int, shrink: str = "area") -> np.ndarray:
+    """Short side to ``resize`` (``shrink`` filter when shrinking, bilinear when
+    enlarging), then a centre crop.
 
     With an extreme aspect ratio (say 1 x 10000) the resized image would be
     enormous, so the long side is first cut to what the crop keeps.
@@ -116,7 +118,7 @@ def resize_crop(img: np.ndarray, resize: int, crop: int) -> np.ndarray:
             img = img[:, (w - keep) // 2:(w - keep) // 2 + keep]
         h, w = img.shape[:2]
     nh, nw = max(crop, round(h * scale)), max(crop, round(w * scale))
-    interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+    interp = SHRINK_FILTERS[shrink] if scale < 1 else cv2.INTER_LINEAR
     img = cv2.resize(img, (nw, nh), interpolation=interp)
     top, left = (nh - crop) // 2, (nw - crop) // 2
     return img[top:top + crop, left:left + crop]
@@ -126,17 +128,22 @@ class ResizeCrop(RowOperator):
     """image -> pixels: resize, centre crop, scale to ``value_range``, lay out.
 
     Use ``ResizeCrop.for_input(spec)`` to match a model's declared input.
+    ``shrink``: the filter when shrinking, ``"area"`` (OpenCV's INTER_AREA,
+    an exact area average) or ``"linear"`` (bilinear: the resize costs about
+    a seventh as much, and aliases a little more).
     """
 
     consumes = ("image",)
 
     def __init__(self, resize: int = 256, crop: int = 224, layout: str = "NCHW",
                  channels: str = "RGB", value_range: tuple[float, float] = (-1.0, 1.0),
-                 name: str = "resize", hints: Hints | None = None):
+                 shrink: str = "area", name: str = "resize", hints: Hints | None = None):
         super().__init__(name, hints)
         if layout not in ("NCHW", "NHWC"):
             raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
-        self.resize, self.crop, self.layout = resize, crop, layout
+        if shrink not in SHRINK_FILTERS:
+            raise ValueError(f"shrink must be one of {sorted(SHRINK_FILTERS)}, got {shrink!r}")
+        self.resize, self.crop, self.layout, self.shrink = resize, crop, layout, shrink
         self.channels, self.value_range = channels, tuple(value_range)
         shape = (3, crop, crop) if layout == "NCHW" else (crop, crop, 3)
         self.spec = TensorSpec("float32", shape, layout, channels, self.value_range)
@@ -154,7 +161,7 @@ class ResizeCrop(RowOperator):
     def process_row(self, row):
         im = row["image"]
         img = np.frombuffer(im["data"], np.uint8).reshape(im["height"], im["width"], im["channels"])
-        return {"pixels": self.to_pixels(resize_crop(img, self.resize, self.crop))}
+        return {"pixels": self.to_pixels(resize_crop(img, self.resize, self.crop, self.shrink))}
 
     def to_pixels(self, crop: np.ndarray) -> np.ndarray:
         """A cropped HxWx3 uint8 image, scaled to the value range and laid out."""
@@ -170,7 +177,7 @@ class ResizeCrop(RowOperator):
         return tensor_array(stacked)
 
     def fingerprint(self):
-        return {**super().fingerprint(), "resize": self.resize, "crop": self.crop,
+        return {**super().fingerprint(), "resize": self.resize, "crop": self.crop, "shrink": self.shrink,
                 "layout": self.layout, "channels": self.channels, "value_range": self.value_range}
 
 
@@ -193,7 +200,7 @@ class DecodeResize(RowOperator):
     def process_row(self, row):
         r = self.resize
         img = decode(row["data"], self.max_pixels, r.resize if self.reduced_decode else None, "BGR")
-        img = resize_crop(img, r.resize, r.crop)
+        img = resize_crop(img, r.resize, r.crop, r.shrink)
         if r.channels == "RGB":
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         return {"pixels": r.to_pixels(img)}
