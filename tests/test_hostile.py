@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import threading
 
 import cv2
@@ -186,7 +188,21 @@ def mutated(draw):
     return bytes(data)
 
 
-@settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+def test_png_chunk_declaring_more_bytes_than_the_file_is_refused_before_decoding(tmp_path):
+    at = SEED_PNG.index(b"IDAT") - 4
+    blob = SEED_PNG[:at] + b"\x71" + SEED_PNG[at + 1:]  # IDAT now declares ~1.9 GB
+    (tmp_path / "bad.png").write_bytes(blob)
+    code = ("import resource, sys; from beamzoo.transforms.preprocess import decode\n"
+            "try:\n    decode(open(sys.argv[1], 'rb').read(), 4_000_000)\n"
+            "except ValueError as e:\n    print(e)\n"
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "bad.png")],
+                         capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[0].startswith("PNG is corrupt or truncated: chunk 'IDAT' declares 18")
+    assert int(out[1]) < 500  # MiB: OpenCV would have reserved what the chunk declares
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(mutated(), min_size=1, max_size=4))
 def test_mutated_image_bytes_never_crash_or_hang(blobs):
     paths = [f"fuzz{i}" for i in range(len(blobs))]
