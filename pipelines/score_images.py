@@ -18,6 +18,7 @@ import sys
 from beamzoo import zoo
 from beamzoo.pipeline import UserError, run, score_images
 from beamzoo.runners import EdgeRunner
+from beamzoo.transforms.preprocess import SHRINK_FILTERS
 
 
 def parse(argv):
@@ -35,7 +36,7 @@ def parse(argv):
     p.add_argument("--threads", type=int, default=1,
                    help="onnxruntime intra-op threads per session (1: workers run inference side by "
                         "side; 0: all cores for each call)")
-    p.add_argument("--shrink", choices=("area", "linear"), default="area",
+    p.add_argument("--shrink", choices=sorted(SHRINK_FILTERS), default="area",
                    help="resize filter when shrinking: area (exact area average) or linear "
                         "(bilinear: a seventh of the resize cost, a little more aliasing)")
     p.add_argument("--workers", type=int, default=None, help="edge runner: decode threads")
