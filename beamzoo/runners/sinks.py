@@ -80,7 +80,6 @@ class ParquetSink:
             if self._writer is not None:
                 self._writer.close()
                 os.unlink(self._tmp)
-            self._held = []
             return False
         existing = glob.glob(os.path.join(self.directory, f"{self.prefix}-*.parquet"))
         if self._writer is not None or not existing:
