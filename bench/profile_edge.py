@@ -7,8 +7,8 @@ runner with its defaults (through beamzoo.pipeline.run, as the benchmark
 does) on the benchmark image set, and prints CPU ms per image for each step
 beside the same work done with plain OpenCV/onnxruntime (bench/pixels.py) at
 the same settings (one intra-op thread, batches of 4). With --cprofile it
-also profiles the parallel steps in one thread and prints the top functions
-by own time.
+also profiles the steps before inference in one thread and prints the top
+functions by own time.
 """
 from __future__ import annotations
 
