@@ -1,33 +1,28 @@
 """The engine-independent operator model.
 
-An operator turns an Arrow record batch into an Arrow record batch plus a batch
-of dead letters. It declares the fields it ``requires``, the fields it
-``produces`` and the fields it ``consumes`` (drops). It knows nothing of Beam:
-the Beam adapter and the edge runner both call ``setup`` once and ``process``
-per batch.
+An operator turns an Arrow record batch into a record batch plus a batch of
+dead letters. It declares the fields it ``requires``, ``produces`` and
+``consumes`` (drops), and its knobs: each with a default, a domain and
+whether it changes results (only those enter a graph's fingerprint). An
+operator is built from JSON parameters alone, so a graph step is data; heavy
+state (an onnxruntime session) is made in ``setup`` and shared per process
+(``beamzoo.resources``). Operators know nothing of Beam.
+
+Every record carries a framework-owned ``id``; a record made by a one-to-many
+step also carries its ``parent_id``. Dead letters name the record, its source
+(the ``path``, when it has one), the step and the reason.
 """
 from __future__ import annotations
 
-import os
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import pyarrow as pa
 
-from beamzoo.schemas import DEAD_LETTER_SCHEMA, PATH, check_fits
+from beamzoo.schemas import DEAD_LETTER_SCHEMA, ID, PARENT_ID
 
-
-@dataclass(frozen=True)
-class Hints:
-    """Neutral knobs; each runner reads the ones it understands.
-
-    ``batch_size``: rows per ``process`` call. ``parallel``: whether the step
-    may run in several threads at once (pure CPU work that drops the GIL).
-    """
-
-    batch_size: int = 16
-    parallel: bool = True
+PRIMITIVES = ("source", "map", "explode", "route", "merge", "collect", "sink")
 
 
 class Result(NamedTuple):
@@ -35,16 +30,25 @@ class Result(NamedTuple):
     dead: pa.RecordBatch
 
 
-def dead_letters(batch: pa.RecordBatch, rows: list[int], stage: str, errors: list[str]) -> pa.RecordBatch:
-    """Dead letters for ``rows`` of ``batch``: their path (and key, if any), the stage, the reason."""
-    taken = batch.select([n for n in ("path", "key") if n in batch.schema.names]).take(
-        pa.array(rows, pa.int64()))
-    key = taken.column("key") if "key" in taken.schema.names else pa.nulls(len(rows), pa.string())
-    return pa.record_batch([taken.column("path"), pa.array([stage] * len(rows), pa.string()),
-                            pa.array(errors, pa.string()), key], schema=DEAD_LETTER_SCHEMA)
-
-
 NO_DEAD_LETTERS = pa.RecordBatch.from_pylist([], schema=DEAD_LETTER_SCHEMA)
+
+
+def dead_letters(batch: pa.RecordBatch, rows: list[int], stage: str, errors: list[str]) -> pa.RecordBatch:
+    """Dead letters for ``rows`` of ``batch``: id, source, stage, reason, key and parent id."""
+    if not rows:
+        return NO_DEAD_LETTERS
+    taken = batch.take(pa.array(rows, pa.int64()))
+    names = taken.schema.names
+
+    def col(name, fallback=None):
+        if name in names:
+            return taken.column(name).cast(pa.string())
+        return fallback if fallback is not None else pa.nulls(len(rows), pa.string())
+
+    ids = col("id")
+    return pa.record_batch([ids, col("path", ids), pa.array([stage] * len(rows), pa.string()),
+                            pa.array(errors, pa.string()), col("key"), col("parent_id")],
+                           schema=DEAD_LETTER_SCHEMA)
 
 
 def error_text(exc: BaseException) -> str:
@@ -53,40 +57,142 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}"
 
 
-class Operator:
-    """Base class: subclasses set ``requires``/``produces``/``consumes``.
+class KnobError(ValueError):
+    """A step was given an option it does not have, or a value outside the option's domain."""
 
-    ``requires`` and ``produces`` are ``pa.Schema``s; ``consumes`` names the
-    required fields that are dropped from the output.
+
+@dataclass(frozen=True)
+class Knob:
+    """One declared parameter of an operator.
+
+    ``type``: int, float, str, bool, list or object (any JSON value).
+    ``low``/``high`` bound numbers; ``choices`` lists the allowed values.
+    ``results``: whether the knob can change the rows (it then enters the
+    graph's fingerprint) or only speed (batch sizes, threads).
     """
 
+    default: Any = None
+    type: type = object
+    low: float | None = None
+    high: float | None = None
+    choices: tuple | None = None
+    results: bool = True
+    doc: str = ""
+
+    def check(self, op: str, name: str, value: Any) -> Any:
+        if value is None and self.default is None:
+            return None
+        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if self.type is list and isinstance(value, tuple):
+            value = list(value)
+        if self.type is not object and (not isinstance(value, self.type)
+                                        or (self.type is int and isinstance(value, bool))):
+            raise KnobError(f"{op}: {name} must be {self.type.__name__}, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise KnobError(f"{op}: {name} must be one of {list(self.choices)}, got {value!r}")
+        if self.low is not None and value < self.low:
+            raise KnobError(f"{op}: {name} must be >= {self.low:g}, got {value!r}")
+        if self.high is not None and value > self.high:
+            raise KnobError(f"{op}: {name} must be <= {self.high:g}, got {value!r}")
+        return value
+
+
+OPS: dict[str, type[Operator]] = {}
+
+
+def register(name: str):
+    """Class decorator: make an operator known by ``name`` in graph JSON."""
+    def deco(cls):
+        cls.op_name = name
+        OPS[name] = cls
+        return cls
+    return deco
+
+
+def op_class(name: str) -> type[Operator]:
+    import beamzoo.transforms  # noqa: F401 - registers the built-in operators
+    try:
+        return OPS[name]
+    except KeyError:
+        raise ValueError(f"unknown operator {name!r}; known: {', '.join(sorted(OPS))}") from None
+
+
+class Operator:
+    """Base class of every step's implementation.
+
+    Subclasses set ``kind`` (a primitive), ``knobs`` and ``default_id``,
+    call ``super().__init__(id, **params)`` and derive the rest in
+    ``configure``. ``requires``/``produces`` are ``pa.Schema``s;
+    ``consumes`` names required fields dropped from the output.
+    """
+
+    kind = "map"
+    op_name = ""
+    default_id = "step"
+    knobs: dict[str, Knob] = {}
+    parallel = True  # may run in several threads at once (work that drops the GIL)
     requires: pa.Schema = pa.schema([])
     produces: pa.Schema = pa.schema([])
     consumes: tuple[str, ...] = ()
-    hints: Hints = Hints()
 
-    def __init__(self, name: str | None = None, hints: Hints | None = None):
-        self.name = name or type(self).__name__
-        if hints is not None:
-            self.hints = hints
+    def __init__(self, id: str | None = None, **params):
+        unknown = sorted(set(params) - set(self.knobs))
+        if unknown:
+            raise KnobError(f"{type(self).__name__} has no option {', '.join(map(repr, unknown))}; "
+                            f"its options: {', '.join(sorted(self.knobs)) or 'none'}")
+        self.id = id or self.default_id
+        self.params = {k: knob.check(type(self).__name__, k, params.get(k, knob.default))
+                       for k, knob in self.knobs.items()}
+        self.configure()
+
+    def configure(self) -> None:
+        """Derive schemas and settings from ``self.params``."""
+
+    @classmethod
+    def from_params(cls, params: dict, id: str | None = None) -> Operator:
+        return cls(id=id, **params)
+
+    def result_params(self) -> dict:
+        """The parameters that can change results: what a fingerprint hashes."""
+        return {k: v for k, v in self.params.items() if self.knobs[k].results}
+
+    @property
+    def ports(self) -> tuple[str, ...]:
+        return ("out",)
+
+    def output_schemas(self, inputs: list[pa.Schema]) -> dict[str, pa.Schema]:
+        """The schema of each output port, for the schemas of the inputs."""
+        (schema,) = inputs
+        fields = [f for f in schema if f.name not in self.consumes
+                  and self.produces.get_field_index(f.name) < 0]
+        return {"out": pa.schema(fields + list(self.produces))}
+
+    def produced(self, inputs: list[pa.Schema]) -> list[str]:
+        """The names of the columns this step adds (each may not exist before it)."""
+        return self.produces.names
 
     def setup(self) -> None:
-        """Load models and other heavy state; called once per worker."""
+        """Load models and other heavy state; called once per worker before ``process``."""
 
     def process(self, batch: pa.RecordBatch) -> Result:
         raise NotImplementedError
 
-    def output_schema(self, input_schema: pa.Schema) -> pa.Schema:
-        fields = [f for f in input_schema if f.name not in self.consumes
-                  and self.produces.get_field_index(f.name) < 0]
-        return pa.schema(fields + list(self.produces))
+    def __rrshift__(self, label: str) -> Operator:
+        """``"name" >> Op(...)`` names the step, as in Beam."""
+        if not isinstance(label, str):
+            return NotImplemented
+        return type(self).from_params(self.params, id=label)
 
-    def fingerprint(self) -> dict[str, Any]:
-        """What defines this step's results (for graph versioning)."""
-        return {"op": type(self).__name__, "name": self.name}
+    def __ror__(self, left):
+        """``(a, b) | Merge()`` and ``(children, parents) | Collect(...)``."""
+        from beamzoo.graph import Stream, apply
+        if isinstance(left, (tuple, list)) and left and all(isinstance(s, Stream) for s in left):
+            return apply(self, list(left))
+        return NotImplemented
 
     def __repr__(self):
-        return f"{type(self).__name__}(name={self.name!r})"
+        return f"{type(self).__name__}(id={self.id!r})"
 
 
 class RowOperator(Operator):
@@ -99,28 +205,28 @@ class RowOperator(Operator):
         raise NotImplementedError
 
     def process(self, batch: pa.RecordBatch) -> Result:
-        keep, produced, bad, errors = [], [], [], []
-        needed = [f.name for f in self.requires]
-        columns = {n: batch.column(n).to_pylist() for n in {*needed, "path"}}
+        keep, produced, bad, errors, stages = [], [], [], [], []
+        columns = {f.name: batch.column(f.name).to_pylist() for f in self.requires}
         for i in range(batch.num_rows):
-            row = {n: c[i] for n, c in columns.items()}
             try:
-                produced.append(self.process_row(row))
+                produced.append(self.process_row({n: c[i] for n, c in columns.items()}))
                 keep.append(i)
             except Exception as exc:  # a bad record must not kill the run
                 bad.append(i)
                 errors.append(error_text(exc))
-        return Result(self._assemble(batch, keep, produced), dead_letters(batch, bad, self.name, errors))
+                stages.append(getattr(exc, "stage", self.id))  # a fused step names the part that failed
+        out = self._assemble(batch, keep, produced)
+        if len(set(stages)) <= 1:
+            return Result(out, dead_letters(batch, bad, stages[0] if stages else self.id, errors))
+        parts = [dead_letters(batch, [i], st, [e]) for i, st, e in zip(bad, stages, errors)]
+        return Result(out, pa.concat_batches(parts))
 
     def _assemble(self, batch: pa.RecordBatch, keep: list[int], produced: list[dict]) -> pa.RecordBatch:
-        schema = self.output_schema(batch.schema)
+        schema = self.output_schemas([batch.schema])["out"]
         kept = batch.take(pa.array(keep, pa.int64())) if len(keep) != batch.num_rows else batch
-        arrays = []
-        for f in schema:
-            if self.produces.get_field_index(f.name) >= 0:
-                arrays.append(self.to_array(f, [p[f.name] for p in produced]))
-            else:
-                arrays.append(kept.column(f.name))
+        arrays = [self.to_array(f, [p[f.name] for p in produced])
+                  if self.produces.get_field_index(f.name) >= 0 else kept.column(f.name)
+                  for f in schema]
         return pa.record_batch(arrays, schema=schema)
 
     def to_array(self, field: pa.Field, values: list) -> pa.Array:
@@ -128,75 +234,11 @@ class RowOperator(Operator):
         return pa.array(values, field.type)
 
 
-class Source:
-    """The start of a graph: produces the ``path`` column.
-
-    A local pattern is made absolute, so that workers started elsewhere (a
-    Flink cluster's Python workers) find the same files.
-    """
-
-    schema = pa.schema([PATH])
-
-    def __init__(self, pattern: str):
-        self.pattern = pattern if "://" in pattern else os.path.abspath(pattern)
-
-    @classmethod
-    def batch(cls, paths: list[str]) -> pa.RecordBatch:
-        """The first batch of a graph: a ``path`` column."""
-        return pa.record_batch([pa.array(paths, pa.string())], schema=cls.schema)
-
-    def paths(self) -> list[str]:
-        """The files this source reads: the matching files, as ``select`` keeps them."""
-        from beamzoo.transforms.io import list_files
-        return self.select(list_files(self.pattern))
-
-    def select(self, paths: list[str]) -> list[str]:
-        """Of the listed files, those whose names Arrow can hold (valid UTF-8)."""
-        from beamzoo.transforms.io import split_unencodable
-        return split_unencodable(paths)[0]
-
-    def __repr__(self):
-        return f"Source({self.pattern!r})"
+def with_columns(batch: pa.RecordBatch, schema: pa.Schema, produced: dict[str, pa.Array]) -> pa.RecordBatch:
+    """``batch``'s columns laid out as ``schema``, the produced ones taken from ``produced``."""
+    return pa.record_batch([produced[f.name] if f.name in produced else batch.column(f.name)
+                            for f in schema], schema=schema)
 
 
-@dataclass(frozen=True)
-class Graph:
-    """An immutable chain: a source, then operators, checked as it is built.
-
-    >>> from beamzoo.transforms.io import ReadFiles
-    >>> g = Graph(Source("imgs/*.jpg")) | ReadFiles()
-    >>> [f.name for f in g.schema]
-    ['path', 'data']
-    """
-
-    source: Source
-    steps: tuple[Operator, ...] = ()
-    schemas: tuple[pa.Schema, ...] = field(default=(), repr=False, compare=False)
-
-    def __post_init__(self):
-        if not self.schemas:
-            schemas = [self.source.schema]
-            for step in self.steps:
-                schemas.append(_chain(step, schemas[-1]))
-            object.__setattr__(self, "schemas", tuple(schemas))
-
-    @property
-    def schema(self) -> pa.Schema:
-        """The schema of the rows the last step emits."""
-        return self.schemas[-1]
-
-    def __or__(self, step: Operator) -> Graph:
-        if not isinstance(step, Operator):
-            raise TypeError(f"a graph step must be a beamzoo Operator, got {step!r}")
-        names = {s.name for s in self.steps}
-        if step.name in names:
-            raise ValueError(f"step name '{step.name}' is used twice; pass name=... to tell them apart")
-        return Graph(self.source, self.steps + (step,), self.schemas + (_chain(step, self.schema),))
-
-    def fingerprint(self) -> list[dict[str, Any]]:
-        return [s.fingerprint() for s in self.steps]
-
-
-def _chain(step: Operator, input_schema: pa.Schema) -> pa.Schema:
-    check_fits(step.name, step.requires, input_schema)
-    return step.output_schema(input_schema)
+__all__ = ["ID", "PARENT_ID", "Knob", "KnobError", "NO_DEAD_LETTERS", "OPS", "Operator", "PRIMITIVES", "Result",
+           "RowOperator", "dead_letters", "error_text", "op_class", "register", "with_columns"]

@@ -1,82 +1,192 @@
-"""The image-scoring graph and running any graph on any runner."""
+"""beamzoo's own pipeline API: one pipeline file, every runner.
+
+    import beamzoo as bz
+
+    p = bz.Pipeline()
+    preds = p | bz.Files("photos/**/*.jpg") | bz.Classify("efficientnet_lite0", topk=5)
+    preds | bz.WriteParquet("out/predictions")
+    p.dead_letters | bz.WriteParquet("out/dead_letter")
+    stats = p.run(["--runner=EdgeRunner"])        # or DirectRunner, FlinkRunner
+
+``run`` locks the outputs, keys every row for resume, and runs the graph on
+the edge runner (no Beam needed) or through Beam.
+"""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
-from beamzoo.core import Graph, Source, dead_letters
-from beamzoo.resume import check_output_dir, done_rows, run_id, with_keys
+from beamzoo.core import KnobError
+from beamzoo.graph import DEAD, Composite, Graph, GraphError, Stream
+from beamzoo.resume import CorruptOutput, check_outputs, run_id, sink_dirs, with_keys
 from beamzoo.runners import EdgeRunner, RunStats, is_edge
-from beamzoo.runners.sinks import ParquetSink, count_rows, remove_stale_temporaries
-from beamzoo.schemas import DEAD_LETTER_SCHEMA, SchemaMismatchError
+from beamzoo.runners.sinks import remove_stale_temporaries
+from beamzoo.schemas import SchemaMismatchError
 from beamzoo.transforms.inference import ModelSignatureError, OnnxInference
-from beamzoo.transforms.io import ReadFiles, list_files, printable, split_unencodable
+from beamzoo.transforms.io import iter_files
 from beamzoo.transforms.postprocess import TopK
-from beamzoo.transforms.preprocess import DecodeResize, ResizeCrop
-from beamzoo.zoo import ModelCard, ModelIntegrityError
+from beamzoo.transforms.preprocess import DecodeImage, ResizeCrop
+from beamzoo.transforms.flow import Drop, Merge, Route
+from beamzoo.transforms.io import ReadFiles
+from beamzoo.transforms.sinks import WriteParquet
+from beamzoo.transforms.sources import Files
+from beamzoo.zoo import ModelCard, ModelIntegrityError, UnknownModel
 
-# Mistakes a user can fix; command-line tools print these without a traceback.
-UserError = (FileNotFoundError, FileExistsError, SchemaMismatchError, ModelSignatureError, ModelIntegrityError)
+
+class OutputLocked(RuntimeError):
+    """Another run holds the output folder."""
 
 
-def score_images(pattern: str, card: ModelCard, k: int = 5, batch_size: int = 4,
-                 max_pixels: int = 100_000_000, max_bytes: int = 256 << 20,
-                 intra_op_threads: int = 1, reduced_decode: bool = True, shrink: str = "area") -> Graph:
-    """files -> read -> decode and resize -> infer -> top-k, checked as it is built.
+def _user_errors():
+    from beamzoo.runners.options import OptionError
+    try:
+        from beamzoo.outdir import OutputLocked as Locked
+    except ImportError:
+        Locked = OutputLocked
+    return (FileNotFoundError, FileExistsError, SchemaMismatchError, ModelSignatureError, ModelIntegrityError,
+            UnknownModel, GraphError, OptionError, CorruptOutput, Locked, KnobError)
+
+
+class Classify(Composite):
+    """paths -> predictions for an image classifier: read, decode (at reduced size where
+    the resize allows), resize and crop as the card says, infer, top-k.
+
+    ``knobs``: ``batch_size``, ``intra_op_threads``, ``max_pixels``, ``max_bytes``,
+    ``shrink``, ``reduced_decode``, ``prefix`` (of the prediction columns).
+    """
+
+    def __init__(self, model: ModelCard | str = "efficientnet_lite0", topk: int = 5, batch_size: int = 4,
+                 intra_op_threads: int = 1, max_pixels: int = 100_000_000, max_bytes: int = 256 << 20,
+                 shrink: str = "area", reduced_decode: bool = True, prefix: str = ""):
+        self.card = ModelCard.from_param(model)
+        self.resize = ResizeCrop.for_input(self.card.input, resize=self.card.resize, shrink=shrink)
+        self.decode = DecodeImage(max_pixels=max_pixels, channels=self.card.input.channels,
+                                  min_side=self.resize.resize if reduced_decode else None)
+        self.read = ReadFiles(max_bytes=max_bytes)
+        self.infer = OnnxInference(self.card, batch_size=batch_size, intra_op_threads=intra_op_threads)
+        self.topk = TopK(self.card, k=topk, prefix=prefix)
+
+    def expand(self, stream: Stream) -> Stream:
+        return stream | self.read | self.decode | self.resize | self.infer | self.topk
+
+
+class Cascade(Composite):
+    """pixels -> predictions from a fast model, and from a strong one where the fast one
+    is unsure: rows whose top score is below ``below`` are escalated (their answer in
+    ``escalated_*`` columns), the rest keep the fast answer; every row comes out once."""
+
+    def __init__(self, fast: ModelCard | str, strong: ModelCard | str, below: float = 0.5, topk: int = 5):
+        self.fast, self.strong = ModelCard.from_param(fast), ModelCard.from_param(strong)
+        self.below, self.topk = below, topk
+
+    def expand(self, stream: Stream) -> Stream:
+        scored = (stream | OnnxInference(self.fast, keep_input=True, id="infer_fast")
+                  | TopK(self.fast, k=self.topk, id="topk_fast"))
+        branches = scored | Route(escalate=f"score < {self.below}", otherwise="keep", id="confidence")
+        strong = (branches.escalate | OnnxInference(self.strong, id="infer_strong")
+                  | TopK(self.strong, k=self.topk, prefix="escalated_", id="topk_strong"))
+        kept = branches.keep | Drop(["pixels"], id="drop_pixels")
+        return (strong, kept) | Merge(id="answers")
+
+
+class Pipeline:
+    """Holds the graph being built; ``p | source`` starts a stream, sinks end them."""
+
+    def __init__(self):
+        self.graph: Graph | None = None
+
+    def _add(self, graph: Graph) -> None:
+        self.graph = graph if self.graph is None else self.graph.union(graph)
+
+    def __or__(self, source) -> Stream:
+        stream = Graph.source(source)
+        return Stream(stream.graph, stream.ref, self)
+
+    @property
+    def dead_letters(self) -> Stream:
+        """The dead letters of every step (``id``, ``source``, ``stage``, ``error``, ``key``)."""
+        if self.graph is None:
+            raise GraphError("start the pipeline with a source before asking for its dead letters")
+        return _DeadLetters(self)
+
+    def run(self, argv: list[str] | None = None, runner: str | None = None, resume: bool = False,
+            edge: EdgeRunner | None = None) -> RunStats:
+        """Run on ``--runner`` of ``argv`` (or ``runner``; default DirectRunner)."""
+        from beamzoo.runners.options import runner_of
+        argv = list(argv or ())
+        name = runner or runner_of(argv)
+        argv = [a for a in argv if not a.startswith("--runner")]
+        return run(self.graph, name, argv, edge=edge, resume=resume)
+
+
+class _DeadLetters(Stream):
+    def __init__(self, pipeline: Pipeline):
+        super().__init__(pipeline.graph, DEAD, pipeline)
+
+
+def run(graph: Graph | None, runner: str = "DirectRunner", beam_args: list[str] = (),
+        edge: EdgeRunner | None = None, resume: bool = False) -> RunStats:
+    """Run a graph to the end on the edge runner or a Beam runner; the counts of this run."""
+    from beamzoo.runners.options import check_runner
+    if graph is None or not any(s.kind == "sink" for s in graph.steps):
+        raise GraphError("the pipeline writes nothing: add a sink, e.g. rows | WriteParquet('out/predictions')")
+    runner = check_runner(runner)
+    for s in graph.steps:
+        if s.op == "files" and next(iter_files(s.params["pattern"]), None) is None:
+            raise FileNotFoundError(
+                f"no files match {s.params['pattern']!r}; check the pattern, and quote it so the shell "
+                "does not expand it (e.g. --input 'photos/**/*.jpg')")
+    with _locked(sink_dirs(graph)):
+        check_outputs(graph, resume)
+        if resume:
+            for d in sink_dirs(graph):
+                remove_stale_temporaries(d)
+        keyed = with_keys(graph, resume)
+        name = run_id()
+        if is_edge(runner):
+            return (edge or EdgeRunner()).run(keyed, name)
+        from beamzoo.runners import beam
+        start, wall = time.perf_counter(), time.time()
+        m = beam.run(keyed, [f"--runner={runner}", *beam_args], name)
+        c = m.counters
+        first = None if m.first_output is None else max(0.0, m.first_output - wall)
+        return RunStats(c.get("inputs", 0), c.get("scored", 0), c.get("failed", 0), c.get("skipped", 0),
+                        time.perf_counter() - start, first)
+
+
+@contextlib.contextmanager
+def _locked(directories: list[str]):
+    try:
+        from beamzoo.outdir import lock_output
+    except ImportError:
+        yield
+        return
+    with contextlib.ExitStack() as stack:
+        for d in sorted(set(os.path.dirname(d) or d for d in directories)):
+            stack.enter_context(lock_output(d))
+        yield
+
+
+def score_images(pattern: str, output: str, card: ModelCard | str = "efficientnet_lite0", k: int = 5,
+                 batch_size: int = 4, max_pixels: int = 100_000_000, max_bytes: int = 256 << 20,
+                 intra_op_threads: int = 1, reduced_decode: bool = True, shrink: str = "area",
+                 derived_only: bool = False) -> Graph:
+    """files -> classify -> ``output/predictions``, dead letters -> ``output/dead_letter``.
 
     The defaults suit a CPU: each worker thread runs the whole chain on its
     own small batch with a one-thread onnxruntime session, so decoding and
     inference keep every core busy without fighting over them.
     """
-    resize = ResizeCrop.for_input(card.input, resize=card.resize, shrink=shrink)
-    return (Graph(Source(pattern))
-            | ReadFiles(max_bytes=max_bytes)
-            | DecodeResize(resize, max_pixels=max_pixels, reduced_decode=reduced_decode)
-            | OnnxInference(card, batch_size=batch_size, intra_op_threads=intra_op_threads)
-            | TopK(card, k=k))
+    p = Pipeline()
+    preds = p | Files(pattern) | Classify(card, topk=k, batch_size=batch_size, intra_op_threads=intra_op_threads,
+                                          max_pixels=max_pixels, max_bytes=max_bytes, shrink=shrink,
+                                          reduced_decode=reduced_decode)
+    preds | WriteParquet(os.path.join(output, "predictions"), derived_only=derived_only)
+    p.dead_letters | WriteParquet(os.path.join(output, "dead_letter"), id="write_dead_letters")
+    return p.graph
 
 
-def run(graph: Graph, output: str, runner: str = "DirectRunner", beam_args: list[str] = (),
-        edge: EdgeRunner | None = None, resume: bool = False) -> RunStats:
-    """Run on the edge runner or, through Beam, on any Beam runner.
-
-    Rows get resume keys; with ``resume`` the inputs already in ``output``
-    are skipped. The counts returned are of everything in ``output``.
-    """
-    output = os.path.abspath(output)
-    inputs = list_files(graph.source.pattern)
-    if not inputs:
-        raise FileNotFoundError(
-            f"no files match {graph.source.pattern!r}; check the pattern, and quote it so "
-            "the shell does not expand it (e.g. --input 'photos/**/*.jpg')")
-    check_output_dir(output, resume)
-    if resume and os.path.isdir(output):
-        remove_stale_temporaries(output)
-    keyed = with_keys(graph, output, resume)
-    run_name = run_id()
-    _refuse_unencodable(split_unencodable(inputs)[1], output, run_name, resume)
-    start = time.perf_counter()
-    first = None
-    if is_edge(runner):
-        first = (edge or EdgeRunner()).run(keyed, output, keyed.source.select(inputs), run_name).first_result_s
-    else:
-        from beamzoo.runners import beam
-        wall = time.time()
-        first_time = beam.run(keyed, output, [f"--runner={runner}", *beam_args], run_name)
-        first = None if first_time is None else max(0.0, first_time - wall)
-    return RunStats(len(inputs), count_rows(output, "predictions"), count_rows(output, "dead_letter"),
-                    time.perf_counter() - start, first)
-
-
-def _refuse_unencodable(paths: list[str], output: str, run_name: str, resume: bool) -> None:
-    """Dead letters (stage "list") for file names that are not valid UTF-8."""
-    shown = [printable(p) for p in paths]
-    if resume and shown:
-        _, unkeyed = done_rows(output)
-        shown = [p for p in shown if p not in unkeyed]
-    if not shown:
-        return
-    batch = Source.batch(shown)
-    error = "file name is not valid UTF-8; rename the file to score it"
-    with ParquetSink(output, "dead_letter", DEAD_LETTER_SCHEMA, f"{run_name}-list") as sink:
-        sink.write(dead_letters(batch, list(range(len(shown))), "list", [error] * len(shown)))
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Mistakes a user can fix: command-line tools print these as ``error:`` lines, exit 2."""
+    return _user_errors()

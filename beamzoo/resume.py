@@ -1,18 +1,19 @@
 """Resumable runs: every row carries a key of what was scored.
 
-key = sha256(content sha256 of the input file, graph version), where the graph
-version hashes every step's fingerprint (preprocessing settings, the model's
-sha256, ...). A resumed run skips an input when a committed output file
-already holds a row with its path and key; a changed file or a new model
-version gets a new key and is scored again. Inputs that could not even be read
-have no key and are skipped by path.
+key = sha256(content sha256 of the input file, graph version), where the
+graph version is the fingerprint of the graph's processing steps (every knob
+that changes results, the model's sha256, ...). ``with_keys`` adds, before
+planning, a ``resume_key`` step after the step that reads the files; with
+``resume`` it drops rows whose (id, key) a committed output already holds, and
+a ``resume_skip`` step after the source drops inputs that failed before they
+had a key (they could not be read). A changed file or another model version
+gets a new key and is scored again.
 """
 from __future__ import annotations
 
 import functools
 import glob
 import hashlib
-import json
 import os
 import time
 import uuid
@@ -20,15 +21,15 @@ import uuid
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from beamzoo.core import NO_DEAD_LETTERS, Graph, Operator, Result, Source
-from beamzoo.schemas import PATH
+from beamzoo.core import NO_DEAD_LETTERS, Knob, Operator, Result, register
+from beamzoo.graph import Graph, Step, split_ref
+from beamzoo.schemas import ID
 
-OUTPUTS = ("predictions", "dead_letter")
+PROCESSING = ("map", "explode", "route", "merge", "collect")
 
 
-def graph_version(graph: Graph) -> str:
-    text = json.dumps(graph.fingerprint(), sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+class CorruptOutput(RuntimeError):
+    """A file among the outputs cannot be read."""
 
 
 def run_id() -> str:
@@ -36,95 +37,126 @@ def run_id() -> str:
     return time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
 
 
-def output_files(directory: str) -> list[str]:
-    return sorted(f for prefix in OUTPUTS for f in glob.glob(os.path.join(directory, f"{prefix}-*.parquet")))
+def sink_dirs(graph: Graph) -> list[str]:
+    """The folders of the graph's Parquet sinks."""
+    return [s.params["path"] for s in graph.steps if s.op == "parquet"]
 
 
-def check_output_dir(directory: str, resume: bool) -> None:
-    if output_files(directory) and not resume:
-        raise FileExistsError(
-            f"{directory} already holds results of an earlier run; pass --resume to continue "
-            "it (inputs already scored are skipped), or choose an empty directory")
+def output_files(directories: list[str]) -> list[str]:
+    return sorted(f for d in directories for f in glob.glob(os.path.join(glob.escape(d), "*.parquet")))
 
 
-def done_rows(directory: str) -> tuple[frozenset[tuple[str, str]], frozenset[str]]:
-    """(path, key) pairs already committed, and paths that failed before getting a key.
+def check_outputs(graph: Graph, resume: bool) -> None:
+    if output_files(sink_dirs(graph)) and not resume:
+        where = ", ".join(d for d in sink_dirs(graph) if output_files([d]))
+        raise FileExistsError(f"{where} already holds results of an earlier run; pass --resume to "
+                              "continue it (inputs already done are skipped), or choose an empty output")
 
-    Read once per state of the folder: committed files only ever appear
-    whole (renamed into place), so their names, sizes and times identify it.
+
+def done_rows(directories: list[str]) -> tuple[frozenset[tuple[str, str]], frozenset[str]]:
+    """(id, key) pairs already committed, and ids that failed before getting a key.
+
+    Read once per state of the folders: committed files only ever appear whole
+    (renamed into place), so their names, sizes and times identify it.
     """
-    files = output_files(directory)
+    files = output_files(directories)
     return _read_done(tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files))
 
 
-@functools.lru_cache(maxsize=1)  # one folder: a resumed run reads it in select() and Key
+@functools.lru_cache(maxsize=4)
 def _read_done(files: tuple[tuple[str, int, int], ...]):
     keyed, unkeyed = set(), set()
     for f, _, _ in files:
-        table = pq.read_table(f, columns=["path", "key"])
-        for path, key in zip(table.column("path").to_pylist(), table.column("key").to_pylist()):
-            if key is None:
-                unkeyed.add(path)
-            else:
-                keyed.add((path, key))
+        try:
+            table = pq.read_table(f, columns=["id", "key"])
+        except Exception as exc:
+            raise CorruptOutput(
+                f"output file {f} cannot be read ({type(exc).__name__}: {exc}). It is not a complete "
+                f"beamzoo output: move it out of the folder (e.g. mv '{f}' '{f}.bad') and resume again; "
+                "the inputs it held are then scored again") from None
+        for rid, key in zip(table.column("id").to_pylist(), table.column("key").to_pylist()):
+            (unkeyed.add(rid) if key is None else keyed.add((rid, key)))
     return frozenset(keyed), frozenset(unkeyed)
 
 
-class ResumableSource(Source):
-    """A source that leaves out the paths a resumed run must not read again."""
+@register("resume_skip")
+class SkipDone(Operator):
+    """Drops inputs whose earlier dead letter has no key (they failed before being read)."""
 
-    def __init__(self, pattern: str, directory: str):
-        super().__init__(pattern)
-        self.directory = directory
+    default_id = "resume_skip"
+    knobs = {"outputs": Knob(None, list, results=False)}
+    requires = pa.schema([ID])
 
-    def select(self, paths: list[str]) -> list[str]:
-        _, unkeyed = done_rows(self.directory)
-        return [p for p in super().select(paths) if p not in unkeyed]
-
-
-class Key(Operator):
-    """data -> key; with ``resume_from``, drops rows whose (path, key) is already committed."""
-
-    requires = pa.schema([PATH, pa.field("data", pa.binary())])
-    produces = pa.schema([pa.field("key", pa.string())])
-
-    def __init__(self, version: str, resume_from: str | None = None, name: str = "key"):
-        super().__init__(name)
-        self.version, self.resume_from = version, resume_from
-        self._done = None
+    def __init__(self, outputs: list[str], id: str | None = None):
+        super().__init__(id, outputs=list(outputs))
 
     def setup(self):
-        if self._done is None:
-            self._done = done_rows(self.resume_from)[0] if self.resume_from else set()
+        self._skip = done_rows(self.params["outputs"])[1]
 
-    def __getstate__(self):
-        return {**self.__dict__, "_done": None}
+    def process(self, batch):
+        if not hasattr(self, "_skip"):
+            self.setup()
+        if not self._skip:
+            return Result(batch, NO_DEAD_LETTERS)
+        keep = [i for i, r in enumerate(batch.column("id").to_pylist()) if r not in self._skip]
+        return Result(batch.take(pa.array(keep, pa.int64())), NO_DEAD_LETTERS)
+
+
+@register("resume_key")
+class Key(Operator):
+    """data -> key; with ``outputs``, drops rows whose (id, key) is already committed there."""
+
+    default_id = "key"
+    knobs = {"version": Knob(None, str), "outputs": Knob(None, list, results=False)}
+    requires = pa.schema([ID, pa.field("data", pa.binary())])
+    produces = pa.schema([pa.field("key", pa.string())])
+
+    def __init__(self, version: str, outputs: list[str] | None = None, id: str | None = None):
+        super().__init__(id, version=version, outputs=list(outputs) if outputs else None)
+
+    def setup(self):
+        outputs = self.params["outputs"]
+        self._done = done_rows(outputs)[0] if outputs else frozenset()
 
     def key(self, data: bytes) -> str:
         content = hashlib.sha256(data).hexdigest()
-        return hashlib.sha256(f"{content}:{self.version}".encode()).hexdigest()
+        return hashlib.sha256(f"{content}:{self.params['version']}".encode()).hexdigest()
 
     def process(self, batch: pa.RecordBatch) -> Result:
-        self.setup()
+        if not hasattr(self, "_done"):
+            self.setup()
         keys = [self.key(d) for d in batch.column("data").to_pylist()]
-        paths = batch.column("path").to_pylist()
-        keep = [i for i, (p, k) in enumerate(zip(paths, keys)) if (p, k) not in self._done]
+        ids = batch.column("id").to_pylist()
+        keep = [i for i, (r, k) in enumerate(zip(ids, keys)) if (r, k) not in self._done]
         out = batch.append_column(self.produces.field("key"), pa.array(keys, pa.string()))
         if len(keep) != len(keys):
             out = out.take(pa.array(keep, pa.int64()))
         return Result(out, NO_DEAD_LETTERS)
 
 
-def with_keys(graph: Graph, output: str, resume: bool) -> Graph:
-    """The graph with a Key step after the step that reads the files."""
-    version = graph_version(graph)
-    at = next((i for i, s in enumerate(graph.steps) if "data" in s.produces.names), None)
-    if at is None:
-        raise ValueError("a resumable graph needs a step that produces the file bytes ('data')")
-    source = ResumableSource(graph.source.pattern, output) if resume else graph.source
-    keyed = Graph(source)
-    for i, step in enumerate(graph.steps):
-        keyed = keyed | step
-        if i == at:
-            keyed = keyed | Key(version, output if resume else None)
-    return keyed
+def with_keys(graph: Graph, resume: bool) -> Graph:
+    """The graph with a key step after the step that reads the files (and, with
+    ``resume``, a skip step after the source); unchanged if nothing reads files."""
+    read = next((s for s in graph.steps if s.op == "read_files"), None)
+    if read is None:
+        return graph
+    version = graph.fingerprint(PROCESSING)[:16]
+    outputs = sink_dirs(graph) if resume else None
+    key = Step.of(Key(version, outputs), (read.id,))
+    source_id = split_ref(read.inputs[0])[0]
+    skip = Step.of(SkipDone(outputs), (read.inputs[0],)) if resume else None
+
+    def rewire(s: Step) -> Step:
+        refs = tuple(key.id if split_ref(r) == (read.id, "out") else r for r in s.inputs)
+        if skip is not None and s is read:
+            refs = (skip.id,)
+        return Step(s.id, s.kind, s.op, s.params_json, refs)
+
+    steps = []
+    for s in graph.steps:
+        steps.append(rewire(s))
+        if s.id == source_id and skip is not None:
+            steps.append(skip)
+        if s is read:
+            steps.append(key)
+    return Graph(tuple(steps))

@@ -25,12 +25,16 @@ IMAGE_STRUCT = pa.struct([
 ])
 
 PATH = pa.field("path", pa.string(), nullable=False)
+ID = pa.field("id", pa.string(), nullable=False)  # framework-owned record identity
+PARENT_ID = pa.field("parent_id", pa.string(), nullable=False)  # on records made by a one-to-many step
 
 DEAD_LETTER_SCHEMA = pa.schema([
-    PATH,
-    pa.field("stage", pa.string(), nullable=False),
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("source", pa.string(), nullable=False),  # the input's path or URL, else its id
+    pa.field("stage", pa.string(), nullable=False),  # the id of the step that refused it
     pa.field("error", pa.string(), nullable=False),
     pa.field("key", pa.string()),  # the resume key, when the input got one before failing
+    pa.field("parent_id", pa.string()),  # for a child record: its parent's id
 ])
 
 

@@ -1,123 +1,291 @@
-"""Running a graph on a Beam runner (DirectRunner, FlinkRunner, ...)."""
+"""Graphs on Beam: the plan as Beam transforms, and running it.
+
+Each stage becomes one Beam transform (``PLAN_FUNCTIONS``): a fused map is
+one ``ParDo`` with the dead letters as a tagged output, a route a ``ParDo``
+with a tagged output per branch, a merge a ``Flatten``, a collect a
+``CoGroupByKey`` of parents and children, a sink Beam's own file IO.
+Elements between stages are Arrow record batches. Operators are made once
+per DoFn instance and their heavy state once per worker process
+(``beamzoo.resources``), so a model is loaded once and shared by the threads.
+"""
 from __future__ import annotations
 
-import contextlib
-import logging
-import os
-import threading
+import json
+import time
 
-from beamzoo.core import Graph
+import apache_beam as beam
+import pyarrow as pa
+from apache_beam.metrics import Metrics
 
+from beamzoo.graph import DEAD, Graph, Step
+from beamzoo.plan import Plan, Stage, check_kinds, plan
+from beamzoo.schemas import DEAD_LETTER_SCHEMA
 
-def _runner(options):
-    """DirectRunner means Beam's in-process Python runner (no Prism download)."""
-    from apache_beam.options.pipeline_options import StandardOptions
-    name = options.view_as(StandardOptions).runner
-    if name in (None, "DirectRunner", "direct"):
-        from apache_beam.runners.portability.fn_api_runner import FnApiRunner
-        return FnApiRunner()
-    return None
+DEAD_TAG = "dead_letter"
+NS = "beamzoo"
+PLAN_FUNCTIONS = {}
 
 
-def _given(argv: list[str]) -> set[str]:
-    return {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+def _plans(kind):
+    def deco(fn):
+        PLAN_FUNCTIONS[kind] = fn
+        return fn
+    return deco
 
 
-def with_direct_defaults(argv: list[str]) -> list[str]:
-    """Beam's in-process runner with one worker thread per core, unless the user chose."""
-    if "--direct_num_workers" in _given(argv):
-        return argv
-    return argv + [f"--direct_num_workers={os.cpu_count() or 1}", "--direct_running_mode=multi_threading"]
+def _ops(steps_json: str):
+    ops = [Step(**{**d, "inputs": tuple(d["inputs"])}).operator() for d in json.loads(steps_json)]
+    for op in ops:
+        op.setup()
+    return ops
 
 
-def with_flink_defaults(argv: list[str]) -> list[str]:
-    """Add what FlinkRunner needs (job server jar, Flink version, environment)
-    for ``--flink_master`` (default ``[local]``), unless the user set it."""
-    from beamzoo.runners import flink
-    given = _given(argv)
-    master = next((a.split("=", 1)[1] for a in argv if a.startswith("--flink_master=")), "[local]")
-    extra = [a for a in flink.pipeline_args(master) if a.split("=", 1)[0] not in given]
-    return argv + extra
+def _steps_json(stage: Stage) -> str:
+    return json.dumps([{"id": s.id, "kind": s.kind, "op": s.op, "params_json": s.params_json,
+                        "inputs": list(s.inputs)} for s in stage.steps])
 
 
-def _cancelled(exc: BaseException | None) -> bool:
-    import grpc
-    return isinstance(exc, grpc.RpcError) and exc.code() == grpc.StatusCode.CANCELLED
+class _StageFn(beam.DoFn):
+    """Fused maps: rows out, dead letters tagged, rows a step drops (resume) counted."""
+
+    def __init__(self, stage: Stage):
+        self.steps_json = _steps_json(stage)
+        self.skipped = Metrics.counter(NS, "skipped")
+        self.counters = {s.id: (Metrics.counter(NS, f"{s.id}_rows"), Metrics.counter(NS, f"{s.id}_failed"))
+                         for s in stage.steps}
+
+    def setup(self):
+        self.ops = _ops(self.steps_json)
+
+    def process(self, batch):
+        for op in self.ops:
+            if batch.num_rows == 0:
+                return
+            n = batch.num_rows
+            batch, dead = op.process(batch)
+            ok, failed = self.counters[op.id]
+            ok.inc(batch.num_rows)
+            if dead.num_rows:
+                failed.inc(dead.num_rows)
+                yield beam.pvalue.TaggedOutput(DEAD_TAG, dead)
+            if n - batch.num_rows - dead.num_rows:
+                self.skipped.inc(n - batch.num_rows - dead.num_rows)
+        if batch.num_rows:
+            yield batch
 
 
-class _NotCancelled(logging.Filter):
-    def filter(self, record):
-        return not (record.exc_info and _cancelled(record.exc_info[1]))
+class _PortsFn(beam.DoFn):
+    """A route or a one-to-many step: a tagged output per port."""
+
+    def __init__(self, stage: Stage):
+        self.steps_json = _steps_json(stage)
+
+    def setup(self):
+        (self.op,) = _ops(self.steps_json)
+
+    def process(self, batch):
+        outs, dead = self.op.process(batch)
+        if dead.num_rows:
+            yield beam.pvalue.TaggedOutput(DEAD_TAG, dead)
+        for port, b in outs.items():
+            if b.num_rows:
+                yield beam.pvalue.TaggedOutput(port, b)
 
 
-def quiet_worker_shutdown() -> None:
-    """Hide one false alarm: when a job on a portable runner ends, the runner
-    cancels the in-process (LOOPBACK) worker's gRPC streams, and Beam's worker
-    threads report that with a traceback, although the job succeeded. Only a
-    CANCELLED gRPC error in a background thread is hidden; a job that really
-    fails still raises from the pipeline."""
-    previous = threading.excepthook
-    if getattr(previous, "beamzoo_quiet", False):
+class Translation:
+    """Applies a plan's stages to a Beam pipeline; ``inputs`` feeds ``input`` sources."""
+
+    def __init__(self, plan: Plan, root, run: str = "run", inputs: dict | None = None, chunk: int = 16):
+        check_kinds(plan, PLAN_FUNCTIONS, "Beam")
+        self.plan, self.root, self.run, self.chunk = plan, root, run, chunk
+        self.inputs = inputs or {}
+        self.ports: dict[str, beam.PCollection] = {}
+        self.dead: list[beam.PCollection] = []
+
+    def ref(self, stage_ref: str):
+        return self.dead_letters() if stage_ref == DEAD else self.ports[stage_ref]
+
+    def dead_letters(self):
+        if "@dead" not in self.ports:
+            self.ports["@dead"] = (self.dead | "DeadLetters" >> beam.Flatten()) if self.dead else (
+                self.root | "NoDeadLetters" >> beam.Create([]))
+        return self.ports["@dead"]
+
+    def apply(self) -> Translation:
+        for stage in self.plan.stages:
+            if DEAD not in stage.inputs:
+                PLAN_FUNCTIONS[stage.kind](self, stage)
+        for stage in self.plan.stages:
+            if DEAD in stage.inputs:
+                PLAN_FUNCTIONS[stage.kind](self, stage)
+        return self
+
+    def schema(self, stage: Stage) -> pa.Schema:
+        ref = stage.steps[0].inputs[0]
+        return self.plan.graph.schema(ref)
+
+
+@_plans("source")
+def _source(t: Translation, stage: Stage) -> None:
+    (op,) = stage.operators()
+    if op.op_name == "input":
+        t.ports[f"{stage.id}:out"] = t.inputs[stage.id]
         return
+    inputs = Metrics.counter(NS, "inputs")
 
-    def hook(args):
-        if not _cancelled(args.exc_value):
-            previous(args)
+    def refs(_, source_step):
+        src = Step(**source_step).operator()
+        for r in src.refs():
+            inputs.inc()
+            yield r.encode("utf-8", "surrogateescape")  # a file name need not be valid UTF-8
 
-    hook.beamzoo_quiet = True
-    threading.excepthook = hook
-    logging.getLogger("apache_beam.runners.worker.data_plane").addFilter(_NotCancelled())
+    def to_batch(refs, source_step):
+        ok, dead = _source_op(source_step).to_batch([r.decode("utf-8", "surrogateescape") for r in refs])
+        if dead.num_rows:
+            yield beam.pvalue.TaggedOutput(DEAD_TAG, dead)
+        if ok.num_rows:
+            yield ok
+
+    s = stage.steps[0]
+    step = {"id": s.id, "kind": s.kind, "op": s.op, "params_json": s.params_json, "inputs": ()}
+    out = (t.root
+           | f"{s.id}/Start" >> beam.Create([None])
+           | f"{s.id}/List" >> beam.FlatMap(refs, step)
+           | f"{s.id}/Spread" >> beam.Reshuffle()
+           | f"{s.id}/Batch" >> beam.BatchElements(min_batch_size=t.chunk, max_batch_size=t.chunk)
+           | f"{s.id}/ToArrow" >> beam.FlatMap(to_batch, step).with_outputs(DEAD_TAG, main="out"))
+    t.ports[f"{stage.id}:out"] = out.out
+    t.dead.append(out[DEAD_TAG])
 
 
-def flink_job_server(argv: list[str]):
-    """The JobServer for a FlinkRunner run (start it with ``with``), or None where the user gave
-    ``--job_endpoint`` (their own job server) or ``--flink_submit_uber_jar``."""
-    from apache_beam.options.pipeline_options import (
-        FlinkRunnerOptions, JobServerOptions, PipelineOptions, PortableOptions)
-    from apache_beam.runners.portability.flink_runner import FlinkRunner
-
-    from beamzoo.runners.job_server import JobServer
-    options = PipelineOptions(argv)
-    flink = options.view_as(FlinkRunnerOptions)
-    if options.view_as(PortableOptions).job_endpoint or flink.flink_submit_uber_jar:
-        return None
-    jvm = options.view_as(JobServerOptions)
-    return JobServer(flink.flink_job_server_jar, FlinkRunner.add_http_scheme(flink.flink_master),
-                     jvm.job_server_jvm_properties or None, jvm.job_server_java_launcher)
+_SOURCES: dict = {}
 
 
-def run(graph: Graph, output: str, argv: list[str], run: str) -> float | None:
-    """Build the Beam pipeline for ``graph`` and run it to the end. Returns
-    when (``time.time()``) the first prediction reached the writer, if any."""
-    import apache_beam as beam
-    from apache_beam.options.pipeline_options import PipelineOptions
+def _source_op(step: dict):
+    key = step["params_json"]
+    if key not in _SOURCES:  # a manifest is read once per worker process
+        _SOURCES[key] = Step(**step).operator()
+    return _SOURCES[key]
 
-    from beamzoo.transforms.beam import ScoreToParquet
 
-    server = None
-    if "--runner=FlinkRunner" in argv:
-        argv = with_flink_defaults(argv)
-        server = flink_job_server(argv)
-        quiet_worker_shutdown()
-    elif "--runner=DirectRunner" in argv:
-        argv = with_direct_defaults(argv)
-    with server or contextlib.nullcontext():  # the JVM boots while the pipeline is built
-        if server:
-            argv = [*argv, f"--job_endpoint={server.endpoint}"]
-        options = PipelineOptions(argv)
-        pipeline = beam.Pipeline(runner=_runner(options), options=options)
-        pipeline | "ScoreToParquet" >> ScoreToParquet(graph, output, run)
-        if server:
-            server.wait()
+@_plans("map")
+def _map(t: Translation, stage: Stage) -> None:
+    out = t.ref(stage.inputs[0]) | stage.id >> beam.ParDo(_StageFn(stage)).with_outputs(DEAD_TAG, main="out")
+    t.ports[f"{stage.id}:out"] = out.out
+    t.dead.append(out[DEAD_TAG])
+
+
+@_plans("route")
+@_plans("explode")
+def _with_ports(t: Translation, stage: Stage) -> None:
+    (op,) = stage.operators()
+    out = t.ref(stage.inputs[0]) | stage.id >> beam.ParDo(_PortsFn(stage)).with_outputs(DEAD_TAG, *op.ports)
+    for port in op.ports:
+        t.ports[f"{stage.id}:{port}"] = out[port]
+    t.dead.append(out[DEAD_TAG])
+
+
+@_plans("merge")
+def _merge(t: Translation, stage: Stage) -> None:
+    (op,) = stage.operators()
+    step = stage.steps[0]
+    op.output_schemas([t.plan.graph.schema(r) for r in step.inputs])
+    schema = op.schema
+
+    def align(batch):
+        n = batch.num_rows
+        cols = [batch.column(f.name) if f.name in batch.schema.names else pa.nulls(n, f.type) for f in schema]
+        return pa.record_batch(cols, schema=schema)
+
+    merged = [t.ref(r) for r in stage.inputs] | f"{stage.id}/Flatten" >> beam.Flatten()
+    t.ports[f"{stage.id}:out"] = merged | f"{stage.id}/Align" >> beam.Map(align)
+
+
+@_plans("collect")
+def _collect(t: Translation, stage: Stage) -> None:
+    (op,) = stage.operators()
+    step = stage.steps[0]
+    op.output_schemas([t.plan.graph.schema(r) for r in step.inputs])
+    wanted = ["id", *op.params["fields"]]
+
+    def kids(batch):
+        for pid, row in zip(batch.column("parent_id").to_pylist(), batch.select(wanted).to_pylist()):
+            yield pid, row
+
+    def parents(batch):
+        for i, pid in enumerate(batch.column("id").to_pylist()):
+            yield pid, batch.slice(i, 1)
+
+    def assemble(item):
+        pid, groups = item
+        for parent in groups["parents"]:
+            yield op.assemble(parent, {pid: list(groups["children"])})
+
+    children, parent_rows = (t.ref(r) for r in stage.inputs)
+    grouped = ({"children": children | f"{stage.id}/KeyChildren" >> beam.FlatMap(kids),
+                "parents": parent_rows | f"{stage.id}/KeyParents" >> beam.FlatMap(parents)}
+               | f"{stage.id}/Group" >> beam.CoGroupByKey())
+    t.ports[f"{stage.id}:out"] = grouped | f"{stage.id}/Assemble" >> beam.FlatMap(assemble)
+
+
+@_plans("sink")
+def _sink(t: Translation, stage: Stage) -> None:
+    (op,) = stage.operators()
+    source = stage.steps[0].inputs[0]
+    schema = op.file_schema(t.plan.graph.schema(source))
+    dead = source == DEAD
+    counter = Metrics.counter(NS, "failed" if dead else "scored")
+    clock = None if dead else Metrics.distribution(NS, "first_output_ms")
+    names = schema.names
+
+    def count(batch):
+        counter.inc(batch.num_rows)
+        if clock is not None:
+            clock.update(int(time.time() * 1000))
+        return batch.select(names)
+
+    rows = t.ref(stage.inputs[0]) | f"{stage.id}/Count" >> beam.Map(count)
+    path = op.params["path"]
+    if op.op_name == "parquet":
+        from apache_beam.io.parquetio import WriteToParquetBatched
+        rows | f"{stage.id}/ToTable" >> beam.Map(lambda b: pa.Table.from_batches([b])) \
+            | f"{stage.id}/Write" >> WriteToParquetBatched(f"{path}/part-{t.run}", schema,
+                                                           file_name_suffix=".parquet")
+    else:
+        rows | f"{stage.id}/ToJson" >> beam.FlatMap(lambda b: [json.dumps(r, ensure_ascii=False)
+                                                              for r in b.to_pylist()]) \
+            | f"{stage.id}/Write" >> beam.io.WriteToText(f"{path}-{t.run}", file_name_suffix=".jsonl")
+
+
+def translate(graph: Graph, root, run: str = "run", inputs: dict | None = None) -> Translation:
+    return Translation(plan(graph), root, run, inputs).apply()
+
+
+def run(graph: Graph, argv: list[str], run_name: str):
+    """Run ``graph`` on the Beam runner ``argv`` names; returns the finished result."""
+    from beamzoo.runners.options import beam_options
+    with beam_options(argv) as options:
+        pipeline = beam.Pipeline(options=options)
+        translate(graph, pipeline, run_name)
         result = pipeline.run()
         result.wait_until_finish()
-        return first_output_time(result)  # asks the job server: before it stops
+        return _Metrics(result)
 
 
-def first_output_time(result) -> float | None:
-    """The smallest ``predictions_time_ms`` the writer recorded, in seconds."""
-    from apache_beam.metrics.metric import MetricsFilter
-    found = result.metrics().query(MetricsFilter().with_name("predictions_time_ms"))["distributions"]
-    values = [r.committed or r.attempted for r in found]
-    values = [v.min for v in values if v is not None and v.count]
-    return min(values) / 1000 if values else None
+class _Metrics:
+    """The counts of a finished Beam run, read from its metrics (before its job server stops)."""
+
+    def __init__(self, result):
+        from apache_beam.metrics.metric import MetricsFilter
+        found = result.metrics().query(MetricsFilter().with_namespace(NS))
+        self.counters = {}
+        for c in found["counters"]:
+            value = c.committed if c.committed is not None else c.attempted
+            self.counters[c.key.metric.name] = self.counters.get(c.key.metric.name, 0) + (value or 0)
+        firsts = [d.committed or d.attempted for d in found["distributions"]
+                  if d.key.metric.name == "first_output_ms"]
+        firsts = [v.min for v in firsts if v is not None and v.count]
+        self.first_output = min(firsts) / 1000 if firsts else None
+
+
+__all__ = ["DEAD_LETTER_SCHEMA", "DEAD_TAG", "PLAN_FUNCTIONS", "Translation", "run", "translate"]

@@ -1,140 +1,245 @@
-"""The Beam adapter: beamzoo operators as Beam PTransforms.
+"""beamzoo's operators as Beam PTransforms, for users' own Beam pipelines.
 
-Elements are Arrow record batches. Each operator becomes one ParDo with two
-outputs, the rows it produced and its dead letters, so a bad record never
-fails a bundle. This is the only module in the package that imports Beam.
+    import apache_beam as beam
+    from beamzoo.transforms import beam as bz
+
+    preds = paths | bz.Classify("efficientnet_lite0", topk=5)   # paths: PCollection[str]
+    preds | beam.Select("path", "label", "score")                 # schema'd rows
+    bz.dead_letters(preds) | ...                                   # id, source, stage, error
+
+A transform takes a PCollection of path strings, ``fileio`` matches
+(``FileMetadata`` or ``ReadableFile``), or schema'd rows (``beam.Row``, dicts
+with a ``path``), and returns schema'd rows whose Beam schema is derived from
+the Arrow schema: every column but tensors and decoded images, which stay
+inside beamzoo (chained beamzoo transforms hand each other Arrow batches).
+Each wraps a beamzoo graph with one open input, run by the same translation
+as beamzoo's own pipelines, so schemas are checked while the pipeline is
+built: a missing preprocessing step raises ``SchemaMismatchError`` at once.
 """
 from __future__ import annotations
 
-import os
-import time
+import base64
+import typing
+import uuid
 
 import apache_beam as beam
 import pyarrow as pa
-from apache_beam.io.parquetio import WriteToParquetBatched
-from apache_beam.metrics import Metrics
+from apache_beam.typehints.row_type import RowTypeConstraint
 
-from beamzoo.core import Graph, Operator, Source
-from beamzoo.schemas import DEAD_LETTER_SCHEMA
+from beamzoo.core import NO_DEAD_LETTERS, Knob, Result, register
+from beamzoo.graph import Composite, Graph, Stream
+from beamzoo.runners.beam import translate
+from beamzoo.schemas import DEAD_LETTER_SCHEMA, ID, IMAGE_STRUCT, PATH, TensorSpec
+from beamzoo.transforms import flow, inference, io, postprocess, preprocess
+from beamzoo.transforms.sources import Source
 
-DEAD_LETTER = "dead_letter"
+# ---------------------------------------------------------------- schemas
 
-
-class _OperatorFn(beam.DoFn):
-    def __init__(self, op: Operator):
-        self.op = op
-        self.ok = Metrics.counter("beamzoo", f"{op.name}_rows")
-        self.failed = Metrics.counter("beamzoo", f"{op.name}_failed")
-
-    def setup(self):
-        self.op.setup()
-
-    def process(self, batch: pa.RecordBatch):
-        out, dead = self.op.process(batch)
-        if out.num_rows:
-            self.ok.inc(out.num_rows)
-            yield out
-        if dead.num_rows:
-            self.failed.inc(dead.num_rows)
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead)
+_SCALARS = [(pa.types.is_string, str), (pa.types.is_large_string, str), (pa.types.is_boolean, bool),
+            (pa.types.is_integer, int), (pa.types.is_floating, float), (pa.types.is_binary, bytes),
+            (pa.types.is_large_binary, bytes)]
 
 
-class ApplyOperator(beam.PTransform):
-    """PCollection[RecordBatch] -> (rows, dead letters), both PCollection[RecordBatch]."""
-
-    def __init__(self, op: Operator):
-        super().__init__(op.name)
-        self.op = op
-
-    def expand(self, batches):
-        outputs = batches | beam.ParDo(_OperatorFn(self.op)).with_outputs(DEAD_LETTER, main="rows")
-        return outputs.rows, outputs[DEAD_LETTER]
+def _python_type(t: pa.DataType):
+    for test, py in _SCALARS:
+        if test(t):
+            return py
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        inner = _python_type(t.value_type)
+        return typing.Sequence[inner] if inner is not None else None
+    return None
 
 
-class ListFiles(beam.PTransform):
-    """PBegin -> PCollection[RecordBatch of paths], spread over workers.
-
-    The listing runs on one worker; the Reshuffle breaks fusion so that the
-    work after it is shared by all workers.
-    """
-
-    def __init__(self, source: Source, batch_size: int):
-        super().__init__()
-        self.source, self.batch_size = source, batch_size
-
-    def expand(self, pbegin):
-        return (pbegin
-                | "Start" >> beam.Create([None])
-                | "Match" >> beam.FlatMap(lambda _, source: source.paths(), self.source)
-                | "Spread" >> beam.Reshuffle()
-                | "Batch" >> beam.BatchElements(min_batch_size=self.batch_size,
-                                                max_batch_size=self.batch_size)
-                | "ToArrow" >> beam.Map(Source.batch))
+def _shown(f: pa.Field) -> bool:
+    return (TensorSpec.from_field(f) is None and not f.type.equals(IMAGE_STRUCT)
+            and not isinstance(f.type, pa.ExtensionType) and _python_type(f.type) is not None)
 
 
-class RunGraph(beam.PTransform):
-    """PBegin -> {"rows": ..., "dead_letter": ...}, both PCollection[RecordBatch]."""
-
-    def __init__(self, graph: Graph):
-        super().__init__()
-        self.graph = graph
-
-    def expand(self, pbegin):
-        size = max((s.hints.batch_size for s in self.graph.steps), default=16)
-        rows = pbegin | "ListFiles" >> ListFiles(self.graph.source, size)
-        dead = []
-        for step in self.graph.steps:
-            rows, step_dead = rows | step.name >> ApplyOperator(step)
-            dead.append(step_dead)
-        dead_letters = dead | "DeadLetters" >> beam.Flatten() if dead else (
-            pbegin | "NoDeadLetters" >> beam.Create([]))
-        return {"rows": rows, DEAD_LETTER: dead_letters}
+def row_type(schema: pa.Schema) -> RowTypeConstraint:
+    """The Beam schema of the rows a user sees for an Arrow schema."""
+    fields = []
+    for f in schema:
+        if _shown(f):
+            py = _python_type(f.type)
+            fields.append((f.name, typing.Optional[py] if f.nullable else py))
+    return RowTypeConstraint.from_fields(fields)
 
 
-class WriteParquet(beam.PTransform):
-    """PCollection[RecordBatch] -> ``directory/<prefix>-SSSSS-of-NNNNN.parquet``.
+class _ToRows(beam.DoFn):
+    def __init__(self, schema: pa.Schema):
+        self.names = [f.name for f in schema if _shown(f)]
 
-    Beam's file sink writes to a temporary folder and renames the files into
-    place when the write is final, so a reader never sees half a file.
-    """
-
-    def __init__(self, directory: str, prefix: str, schema: pa.Schema, counter: str | None = None,
-                 clock: str | None = None):
-        super().__init__()
-        self.directory, self.prefix, self.schema = directory, prefix, schema
-        self.counter = counter or f"{prefix}_written"
-        self.clock = clock  # a distribution of when (ms since the epoch) batches arrived
-
-    def expand(self, batches):
-        counter = Metrics.counter("beamzoo", self.counter)
-        clock = Metrics.distribution("beamzoo", self.clock) if self.clock else None
-
-        def to_table(batch):
-            counter.inc(batch.num_rows)
-            if clock:
-                clock.update(int(time.time() * 1000))
-            return pa.Table.from_batches([batch])
-
-        return (batches
-                | "ToTable" >> beam.Map(to_table)
-                | "Write" >> WriteToParquetBatched(
-                    os.path.join(self.directory, self.prefix), self.schema,
-                    file_name_suffix=".parquet"))
+    def process(self, batch):
+        for row in batch.select(self.names).to_pylist():
+            yield beam.Row(**row)
 
 
-class ScoreToParquet(beam.PTransform):
-    """PBegin -> runs the graph; writes ``predictions-<run>-*.parquet`` and
-    ``dead_letter-<run>-*.parquet`` under ``directory``."""
+def _arrow_type(py) -> pa.DataType | None:
+    origin = typing.get_origin(py)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(py) if a is not type(None)]
+        return _arrow_type(args[0]) if len(args) == 1 else None
+    if origin in (list, typing.List, typing.Sequence, typing.Iterable) or str(origin).endswith("Sequence'>"):
+        inner = _arrow_type(typing.get_args(py)[0])
+        return pa.list_(inner) if inner is not None else None
+    return {str: pa.string(), int: pa.int64(), float: pa.float64(), bool: pa.bool_(),
+            bytes: pa.binary()}.get(py)
 
-    def __init__(self, graph: Graph, directory: str, run: str = "run"):
-        super().__init__()
-        self.graph, self.directory, self.run = graph, directory, run
 
-    def expand(self, pbegin):
-        out = pbegin | "Score" >> RunGraph(self.graph)
-        out["rows"] | "WritePredictions" >> WriteParquet(
-            self.directory, f"predictions-{self.run}", self.graph.schema, counter="scored",
-            clock="predictions_time_ms")
-        out[DEAD_LETTER] | "WriteDeadLetters" >> WriteParquet(
-            self.directory, f"{DEAD_LETTER}-{self.run}", DEAD_LETTER_SCHEMA, counter="failed")
-        return out
+def _input_schema(element_type) -> pa.Schema:
+    """The Arrow schema of the batches a user's PCollection becomes."""
+    fields = [ID, PATH]
+    if isinstance(element_type, RowTypeConstraint):
+        names = [n for n, _ in element_type._fields]
+        if "path" not in names:
+            raise TypeError(f"beamzoo reads rows that have a 'path' field; these have {names}")
+        for name, py in element_type._fields:
+            t = _arrow_type(py)
+            if name not in ("id", "path") and t is not None:
+                fields.append(pa.field(name, t))
+    return pa.schema(fields)
+
+
+def _to_dict(element) -> dict:
+    if isinstance(element, str):
+        return {"path": element}
+    if hasattr(element, "metadata") and hasattr(element.metadata, "path"):  # fileio.ReadableFile
+        return {"path": element.metadata.path}
+    if hasattr(element, "path") and hasattr(element, "size_in_bytes"):  # fileio.FileMetadata
+        return {"path": element.path}
+    if isinstance(element, dict):
+        return dict(element)
+    if hasattr(element, "_asdict"):
+        return dict(element._asdict())
+    if hasattr(element, "__dict__"):
+        return dict(vars(element))
+    raise TypeError(f"beamzoo takes path strings, fileio matches or rows, got {type(element).__name__}")
+
+
+class _ToBatch(beam.DoFn):
+    def __init__(self, schema: pa.Schema):
+        self.schema = schema
+
+    def process(self, elements):
+        rows = []
+        for e in elements:
+            d = _to_dict(e)
+            d.setdefault("id", d.get("path") or f"row:{uuid.uuid4().hex}")
+            rows.append({f.name: d.get(f.name) for f in self.schema})
+        yield pa.RecordBatch.from_pylist(rows, schema=self.schema)
+
+
+# ---------------------------------------------------------------- the open input
+
+
+@register("input")
+class Input(Source):
+    """A graph's open input: batches fed by a Beam PCollection (``schema``: Arrow IPC, base64)."""
+
+    default_id = "input"
+    knobs = {"schema": Knob(None, str, results=False)}
+
+    def __init__(self, schema: pa.Schema | str, id: str | None = None):
+        if isinstance(schema, pa.Schema):
+            schema = base64.b64encode(schema.serialize().to_pybytes()).decode()
+        super().__init__(id, schema=schema)
+
+    @property
+    def schema(self):
+        return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(self.params["schema"])))
+
+    def refs(self):
+        raise RuntimeError("an input step is fed by a Beam PCollection; it lists nothing")
+
+    def to_batch(self, refs):
+        return Result(pa.RecordBatch.from_pylist([], schema=self.schema), NO_DEAD_LETTERS)
+
+
+class _Lineage:
+    """What a beamzoo output carries for the next beamzoo transform."""
+
+    def __init__(self, batches, schema: pa.Schema, dead: list):
+        self.batches, self.schema, self.dead = batches, schema, dead
+
+
+class Apply(beam.PTransform):
+    """Any beamzoo operators or composites, in order, as one Beam transform."""
+
+    def __init__(self, *parts, label: str | None = None):
+        super().__init__(label)
+        if not parts:
+            raise TypeError("Apply needs at least one beamzoo operator")
+        self.parts = parts
+
+    def default_label(self):
+        return "+".join(type(p).__name__ for p in self.parts)
+
+    def expand(self, pcoll):
+        lineage = getattr(pcoll, "_beamzoo", None)
+        if lineage is None:
+            schema = _input_schema(pcoll.element_type)
+            batches = (pcoll
+                       | "Batch" >> beam.BatchElements(min_batch_size=16, max_batch_size=16)
+                       | "ToArrow" >> beam.ParDo(_ToBatch(schema)))
+            lineage = _Lineage(batches, schema, [])
+        stream = Graph.source(Input(lineage.schema))
+        for part in self.parts:
+            stream = stream | part
+        if not isinstance(stream, Stream):
+            raise TypeError("a beamzoo Beam transform must end in one output (not a route's branches)")
+        t = translate(stream.graph, pcoll.pipeline, inputs={"input": lineage.batches})
+        out = t.ports[_stage_ref(t, stream.ref)]
+        schema = stream.schema
+        dead = t.dead_letters() | "DeadRows" >> beam.ParDo(_ToRows(DEAD_LETTER_SCHEMA)).with_output_types(
+            row_type(DEAD_LETTER_SCHEMA))
+        rows = out | "Rows" >> beam.ParDo(_ToRows(schema)).with_output_types(row_type(schema))
+        rows._beamzoo = _Lineage(out, schema, [*lineage.dead, dead])
+        return rows
+
+
+def _stage_ref(t, ref: str) -> str:
+    """The stage port that carries a logical step's output (the planner may have fused it)."""
+    step, _, port = ref.partition(":")
+    for stage in t.plan.stages:
+        if step in stage.steps[-1].id.split("+"):
+            return f"{stage.id}:{port or 'out'}"
+    raise KeyError(ref)
+
+
+def dead_letters(pcoll) -> beam.PCollection:
+    """Every dead letter of the beamzoo transforms that made ``pcoll``, as schema'd rows
+    (``id``, ``source``, ``stage``, ``error``, ``key``, ``parent_id``)."""
+    lineage = getattr(pcoll, "_beamzoo", None)
+    if lineage is None:
+        raise TypeError("dead_letters() takes the output of a beamzoo transform")
+    return tuple(lineage.dead) | f"DeadLetters{len(lineage.dead)}-{uuid.uuid4().hex[:6]}" >> beam.Flatten()
+
+
+def _wrap(cls):
+    """A PTransform class taking the same arguments as the beamzoo operator ``cls``."""
+    def __init__(self, *args, label: str | None = None, **kw):
+        Apply.__init__(self, cls(*args, **kw), label=label)
+    return type(cls.__name__, (Apply,), {"__init__": __init__, "__doc__": cls.__doc__,
+                                          "__module__": __name__})
+
+
+ReadFiles = _wrap(io.ReadFiles)
+DecodeImage = _wrap(preprocess.DecodeImage)
+ResizeCrop = _wrap(preprocess.ResizeCrop)
+DecodeResize = _wrap(preprocess.DecodeResize)
+OnnxInference = _wrap(inference.OnnxInference)
+TopK = _wrap(postprocess.TopK)
+Drop = _wrap(flow.Drop)
+
+
+class Classify(Apply):
+    """paths -> predictions: read, decode and resize for the model, infer, top-k
+    (``beamzoo.pipeline.Classify`` as one Beam transform)."""
+
+    def __init__(self, model="efficientnet_lite0", topk: int = 5, label: str | None = None, **knobs):
+        from beamzoo.pipeline import Classify as Core
+        super().__init__(Core(model, topk=topk, **knobs), label=label)
+
+
+__all__ = ["Apply", "Classify", "DecodeImage", "DecodeResize", "Drop", "OnnxInference", "ReadFiles",
+           "ResizeCrop", "TopK", "dead_letters", "row_type", "Composite"]

@@ -4,7 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from beamzoo.core import NO_DEAD_LETTERS, Hints, Operator, Result, dead_letters, error_text
+from beamzoo.core import NO_DEAD_LETTERS, Knob, Operator, Result, dead_letters, error_text, register, with_columns
+from beamzoo.resources import shared
 from beamzoo.schemas import tensor_array
 from beamzoo.zoo import ModelCard
 
@@ -41,6 +42,23 @@ def check_signature(session, card: ModelCard) -> None:
         raise ModelSignatureError(f"model {card.ref} does not match its card: " + "; ".join(problems))
 
 
+def _session(card: ModelCard, threads: int, inter: int, optimization: str, spin: bool,
+             providers: tuple[str, ...]):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = inter
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    opts.graph_optimization_level = getattr(
+        ort.GraphOptimizationLevel,
+        {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
+         "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}[optimization])
+    session = ort.InferenceSession(str(card.onnx_path()), opts, providers=list(providers))
+    check_signature(session, card)
+    return session
+
+
+@register("onnx_infer")
 class OnnxInference(Operator):
     """pixels -> logits with onnxruntime, ``batch_size`` rows per run.
 
@@ -49,45 +67,56 @@ class OnnxInference(Operator):
     "all"), ``spin`` (let idle onnxruntime threads spin; off, since decoding
     wants those cores), ``providers`` (e.g. ["CUDAExecutionProvider",
     "CPUExecutionProvider"]). With one intra-op thread the step may run in
-    several threads at once (``hints.parallel``), one session shared.
+    several threads at once, one session per process shared by all.
+    ``keep_input`` keeps the input tensor (a cascade feeds it to a second model).
     A batch that fails is retried row by row so only the bad rows dead-letter.
     """
 
-    def __init__(self, card: ModelCard, input_field: str = "pixels", output_field: str = "logits",
-                 batch_size: int = 4, intra_op_threads: int = 1, inter_op_threads: int = 0,
-                 optimization: str = "all", spin: bool = False, providers: list[str] | None = None,
-                 name: str = "infer"):
-        super().__init__(name, Hints(batch_size=batch_size, parallel=intra_op_threads == 1))
-        if optimization not in _OPT_LEVELS:
-            raise ValueError(f"optimization must be one of {_OPT_LEVELS}, got {optimization!r}")
-        self.card, self.input_field, self.output_field = card, input_field, output_field
-        self.batch_size = batch_size
-        self.intra_op_threads, self.inter_op_threads = intra_op_threads, inter_op_threads
-        self.optimization, self.spin, self.providers = optimization, spin, providers
-        self.requires = pa.schema([card.input.field(input_field)])
-        self.produces = pa.schema([card.output.field(output_field)])
-        self.consumes = (input_field,)
+    default_id = "infer"
+    knobs = {
+        "model": Knob(None, object, doc="a zoo name[:version] or a whole card"),
+        "input_field": Knob("pixels", str), "output_field": Knob("logits", str),
+        "keep_input": Knob(False, bool),
+        "batch_size": Knob(4, int, low=1, high=65536, results=False, doc="rows per inference call"),
+        "intra_op_threads": Knob(1, int, low=0, high=1024, results=False),
+        "inter_op_threads": Knob(0, int, low=0, high=1024, results=False),
+        "optimization": Knob("all", str, choices=_OPT_LEVELS, results=False),
+        "spin": Knob(False, bool, results=False),
+        "providers": Knob(None, list, results=False),
+    }
+
+    def __init__(self, model: ModelCard | str | dict, input_field: str = "pixels",
+                 output_field: str = "logits", batch_size: int = 4, intra_op_threads: int = 1,
+                 inter_op_threads: int = 0, optimization: str = "all", spin: bool = False,
+                 providers: list[str] | None = None, keep_input: bool = False, id: str | None = None):
+        card = ModelCard.from_param(model)
+        self.card = card
+        super().__init__(id, model=card.to_param(), input_field=input_field, output_field=output_field,
+                         batch_size=batch_size, intra_op_threads=intra_op_threads,
+                         inter_op_threads=inter_op_threads, optimization=optimization, spin=spin,
+                         providers=providers, keep_input=keep_input)
+
+    def configure(self):
+        p = self.params
+        self.card = ModelCard.from_param(p["model"])
+        self.input_field, self.output_field = p["input_field"], p["output_field"]
+        self.batch_size = p["batch_size"]
+        self.parallel = p["intra_op_threads"] == 1
+        self.requires = pa.schema([self.card.input.field(self.input_field)])
+        self.produces = pa.schema([self.card.output.field(self.output_field)])
+        self.consumes = () if p["keep_input"] else (self.input_field,)
         self._session = None
 
-    def __getstate__(self):
-        return {**self.__dict__, "_session": None}
+    def result_params(self):
+        return {**super().result_params(), "model_sha256": self.card.model_sha256()}
 
     def setup(self):
-        if self._session is not None:
-            return
-        import onnxruntime as ort
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = self.intra_op_threads
-        opts.inter_op_num_threads = self.inter_op_threads
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
-        opts.graph_optimization_level = getattr(
-            ort.GraphOptimizationLevel,
-            {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
-             "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}[self.optimization])
-        path = str(self.card.onnx_path())
-        session = ort.InferenceSession(path, opts, providers=self.providers or ["CPUExecutionProvider"])
-        check_signature(session, self.card)
-        self._session = session
+        if self._session is None:
+            p = self.params
+            key = (self.card.ref, self.card.path, p["intra_op_threads"], p["inter_op_threads"],
+                   p["optimization"], p["spin"], tuple(p["providers"] or ()))
+            self._session = shared(key, lambda: _session(self.card, *key[2:6],
+                                                         key[6] or ("CPUExecutionProvider",)))
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return self._session.run([self.card.output_name], {self.card.input_name: x})[0]
@@ -114,13 +143,9 @@ class OnnxInference(Operator):
                 errors.append(error_text(exc))
         y = np.stack(outs) if outs else np.empty((0, *self.card.output.shape), np.float32)
         kept = batch.take(pa.array(keep, pa.int64()))
-        return Result(self._with_output(kept, y), dead_letters(batch, bad, self.name, errors))
+        return Result(self._with_output(kept, y), dead_letters(batch, bad, self.id, errors))
 
     def _with_output(self, batch: pa.RecordBatch, y: np.ndarray) -> pa.RecordBatch:
-        schema = self.output_schema(batch.schema)
-        cols = {f.name: batch.column(f.name) for f in batch.schema if f.name in schema.names}
-        cols[self.output_field] = tensor_array(np.asarray(y, dtype=self.card.output.dtype))
-        return pa.record_batch([cols[n] for n in schema.names], schema=schema)
-
-    def fingerprint(self):
-        return {**super().fingerprint(), "model": self.card.ref, "sha256": self.card.model_sha256()}
+        schema = self.output_schemas([batch.schema])["out"]
+        out = tensor_array(np.asarray(y, dtype=self.card.output.dtype))
+        return with_columns(batch, schema, {self.output_field: out})

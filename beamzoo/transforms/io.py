@@ -4,46 +4,60 @@ from __future__ import annotations
 import fnmatch
 import glob
 import os
+import stat
+from collections.abc import Iterator
 
 import pyarrow as pa
 
-from beamzoo.core import Hints, RowOperator
+from beamzoo.core import Knob, RowOperator, register
 from beamzoo.schemas import PATH
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
-def list_files(pattern: str) -> list[str]:
-    """Sorted files matching a glob (``**`` recurses); a directory means its images.
+def is_remote(pattern: str) -> bool:
+    return "://" in pattern and not pattern.startswith("file://")
+
+
+def iter_files(pattern: str) -> Iterator[str]:
+    """Files matching a glob (``**`` recurses), as the listing finds them; a
+    directory means the images below it. Names come sorted within a directory.
 
     Symbolic links are followed, but each directory is visited once, so a
-    cycle of links ends. Remote patterns (``gs://``, ``s3://`` ...) go through fsspec.
+    cycle of links ends. Whatever is not a directory is listed, so that a
+    FIFO, a device or a dangling link becomes a dead letter instead of being
+    left out. Remote patterns (``gs://``, ``s3://`` ...) go through fsspec.
     """
-    if "://" in pattern and not pattern.startswith("file://"):
+    if is_remote(pattern):
         try:
             import fsspec
         except ImportError as exc:
             raise RuntimeError(f"reading {pattern!r} needs fsspec: pip install fsspec") from exc
         fs, _, paths = fsspec.get_fs_token_paths(pattern)
-        return sorted(fs.unstrip_protocol(p) for p in paths if fs.isfile(p))
+        yield from sorted(fs.unstrip_protocol(p) for p in paths if fs.isfile(p))
+        return
     pattern = pattern.removeprefix("file://")
     if os.path.isdir(pattern):
-        return sorted(p for p in _walk(pattern) if p.lower().endswith(IMAGE_EXTENSIONS))
+        yield from (p for p in _walk(pattern) if p.lower().endswith(IMAGE_EXTENSIONS))
+        return
     if "**" not in pattern:
-        return sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+        yield from sorted(p for p in glob.glob(pattern) if not os.path.isdir(p))
+        return
     parts = pattern.split(os.sep)
     fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
     root = os.sep.join(parts[:fixed]) or ("/" if pattern.startswith(os.sep) else ".")
-    found = []
     for path in _walk(root):
-        rel = os.path.relpath(path, root).split(os.sep)
-        if _match(rel, parts[fixed:]):
-            found.append(path if parts[:fixed] else os.path.relpath(path))
-    return sorted(found)
+        if _match(os.path.relpath(path, root).split(os.sep), parts[fixed:]):
+            yield path if parts[:fixed] else os.path.relpath(path)
+
+
+def list_files(pattern: str) -> list[str]:
+    """All of ``iter_files(pattern)``, sorted."""
+    return sorted(iter_files(pattern))
 
 
 def _walk(root: str):
-    """Every file below ``root``, following links, each directory once, hidden names skipped."""
+    """Every non-directory below ``root``, following links, each directory once, hidden names skipped."""
     seen = set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         st = os.stat(dirpath)
@@ -52,10 +66,9 @@ def _walk(root: str):
             continue
         seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in filenames:
-            path = os.path.join(dirpath, name)
-            if not name.startswith(".") and os.path.isfile(path):
-                yield path
+        for name in sorted(filenames):
+            if not name.startswith(".") and not os.path.isdir(os.path.join(dirpath, name)):
+                yield os.path.join(dirpath, name)
 
 
 def _match(parts: list[str], pats: list[str]) -> bool:
@@ -67,16 +80,13 @@ def _match(parts: list[str], pats: list[str]) -> bool:
     return bool(parts) and fnmatch.fnmatchcase(parts[0], pats[0]) and _match(parts[1:], pats[1:])
 
 
-def split_unencodable(paths: list[str]) -> tuple[list[str], list[str]]:
-    """(paths Arrow can hold, names that are not valid UTF-8)."""
-    ok, bad = [], []
-    for p in paths:
-        try:
-            p.encode("utf-8")
-            ok.append(p)
-        except UnicodeEncodeError:
-            bad.append(p)
-    return ok, bad
+def encodable(path: str) -> bool:
+    """Whether Arrow can hold the name (valid UTF-8)."""
+    try:
+        path.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def printable(path: str) -> str:
@@ -84,37 +94,43 @@ def printable(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
-def read_bytes(path: str) -> bytes:
-    if "://" in path and not path.startswith("file://"):
+def read_bytes(path: str, max_bytes: int) -> bytes:
+    """At most ``max_bytes + 1`` bytes of a regular file, whatever it has become since it was listed."""
+    if is_remote(path):
         import fsspec
         with fsspec.open(path, "rb") as f:
-            return f.read()
-    with open(path.removeprefix("file://"), "rb") as f:
-        return f.read()
+            return f.read(max_bytes + 1)
+    fd = os.open(path.removeprefix("file://"), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) \
+                else "a socket" if stat.S_ISSOCK(mode) else "not a file"
+            raise ValueError(f"not a regular file ({kind}); only regular files are read")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read(max_bytes + 1)
+    finally:
+        os.close(fd)
 
 
+@register("read_files")
 class ReadFiles(RowOperator):
-    """path -> data (the file's bytes). Refuses empty files and files over ``max_bytes``."""
+    """path -> data (the file's bytes). Refuses empty files, files over ``max_bytes``
+    and anything that is not a regular file."""
 
-    produces = pa.schema([pa.field("data", pa.binary())])
+    default_id = "read"
+    knobs = {"max_bytes": Knob(256 << 20, int, low=1, doc="refuse files larger than this")}
     requires = pa.schema([PATH])
+    produces = pa.schema([pa.field("data", pa.binary())])
 
-    def __init__(self, max_bytes: int = 256 << 20, name: str = "read", hints: Hints | None = None):
-        super().__init__(name, hints)
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int = 256 << 20, id: str | None = None):
+        super().__init__(id, max_bytes=max_bytes)
 
     def process_row(self, row):
-        path = row["path"]
-        size = os.path.getsize(path) if "://" not in path else None
-        if size is not None and size > self.max_bytes:
-            raise ValueError(f"file is {size} bytes, over the limit of {self.max_bytes} "
-                             "(raise max_bytes to accept it)")
-        data = read_bytes(path)
+        limit = self.params["max_bytes"]
+        data = read_bytes(row["path"], limit)
         if not data:
             raise ValueError("empty file (0 bytes)")
-        if len(data) > self.max_bytes:
-            raise ValueError(f"file is {len(data)} bytes, over the limit of {self.max_bytes}")
+        if len(data) > limit:
+            raise ValueError(f"file is over the limit of {limit} bytes (raise max_bytes to accept it)")
         return {"data": data}
-
-    def fingerprint(self):
-        return {**super().fingerprint(), "max_bytes": self.max_bytes}

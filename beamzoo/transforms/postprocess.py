@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from beamzoo.core import NO_DEAD_LETTERS, Operator, Result
+from beamzoo.core import NO_DEAD_LETTERS, Knob, KnobError, Operator, Result, register, with_columns
 from beamzoo.zoo import ModelCard
 
 PREDICTION_FIELDS = pa.schema([
@@ -21,21 +21,36 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+@register("topk")
 class TopK(Operator):
-    """logits -> label, score, topk_labels, topk_scores, model (softmax scores)."""
+    """logits -> label, score, topk_labels, topk_scores, model (softmax scores).
 
-    produces = PREDICTION_FIELDS
+    ``prefix`` names the outputs (``prefix="strong_"`` gives ``strong_label``, ...), so
+    two TopK steps in one graph keep both answers.
+    """
 
-    def __init__(self, card: ModelCard, k: int = 5, input_field: str = "logits", name: str = "topk"):
-        super().__init__(name)
-        if not card.labels:
-            raise ValueError(f"model {card.ref} has no labels; TopK needs them")
-        if k < 1 or k > len(card.labels):
-            raise ValueError(f"k must be between 1 and {len(card.labels)}, got {k}")
-        self.card, self.k, self.input_field = card, k, input_field
-        self.requires = pa.schema([card.output.field(input_field)])
-        self.consumes = (input_field,)
-        self._labels = np.array(card.labels, dtype=object)
+    default_id = "topk"
+    knobs = {"model": Knob(None, object, doc="the card whose labels to use"),
+             "k": Knob(5, int, low=1), "input_field": Knob("logits", str), "prefix": Knob("", str)}
+
+    def __init__(self, model: ModelCard | str | dict, k: int = 5, input_field: str = "logits",
+                 prefix: str = "", id: str | None = None):
+        super().__init__(id, model=ModelCard.from_param(model).to_param(), k=k, input_field=input_field,
+                         prefix=prefix)
+
+    def configure(self):
+        p = self.params
+        self.card, self.k, self.input_field = ModelCard.from_param(p["model"]), p["k"], p["input_field"]
+        if not self.card.labels:
+            raise ValueError(f"model {self.card.ref} has no labels; TopK needs them")
+        if self.k > len(self.card.labels):
+            raise KnobError(f"TopK: k must be between 1 and {len(self.card.labels)} "
+                             f"(the model's labels), got {self.k}")
+        self.names = {f.name: p["prefix"] + f.name for f in PREDICTION_FIELDS}
+        self.requires = pa.schema([self.card.output.field(self.input_field)])
+        self.produces = pa.schema([f.with_name(self.names[f.name]) for f in PREDICTION_FIELDS])
+        self.consumes = (self.input_field,)
+        self._labels = np.array(self.card.labels, dtype=object)
 
     def process(self, batch: pa.RecordBatch) -> Result:
         probs = softmax(batch.column(self.input_field).to_numpy_ndarray().astype(np.float64))
@@ -49,9 +64,6 @@ class TopK(Operator):
             "topk_scores": pa.array(scores.tolist() if n else [], pa.list_(pa.float32())),
             "model": pa.array([self.card.ref] * n, pa.string()),
         }
-        schema = self.output_schema(batch.schema)
-        arrays = [produced[f.name] if f.name in produced else batch.column(f.name) for f in schema]
-        return Result(pa.record_batch(arrays, schema=schema), NO_DEAD_LETTERS)
-
-    def fingerprint(self):
-        return {**super().fingerprint(), "k": self.k, "model": self.card.ref}
+        schema = self.output_schemas([batch.schema])["out"]
+        return Result(with_columns(batch, schema, {self.names[k]: v for k, v in produced.items()}),
+                      NO_DEAD_LETTERS)

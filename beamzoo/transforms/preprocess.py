@@ -14,8 +14,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from beamzoo.core import Hints, RowOperator
+from beamzoo.core import Knob, RowOperator, register
 from beamzoo.schemas import TensorSpec, tensor_array
+from beamzoo.transforms.jpeg import jpeg_end
 
 _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 SHRINK_FILTERS = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
@@ -73,6 +74,16 @@ def check_png_chunks(data: bytes) -> None:
         pos += length + 12
 
 
+def _jpeg_truncated(data: bytes) -> bool:
+    """Whether the JPEG's marker structure ends before its end-of-image marker. Bytes
+    after that marker (phones append whole videos) do not matter; a structure libjpeg
+    would still read (junk between segments) is left to the decoder."""
+    try:
+        return jpeg_end(data) is None
+    except ValueError:
+        return False
+
+
 def decode(data: bytes, max_pixels: int, min_side: int | None = None, channels: str = "RGB") -> np.ndarray:
     """Bytes to an HxWx3 uint8 array, EXIF orientation applied.
 
@@ -80,8 +91,8 @@ def decode(data: bytes, max_pixels: int, min_side: int | None = None, channels: 
     (libjpeg's DCT scaling), never below ``min_side`` on the short side.
     """
     fmt, w, h = sniff(data, max_pixels)
-    if fmt == "JPEG" and b"\xff\xd9" not in data[-1024:]:
-        raise ValueError("truncated JPEG (no end-of-image marker)")
+    if fmt == "JPEG" and _jpeg_truncated(data):
+        raise ValueError("truncated JPEG (the data ends before its end-of-image marker)")
     if fmt == "PNG":
         check_png_chunks(data)
     flags = cv2.IMREAD_COLOR
@@ -96,6 +107,10 @@ def decode(data: bytes, max_pixels: int, min_side: int | None = None, channels: 
     return img
 
 
+_CHANNELS = ("RGB", "BGR")
+
+
+@register("decode_image")
 class DecodeImage(RowOperator):
     """data (file bytes) -> image (HxWx3 uint8).
 
@@ -103,23 +118,25 @@ class DecodeImage(RowOperator):
     decode at reduced size when a later step shrinks them anyway.
     """
 
+    default_id = "decode"
+    knobs = {"max_pixels": Knob(100_000_000, int, low=1, doc="refuse images with more pixels"),
+             "min_side": Knob(None, int, low=1, doc="decode JPEGs at 1/2, 1/4, 1/8 scale, not below this"),
+             "channels": Knob("RGB", str, choices=_CHANNELS)}
     requires = pa.schema([pa.field("data", pa.binary())])
     consumes = ("data",)
 
     def __init__(self, max_pixels: int = 100_000_000, min_side: int | None = None,
-                 channels: str = "RGB", name: str = "decode", hints: Hints | None = None):
-        super().__init__(name, hints)
-        self.max_pixels, self.min_side, self.channels = max_pixels, min_side, channels
-        self.produces = pa.schema([image_spec(channels).field("image")])
+                 channels: str = "RGB", id: str | None = None):
+        super().__init__(id, max_pixels=max_pixels, min_side=min_side, channels=channels)
+
+    def configure(self):
+        self.produces = pa.schema([image_spec(self.params["channels"]).field("image")])
 
     def process_row(self, row):
-        img = decode(row["data"], self.max_pixels, self.min_side, self.channels)
+        p = self.params
+        img = decode(row["data"], p["max_pixels"], p["min_side"], p["channels"])
         h, w, c = img.shape
         return {"image": {"data": img.tobytes(), "height": h, "width": w, "channels": c}}
-
-    def fingerprint(self):
-        return {**super().fingerprint(), "max_pixels": self.max_pixels,
-                "min_side": self.min_side, "channels": self.channels}
 
 
 def resize_crop(img: np.ndarray, resize: int, crop: int, shrink: str = "area") -> np.ndarray:
@@ -145,6 +162,17 @@ def resize_crop(img: np.ndarray, resize: int, crop: int, shrink: str = "area") -
     return img[top:top + crop, left:left + crop]
 
 
+_RESIZE_KNOBS = {
+    "resize": Knob(256, int, low=1, doc="short side after resizing"),
+    "crop": Knob(224, int, low=1, doc="side of the centre crop"),
+    "layout": Knob("NCHW", str, choices=("NCHW", "NHWC")),
+    "channels": Knob("RGB", str, choices=_CHANNELS),
+    "value_range": Knob([-1.0, 1.0], list, doc="(low, high) the pixels are scaled to"),
+    "shrink": Knob("area", str, choices=tuple(SHRINK_FILTERS), doc="resize filter when shrinking"),
+}
+
+
+@register("resize_crop")
 class ResizeCrop(RowOperator):
     """image -> pixels: resize, centre crop, scale to ``value_range``, lay out.
 
@@ -154,21 +182,25 @@ class ResizeCrop(RowOperator):
     a seventh as much, and aliases a little more).
     """
 
+    default_id = "resize"
+    knobs = _RESIZE_KNOBS
     consumes = ("image",)
 
     def __init__(self, resize: int = 256, crop: int = 224, layout: str = "NCHW",
-                 channels: str = "RGB", value_range: tuple[float, float] = (-1.0, 1.0),
-                 shrink: str = "area", name: str = "resize", hints: Hints | None = None):
-        super().__init__(name, hints)
-        if layout not in ("NCHW", "NHWC"):
-            raise ValueError(f"layout must be 'NCHW' or 'NHWC', got {layout!r}")
-        if shrink not in SHRINK_FILTERS:
-            raise ValueError(f"shrink must be one of {sorted(SHRINK_FILTERS)}, got {shrink!r}")
-        self.resize, self.crop, self.layout, self.shrink = resize, crop, layout, shrink
-        self.channels, self.value_range = channels, tuple(value_range)
-        shape = (3, crop, crop) if layout == "NCHW" else (crop, crop, 3)
-        self.spec = TensorSpec("float32", shape, layout, channels, self.value_range)
-        self.requires = pa.schema([image_spec(channels).field("image")])
+                 channels: str = "RGB", value_range=(-1.0, 1.0), shrink: str = "area",
+                 id: str | None = None):
+        super().__init__(id, resize=resize, crop=crop, layout=layout, channels=channels,
+                         value_range=[float(v) for v in value_range], shrink=shrink)
+
+    def configure(self):
+        p = self.params
+        if len(p["value_range"]) != 2:
+            raise ValueError(f"value_range must be (low, high), got {p['value_range']!r}")
+        self.resize, self.crop, self.layout, self.shrink = p["resize"], p["crop"], p["layout"], p["shrink"]
+        self.channels, self.value_range = p["channels"], tuple(p["value_range"])
+        shape = (3, self.crop, self.crop) if self.layout == "NCHW" else (self.crop, self.crop, 3)
+        self.spec = TensorSpec("float32", shape, self.layout, self.channels, self.value_range)
+        self.requires = pa.schema([image_spec(self.channels).field("image")])
         self.produces = pa.schema([self.spec.field("pixels")])
         lo, hi = self.value_range
         self._scale, self._offset = np.float32((hi - lo) / 255.0), np.float32(lo)
@@ -197,31 +229,50 @@ class ResizeCrop(RowOperator):
         stacked = np.stack(values) if values else np.empty((0, *self.spec.shape), np.float32)
         return tensor_array(stacked)
 
-    def fingerprint(self):
-        return {**super().fingerprint(), "resize": self.resize, "crop": self.crop, "shrink": self.shrink,
-                "layout": self.layout, "channels": self.channels, "value_range": self.value_range}
 
-
+@register("decode_resize")
 class DecodeResize(RowOperator):
     """data (file bytes) -> pixels: DecodeImage and ResizeCrop in one step.
 
-    The same pixels as the two steps, without moving each decoded image
-    through Arrow: the channel order is changed on the crop, not the photo.
+    The planner puts it in place of ``DecodeImage(min_side=R or None) | ResizeCrop(resize=R)``:
+    the same pixels, without moving each decoded photo through Arrow (the channel
+    order is changed on the crop, not the photo).
     """
 
+    default_id = "decode_resize"
+    knobs = {**_RESIZE_KNOBS, "max_pixels": DecodeImage.knobs["max_pixels"],
+             "reduced_decode": Knob(True, bool, doc="decode big JPEGs at reduced size"),
+             "report_as": Knob(None, list, results=False,
+                               doc="[decode id, resize id]: the steps failures are reported as")}
     requires = pa.schema([pa.field("data", pa.binary())])
     consumes = ("data",)
 
-    def __init__(self, resize: ResizeCrop, max_pixels: int = 100_000_000, reduced_decode: bool = True,
-                 name: str = "decode", hints: Hints | None = None):
-        super().__init__(name, hints)
-        self.resize, self.max_pixels, self.reduced_decode = resize, max_pixels, reduced_decode
-        self.produces = resize.produces
+    def __init__(self, resize_crop: ResizeCrop | None = None, max_pixels: int = 100_000_000,
+                 reduced_decode: bool = True, id: str | None = None, report_as: list[str] | None = None,
+                 **resize_params):
+        """``resize_crop``: the ResizeCrop step to fuse, or its parameters as keywords."""
+        params = dict(resize_crop.params if resize_crop is not None else ResizeCrop(**resize_params).params)
+        super().__init__(id, max_pixels=max_pixels, reduced_decode=reduced_decode, report_as=report_as,
+                         **params)
+
+    def configure(self):
+        p = self.params
+        self.resize = ResizeCrop.from_params({k: p[k] for k in _RESIZE_KNOBS})
+        self.produces = self.resize.produces
+        self.stage_ids = tuple(p["report_as"] or (self.id, self.id))  # failures in decoding, resizing
 
     def process_row(self, row):
-        r = self.resize
-        img = decode(row["data"], self.max_pixels, r.resize if self.reduced_decode else None, "BGR")
-        img = resize_crop(img, r.resize, r.crop, r.shrink)
+        r, p = self.resize, self.params
+        try:
+            img = decode(row["data"], p["max_pixels"], r.resize if p["reduced_decode"] else None, "BGR")
+        except Exception as exc:
+            exc.stage = self.stage_ids[0]
+            raise
+        try:
+            img = resize_crop(img, r.resize, r.crop, r.shrink)
+        except Exception as exc:
+            exc.stage = self.stage_ids[1]
+            raise
         if r.channels == "RGB":
             img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
         return {"pixels": r.to_pixels(img)}
@@ -229,6 +280,12 @@ class DecodeResize(RowOperator):
     def to_array(self, field, values):
         return self.resize.to_array(field, values)
 
-    def fingerprint(self):
-        return {**super().fingerprint(), "max_pixels": self.max_pixels,
-                "reduced_decode": self.reduced_decode, "resize": self.resize.fingerprint()}
+
+def fuse_decode_resize(decode_op: DecodeImage, resize: ResizeCrop) -> DecodeResize | None:
+    """The planner's rule: one DecodeResize for a decode whose only reader is a resize
+    that needs no more than the decode gives, or None where the pixels would differ."""
+    d = decode_op.params
+    if d["channels"] != resize.channels or d["min_side"] not in (None, resize.resize):
+        return None
+    return DecodeResize(resize, max_pixels=d["max_pixels"], reduced_decode=d["min_side"] is not None,
+                        id=f"{decode_op.id}+{resize.id}", report_as=[decode_op.id, resize.id])

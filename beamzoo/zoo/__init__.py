@@ -58,32 +58,59 @@ class ModelCard:
         return f"{self.name}:{self.version}"
 
     def onnx_path(self) -> Path:
-        """The verified ONNX file, built into the cache on first use."""
+        """The verified ONNX file, built into the cache on first use. A built-in
+        model's sha256 is pinned in its card, in the package: a cached file that
+        differs is refused, whatever else sits in the cache."""
         if self.path is not None:
             _verify(Path(self.path), self.sha256, self.ref)
             return Path(self.path)
         target = cache_dir() / "models" / f"{self.name}-{self.version}.onnx"
-        pin = target.with_suffix(".sha256")
-        if target.exists() and pin.exists():
-            _verify(target, pin.read_text().strip(), self.ref)
+        if target.exists():
+            _verify(target, self.sha256, self.ref)
             return target
         src = self.source()
         _verify(src, self.source_sha256, self.ref)
         data = self.build(src)
+        built = hashlib.sha256(data).hexdigest()
+        if self.sha256 and built != self.sha256:
+            raise ModelIntegrityError(f"building {self.ref} gave sha256 {built}, but its card pins "
+                                      f"{self.sha256}; the weights package or the builder changed")
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(f".tmp{os.getpid()}")
         tmp.write_bytes(data)
         os.replace(tmp, target)
-        pin.write_text(hashlib.sha256(data).hexdigest() + "\n")
         return target
 
     def model_sha256(self) -> str:
-        """The sha256 of the verified ONNX file."""
-        path = self.onnx_path()
-        if self.sha256:
-            return self.sha256
-        pin = path.with_suffix(".sha256")
-        return pin.read_text().strip() if self.path is None else sha256_of(path)
+        """The sha256 of the model file: the card's pin, else (an unpinned file) its hash."""
+        return self.sha256 or sha256_of(self.onnx_path())
+
+    def to_param(self) -> str | dict:
+        """The card as JSON data for a graph step: a zoo reference for a built-in model,
+        else the whole card."""
+        if CARDS.get(self.name) is self:
+            return self.ref
+        return {"name": self.name, "version": self.version, "input_name": self.input_name,
+                "input": _spec_dict(self.input), "output_name": self.output_name,
+                "output": _spec_dict(self.output), "labels": list(self.labels), "path": self.path,
+                "sha256": self.sha256, "resize": self.resize}
+
+    @classmethod
+    def from_param(cls, param: str | dict | ModelCard) -> ModelCard:
+        if isinstance(param, ModelCard):
+            return param
+        if isinstance(param, str):
+            return get(param)
+        d = dict(param)
+        d["input"], d["output"] = TensorSpec(**d["input"]), TensorSpec(**d["output"])
+        d["labels"] = tuple(d.get("labels") or ())
+        return cls(**d)
+
+
+def _spec_dict(spec: TensorSpec) -> dict:
+    return {"dtype": spec.dtype, "shape": list(spec.shape), "layout": spec.layout,
+            "channels": spec.channels,
+            "value_range": None if spec.value_range is None else list(spec.value_range)}
 
 
 def _verify(path: Path, expected: str | None, ref: str) -> None:
@@ -127,6 +154,7 @@ EFFICIENTNET_LITE0 = ModelCard(
     output_name="logits",
     output=TensorSpec("float32", (1000,), layout="NC"),
     labels=load_labels("imagenet_labels.txt"),
+    sha256="7814960ea6aa59493908c6ec6e3bbc578e819ca39e6cfd88eac7bcb6d9dbd10f",  # the deterministic build
     source=_lite0_weights,
     source_sha256="579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
     build=_build_lite0,
@@ -136,8 +164,19 @@ EFFICIENTNET_LITE0 = ModelCard(
 CARDS = {EFFICIENTNET_LITE0.name: EFFICIENTNET_LITE0}
 
 
-def get(name: str) -> ModelCard:
-    try:
-        return CARDS[name.split(":")[0]]
-    except KeyError:
-        raise KeyError(f"no model named {name!r} in the zoo; known: {', '.join(sorted(CARDS))}") from None
+class UnknownModel(KeyError):
+    """No model of that name or version in the zoo."""
+
+    def __str__(self):
+        return self.args[0]
+
+
+def get(ref: str) -> ModelCard:
+    """A built-in card by ``name`` or ``name:version``."""
+    name, _, version = ref.partition(":")
+    card = CARDS.get(name)
+    if card is None:
+        raise UnknownModel(f"no model named {name!r} in the zoo; known: {', '.join(sorted(CARDS))}")
+    if version and version != card.version:
+        raise UnknownModel(f"model {name!r} has no version {version!r}; known versions: {card.version}")
+    return card

@@ -1,0 +1,274 @@
+"""The flow primitives: route rows into named branches, merge branches, make
+many children of one record, collect the children back per parent, drop columns.
+
+>>> from beamzoo.transforms.sources import Rows
+>>> from beamzoo.graph import Graph
+>>> branches = Graph.source(Rows([{"score": 0.2}, {"score": 0.9}])) | Route(low="score < 0.5")
+>>> merged = (branches.low, branches.otherwise) | Merge()
+>>> merged.schema.names
+['id', 'score']
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from beamzoo.core import NO_DEAD_LETTERS, Knob, Operator, Result, RowOperator, dead_letters, register
+from beamzoo.schemas import ID, PARENT_ID, SchemaMismatchError, describe
+from beamzoo.transforms.preprocess import image_spec
+
+_COMPARE = {"<": pc.less, "<=": pc.less_equal, ">": pc.greater, ">=": pc.greater_equal,
+            "==": pc.equal, "!=": pc.not_equal}
+_PREDICATE = re.compile(r"^\s*([A-Za-z_][A-Za-z0-9_]*)\s*(<=|>=|==|!=|<|>)\s*(.+?)\s*$")
+
+
+def parse_predicate(text: str | dict) -> dict:
+    """``"score < 0.5"`` -> ``{"field": "score", "op": "<", "value": 0.5}``."""
+    if isinstance(text, dict):
+        return {"field": text["field"], "op": text["op"], "value": text["value"]}
+    m = _PREDICATE.match(text)
+    if not m:
+        raise ValueError(f"cannot read the predicate {text!r}; write it as FIELD OP VALUE, "
+                         f"e.g. 'score < 0.5' (OP one of {', '.join(_COMPARE)})")
+    field, op, value = m.groups()
+    try:
+        value = float(value) if re.fullmatch(r"-?[0-9.]+(e-?[0-9]+)?", value) else value.strip("'\"")
+    except ValueError:
+        pass
+    return {"field": field, "op": op, "value": value}
+
+
+@register("route")
+class Route(Operator):
+    """Send each row to the first branch whose predicate holds, else to ``otherwise``.
+
+    ``Route(low="score < 0.5")`` has the ports ``low`` and ``otherwise``; a null never
+    satisfies a predicate.
+    """
+
+    kind = "route"
+    default_id = "route"
+    knobs = {"branches": Knob(None, list, doc="[name, predicate] pairs, tried in order"),
+             "otherwise": Knob("otherwise", str)}
+
+    def __init__(self, otherwise: str = "otherwise", id: str | None = None, branches=None, **named):
+        pairs = [list(b) for b in branches or ()] + [[k, v] for k, v in named.items()]
+        super().__init__(id, branches=[[n, parse_predicate(p)] for n, p in pairs], otherwise=otherwise)
+
+    def configure(self):
+        names = [n for n, _ in self.params["branches"]] + [self.params["otherwise"]]
+        if not self.params["branches"]:
+            raise ValueError("Route needs at least one branch, e.g. Route(low='score < 0.5')")
+        if len(set(names)) != len(names):
+            raise ValueError(f"Route branch names must differ, got {names}")
+        self._ports = tuple(names)
+
+    @property
+    def ports(self):
+        return self._ports
+
+    def output_schemas(self, inputs):
+        (schema,) = inputs
+        for _, p in self.params["branches"]:
+            if p["field"] not in schema.names:
+                raise SchemaMismatchError(f"step {self.id!r} routes on {p['field']!r}, which its input "
+                                          f"lacks; the input has: {', '.join(schema.names)}")
+        return {port: schema for port in self._ports}
+
+    def process(self, batch):
+        left = pa.array(np.ones(batch.num_rows, bool))
+        out = {}
+        for name, p in self.params["branches"]:
+            hit = pc.fill_null(_COMPARE[p["op"]](batch.column(p["field"]), p["value"]), False)
+            take = pc.and_(left, hit)
+            out[name] = batch.filter(take)
+            left = pc.and_(left, pc.invert(hit))
+        out[self.params["otherwise"]] = batch.filter(left)
+        return Result(out, NO_DEAD_LETTERS)
+
+
+@register("merge")
+class Merge(Operator):
+    """The rows of every input, laid out as one schema: the union of their columns
+    (a column some inputs lack is null there). ``(a, b) | Merge()``."""
+
+    kind = "merge"
+    default_id = "merge"
+    parallel = False
+
+    def __init__(self, id: str | None = None):
+        super().__init__(id)
+
+    def output_schemas(self, inputs):
+        fields: dict[str, pa.Field] = {}
+        for schema in inputs:
+            for f in schema:
+                if f.name in fields and not fields[f.name].type.equals(f.type):
+                    raise SchemaMismatchError(f"step {self.id!r} merges {describe(fields[f.name])} with "
+                                              f"{describe(f)}; a merged column needs one type")
+                fields.setdefault(f.name, f)
+        nullable = {n: not all(n in s.names for s in inputs) for n in fields}
+        self.schema = pa.schema([f.with_nullable(f.nullable or nullable[n]) for n, f in fields.items()])
+        return {"out": self.schema}
+
+    def process(self, batch):
+        n = batch.num_rows
+        cols = [batch.column(f.name) if f.name in batch.schema.names else pa.nulls(n, f.type)
+                for f in self.schema]
+        return Result(pa.record_batch(cols, schema=self.schema), NO_DEAD_LETTERS)
+
+
+@register("drop")
+class Drop(Operator):
+    """Drop columns (say raw bytes or pixels before a sink)."""
+
+    default_id = "drop"
+    knobs = {"fields": Knob(None, list)}
+
+    def __init__(self, fields: list[str], id: str | None = None):
+        super().__init__(id, fields=list(fields))
+
+    def configure(self):
+        self.consumes = tuple(self.params["fields"])
+        self.requires = pa.schema([])
+
+    def output_schemas(self, inputs):
+        missing = [f for f in self.consumes if f not in inputs[0].names]
+        if missing:
+            raise SchemaMismatchError(f"step {self.id!r} drops {missing}, which its input lacks")
+        return super().output_schemas(inputs)
+
+    def process(self, batch):
+        return Result(batch.drop_columns(list(self.consumes)), NO_DEAD_LETTERS)
+
+
+@register("tiles")
+class Tiles(RowOperator):
+    """One-to-many: an image -> ``rows`` x ``cols`` tiles, one child record each.
+
+    A child has the id ``<parent id>#<n>``, its ``parent_id``, its ``tile`` number
+    and its ``image``, and keeps the parent's ``path`` and ``key``. The ``parents``
+    port carries each parent (without the image) and how many ``children`` it has,
+    for a ``Collect`` to gather them back.
+    """
+
+    kind = "explode"
+    default_id = "tiles"
+    knobs = {"rows": Knob(2, int, low=1, high=64), "cols": Knob(2, int, low=1, high=64),
+             "channels": Knob("RGB", str, choices=("RGB", "BGR"))}
+    consumes = ("image",)
+    KEEP = ("path", "key")
+
+    def __init__(self, rows: int = 2, cols: int = 2, channels: str = "RGB", id: str | None = None):
+        super().__init__(id, rows=rows, cols=cols, channels=channels)
+
+    def configure(self):
+        self.requires = pa.schema([image_spec(self.params["channels"]).field("image")])
+        self.produces = pa.schema([PARENT_ID, pa.field("tile", pa.int32()), self.requires.field("image")])
+
+    @property
+    def ports(self):
+        return ("out", "parents")
+
+    def output_schemas(self, inputs):
+        (schema,) = inputs
+        kept = [schema.field(n) for n in self.KEEP if n in schema.names]
+        parents = pa.schema([f for f in schema if f.name != "image"] + [pa.field("children", pa.int32())])
+        return {"out": pa.schema([ID, *kept, *self.produces]), "parents": parents}
+
+    def process(self, batch):
+        schemas = self.output_schemas([batch.schema])
+        kids, n_kids, bad, errors = [], [], [], []
+        images = batch.column("image").to_pylist()
+        for i, im in enumerate(images):
+            try:
+                tiles = self.split(im)
+            except Exception as exc:  # noqa: BLE001 - a bad record must not kill the run
+                bad.append(i)
+                errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            kids.append((i, tiles))
+            n_kids.append(len(tiles))
+        ok = [i for i, _ in kids]
+        parents = batch.take(pa.array(ok, pa.int64())).drop_columns(["image"])
+        parents = parents.append_column(schemas["parents"].field("children"), pa.array(n_kids, pa.int32()))
+        ids = batch.column("id").to_pylist()
+        rows = []
+        for i, tiles in kids:
+            keep = {n: batch.column(n)[i].as_py() for n in self.KEEP if n in batch.schema.names}
+            for t, tile in enumerate(tiles):
+                rows.append({"id": f"{ids[i]}#{t}", **keep, "parent_id": ids[i], "tile": t, "image": tile})
+        children = pa.RecordBatch.from_pylist(rows, schema=schemas["out"])
+        return Result({"out": children, "parents": parents}, dead_letters(batch, bad, self.id, errors))
+
+    def split(self, im: dict) -> list[dict]:
+        img = np.frombuffer(im["data"], np.uint8).reshape(im["height"], im["width"], im["channels"])
+        r, c = self.params["rows"], self.params["cols"]
+        h, w = img.shape[:2]
+        if h < r or w < c:
+            raise ValueError(f"image is {w}x{h}, too small for {c}x{r} tiles")
+        out = []
+        for y in range(r):
+            for x in range(c):
+                tile = np.ascontiguousarray(img[y * h // r:(y + 1) * h // r, x * w // c:(x + 1) * w // c])
+                out.append({"data": tile.tobytes(), "height": tile.shape[0], "width": tile.shape[1],
+                            "channels": tile.shape[2]})
+        return out
+
+
+def _child_order(row: dict):
+    head, _, n = row["id"].rpartition("#")
+    return (head, int(n)) if n.isdigit() else (row["id"], -1)
+
+
+@register("collect")
+class Collect(Operator):
+    """Gather children back per parent: ``(children, parents) | Collect(["label"])``.
+
+    Each parent comes out once, with list columns ``<prefix><field>`` of its
+    children's values (in child order), and its ``children`` count from the
+    one-to-many step: children = collected + dead-lettered children.
+    """
+
+    kind = "collect"
+    default_id = "collect"
+    parallel = False
+    knobs = {"fields": Knob(None, list), "prefix": Knob("", str)}
+
+    def __init__(self, fields: list[str], prefix: str = "", id: str | None = None):
+        super().__init__(id, fields=list(fields), prefix=prefix)
+
+    def produced(self, inputs):
+        return [self.params["prefix"] + f for f in self.params["fields"]]
+
+    def output_schemas(self, inputs):
+        children, parents = inputs
+        for need, schema, what in (("parent_id", children, "children"), ("children", parents, "parents")):
+            if need not in schema.names:
+                raise SchemaMismatchError(f"step {self.id!r}: its {what} input has no {need!r}; "
+                                          "collect reads (children, parents) of a one-to-many step")
+        missing = [f for f in self.params["fields"] if f not in children.names]
+        if missing:
+            raise SchemaMismatchError(f"step {self.id!r} collects {missing}, which the children lack; "
+                                      f"they have: {', '.join(children.names)}")
+        made = self.produced(inputs)
+        clash = [n for n in made if n in parents.names]
+        if clash:
+            raise SchemaMismatchError(f"step {self.id!r} would make {clash} twice; pass prefix=...")
+        lists = [pa.field(n, pa.list_(children.field(f).type))
+                 for n, f in zip(made, self.params["fields"])]
+        self.schema = pa.schema([*parents, *lists])
+        return {"out": self.schema}
+
+    def assemble(self, parents: pa.RecordBatch, children: dict[str, list[dict]]) -> pa.RecordBatch:
+        """Parents with their children's values; ``children`` maps a parent id to child rows."""
+        ids = parents.column("id").to_pylist()
+        cols = [parents.column(n) for n in parents.schema.names]
+        for name, f in zip(self.produced([]), self.params["fields"]):
+            typ = self.schema.field(name).type
+            values = [[c[f] for c in sorted(children.get(i, ()), key=_child_order)] for i in ids]
+            cols.append(pa.array(values, typ))
+        return pa.record_batch(cols, schema=self.schema)
