@@ -18,6 +18,7 @@ import os
 import time
 
 from beamzoo.core import KnobError
+from beamzoo.outdir import OutputLocked, lock_output
 from beamzoo.graph import DEAD, Composite, Graph, GraphError, Stream
 from beamzoo.resume import CorruptOutput, check_outputs, run_id, sink_dirs, with_keys
 from beamzoo.runners import EdgeRunner, RunStats, is_edge
@@ -34,18 +35,10 @@ from beamzoo.transforms.sources import Files
 from beamzoo.zoo import ModelCard, ModelIntegrityError, UnknownModel
 
 
-class OutputLocked(RuntimeError):
-    """Another run holds the output folder."""
-
-
 def _user_errors():
     from beamzoo.runners.options import OptionError
-    try:
-        from beamzoo.outdir import OutputLocked as Locked
-    except ImportError:
-        Locked = OutputLocked
     return (FileNotFoundError, FileExistsError, SchemaMismatchError, ModelSignatureError, ModelIntegrityError,
-            UnknownModel, GraphError, OptionError, CorruptOutput, Locked, KnobError)
+            UnknownModel, GraphError, OptionError, CorruptOutput, OutputLocked, KnobError)
 
 
 class Classify(Composite):
@@ -157,11 +150,6 @@ def run(graph: Graph | None, runner: str = "DirectRunner", beam_args: list[str] 
 
 @contextlib.contextmanager
 def _locked(directories: list[str]):
-    try:
-        from beamzoo.outdir import lock_output
-    except ImportError:
-        yield
-        return
     with contextlib.ExitStack() as stack:
         for d in sorted(set(os.path.dirname(d) or d for d in directories)):
             stack.enter_context(lock_output(d))

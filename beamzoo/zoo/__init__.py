@@ -90,6 +90,10 @@ class ModelCard:
         else the whole card."""
         if CARDS.get(self.name) is self:
             return self.ref
+        return self.as_dict()
+
+    def as_dict(self) -> dict:
+        """The whole card as JSON data (``from_param`` reads it back)."""
         return {"name": self.name, "version": self.version, "input_name": self.input_name,
                 "input": _spec_dict(self.input), "output_name": self.output_name,
                 "output": _spec_dict(self.output), "labels": list(self.labels), "path": self.path,
