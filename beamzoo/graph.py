@@ -201,14 +201,14 @@ def _check(steps: tuple[Step, ...]) -> dict[str, pa.Schema]:
     schemas: dict[str, pa.Schema] = {}
     origin: dict[str, dict[str, str]] = {}  # port -> field -> the step that made it
     for s in steps:
-        op = s.operator()
-        if op.kind not in _ARITY:
+        if s.kind not in _ARITY:
             continue  # an unknown primitive: a runner refuses it by name
+        op = s.operator()
         ins = [DEAD_LETTER_SCHEMA if r == DEAD else schemas[_full(r)] for r in s.inputs]
         made_by = [{} if r == DEAD else origin[_full(r)] for r in s.inputs]
         if op.kind in ("map", "explode", "route", "sink"):
             check_fits(s.id, op.requires, ins[0])
-        for name in op.produced(ins):
+        for name in op.produced(ins) if op.kind != "collect" else ():  # a collect checks its parents
             for schema, made in zip(ins[:1], made_by[:1]):
                 if name in schema.names and name not in op.consumes:
                     raise GraphError(
@@ -245,7 +245,7 @@ class Stream:
             return other.expand(self)
         if isinstance(other, Operator):
             return apply(other, [self])
-        return NotImplemented
+        raise TypeError(f"a graph step must be a beamzoo operator or composite, got {other!r}")
 
     def __repr__(self):
         return f"Stream({self.ref!r}: {', '.join(self.schema.names)})"

@@ -119,7 +119,7 @@ class _DeadLetters(Stream):
 
 
 def run(graph: Graph | None, runner: str = "DirectRunner", beam_args: list[str] = (),
-        edge: EdgeRunner | None = None, resume: bool = False) -> RunStats:
+        edge: EdgeRunner | None = None, resume: bool = False, progress: bool = True) -> RunStats:
     """Run a graph to the end on the edge runner or a Beam runner; the counts of this run."""
     from beamzoo.runners.options import check_runner
     if graph is None or not any(s.kind == "sink" for s in graph.steps):
@@ -141,7 +141,7 @@ def run(graph: Graph | None, runner: str = "DirectRunner", beam_args: list[str] 
             return (edge or EdgeRunner()).run(keyed, name)
         from beamzoo.runners import beam
         start, wall = time.perf_counter(), time.time()
-        m = beam.run(keyed, [f"--runner={runner}", *beam_args], name)
+        m = beam.run(keyed, [f"--runner={runner}", *beam_args], name, progress)
         c = m.counters
         first = None if m.first_output is None else max(0.0, m.first_output - wall)
         return RunStats(c.get("inputs", 0), c.get("scored", 0), c.get("failed", 0), c.get("skipped", 0),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from beamzoo.core import PRIMITIVES as KINDS
 from beamzoo.graph import DEAD, Graph, Step, split_ref
 
 
@@ -94,7 +95,7 @@ def rewrite(graph: Graph) -> Graph:
 
 def plan(graph: Graph) -> Plan:
     graph = rewrite(graph)
-    parallel = {s.id: s.operator().parallel for s in graph.steps}
+    parallel = {s.id: s.kind in KINDS and s.operator().parallel for s in graph.steps}
     stage_of: dict[str, str] = {}  # step id -> the stage it runs in
     chains: list[list[Step]] = []
     for s in graph.steps:

@@ -3,10 +3,12 @@
     python pipelines/score_images.py --input 'photos/**/*.jpg' --output out/
     python pipelines/score_images.py --input ... --output out/ --runner=EdgeRunner
     python pipelines/score_images.py --input ... --output out/ --runner=FlinkRunner --flink_master=[local]
+    python pipelines/score_images.py --export bundle/          # the graph and its model, for a device
 
 Without --input it scores a sample set of real photographs that ship in
-scikit-image and scikit-learn. Options it does not know go to Beam.
-Writes OUT/predictions-*.parquet and OUT/dead_letter-*.parquet.
+scikit-image and scikit-learn. Writes OUT/predictions/*.parquet and
+OUT/dead_letter/*.parquet. Beam options (--direct_num_workers,
+--parallelism, ...) go to Beam runners; anything else is refused.
 """
 from __future__ import annotations
 
@@ -16,54 +18,110 @@ import os
 import sys
 
 from beamzoo import zoo
-from beamzoo.pipeline import UserError, run, score_images
-from beamzoo.runners import EdgeRunner
+from beamzoo.pipeline import run, score_images, user_errors
+from beamzoo.runners import EdgeRunner, is_edge
+from beamzoo.runners.options import OptionError, check_runner
 from beamzoo.transforms.preprocess import SHRINK_FILTERS
 
 
-def parse(argv):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--input", help="glob of image files ('**' recurses) or a directory; "
+def at_least(low: int):
+    def check(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
+        return value
+    return check
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--input", help="glob of image files ('**' recurses; quote it) or a directory; "
                                    "default: a sample set of real photographs")
-    p.add_argument("--output", required=True, help="directory for the Parquet results")
+    out = p.add_mutually_exclusive_group(required=True)
+    out.add_argument("--output", help="folder for the results: OUTPUT/predictions, OUTPUT/dead_letter")
+    out.add_argument("--export", metavar="DIR", help="write the graph and its model files as a bundle "
+                                                     "to DIR instead of running (run it with `beamzoo run`)")
     p.add_argument("--runner", default="DirectRunner",
-                   help="DirectRunner (default), EdgeRunner, FlinkRunner or another Beam runner")
-    p.add_argument("--model", default="efficientnet_lite0", help="model name in the zoo")
-    p.add_argument("--topk", type=int, default=5)
-    p.add_argument("--batch_size", type=int, default=4, help="images per inference call")
-    p.add_argument("--max_pixels", type=int, default=100_000_000,
+                   help="DirectRunner (default), EdgeRunner (no Beam) or FlinkRunner")
+    p.add_argument("--model", default="efficientnet_lite0", help="model in the zoo: NAME or NAME:VERSION")
+    p.add_argument("--topk", type=at_least(1), default=5, help="labels kept per image (default 5)")
+    p.add_argument("--batch_size", type=at_least(1), default=4, help="images per inference call")
+    p.add_argument("--max_pixels", type=at_least(1), default=100_000_000,
                    help="refuse images with more pixels than this (decompression bombs)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--max_bytes", type=at_least(1), default=256 << 20, help="refuse larger files")
+    p.add_argument("--threads", type=at_least(0), default=1,
                    help="onnxruntime intra-op threads per session (1: workers run inference side by "
                         "side; 0: all cores for each call)")
     p.add_argument("--shrink", choices=sorted(SHRINK_FILTERS), default="area",
                    help="resize filter when shrinking: area (exact area average) or linear "
                         "(bilinear: a seventh of the resize cost, a little more aliasing)")
-    p.add_argument("--workers", type=int, default=None, help="edge runner: decode threads")
+    p.add_argument("--workers", type=at_least(1), default=None, help="edge runner: worker threads")
     p.add_argument("--resume", action="store_true",
-                   help="continue a run in --output: inputs already scored there are skipped")
-    p.add_argument("--no_progress", action="store_true", help="edge runner: no progress bar")
-    return p.parse_known_args(argv)
+                   help="continue a run in --output: inputs already done there are skipped")
+    p.add_argument("--derived_only", action="store_true",
+                   help="write only derived columns: no raw bytes, images or tensors of an input")
+    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    return p
+
+
+def parse(argv: list[str]):
+    p = parser()
+    args, rest = p.parse_known_args(argv)
+    try:
+        check_runner(args.runner)
+    except OptionError as exc:
+        p.error(f"--runner: {exc}")
+    if rest and not is_edge(args.runner):
+        from beamzoo.runners.options import unknown_beam_options
+        rest_unknown = unknown_beam_options(rest)
+    else:
+        rest_unknown = rest
+    options = [a for a in rest_unknown if a.startswith("-")]
+    if options:
+        p.error(f"unknown option {options[0]}" + ("" if is_edge(args.runner) else
+                                                   ": neither score_images.py nor Beam knows it"))
+    if rest_unknown:
+        p.error(f"unexpected argument {rest_unknown[0]!r}"
+                + (f" (and {len(rest_unknown) - 1} more)" if len(rest_unknown) > 1 else "")
+                + ": if it is one of the files of an --input glob, the shell expanded the glob; "
+                  "quote it: --input 'photos/*.jpg'")
+    try:
+        card = zoo.get(args.model)
+    except zoo.UnknownModel as exc:
+        p.error(f"--model: {exc}")
+    if args.topk > len(card.labels):
+        p.error(f"--topk must be between 1 and {len(card.labels)} (the labels of {card.ref}), got {args.topk}")
+    return args, rest, card
 
 
 def main(argv=None) -> int:
-    args, beam_args = parse(sys.argv[1:] if argv is None else argv)
+    args, beam_args, card = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.ERROR)
-    if args.input is None:
-        from beamzoo.samples import make_sample_set
-        args.input = str(make_sample_set(os.path.join(args.output, "_samples")))
-        print(f"no --input given: scoring the sample photographs copied to {args.input}")
     try:
-        card = zoo.get(args.model)
-    except KeyError as exc:
-        print(f"error: {exc.args[0]}", file=sys.stderr)
-        return 2
-    graph = score_images(args.input, card, k=args.topk, batch_size=args.batch_size,
-                         max_pixels=args.max_pixels, intra_op_threads=args.threads, shrink=args.shrink)
-    edge = EdgeRunner(workers=args.workers, progress=not args.no_progress)
-    try:
-        stats = run(graph, args.output, args.runner, beam_args, edge=edge, resume=args.resume)
-    except UserError as exc:
+        if args.export:
+            args.input = args.input or "."  # a bundle is given its input when it runs
+        elif args.input is None:
+            from beamzoo.samples import make_sample_set
+            args.input = str(make_sample_set(os.path.join(args.output, "_samples")))
+            print(f"no --input given: scoring the sample photographs copied to {args.input}")
+        graph = score_images(args.input, args.output or "", card, k=args.topk, batch_size=args.batch_size,
+                             max_pixels=args.max_pixels, max_bytes=args.max_bytes,
+                             intra_op_threads=args.threads, shrink=args.shrink, derived_only=args.derived_only)
+        if args.export:
+            from beamzoo.bundle import export
+            print(f"bundle written to {export(graph, args.export)}; run it with: "
+                  f"beamzoo run {args.export} --input 'GLOB' --output OUT")
+            return 0
+        edge = EdgeRunner(workers=args.workers, progress=not args.no_progress)
+        stats = run(graph, args.runner, beam_args, edge=edge, resume=args.resume, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(stats.line())

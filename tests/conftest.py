@@ -128,3 +128,58 @@ def subtask_reads(vertex_name: str) -> list[int]:
     vertex = next(v for v in vertices if vertex_name in v["name"])
     subtasks = flink_rest(f"/jobs/{job['jid']}/vertices/{vertex['id']}")["subtasks"]
     return [s["metrics"]["read-records"] for s in subtasks]
+
+
+# ---------------------------------------------------------------- running graphs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RUNNERS = ["EdgeRunner", "DirectRunner"]
+FLINK = pytest.param("FlinkRunner", marks=[pytest.mark.flink, pytest.mark.slow])
+
+
+def read(directory, sub: str = "predictions") -> list[dict]:
+    """The rows of the Parquet files in ``directory/sub``, sorted by id."""
+    import pyarrow.parquet as pq
+    folder = os.path.join(str(directory), sub)
+    files = [os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".parquet")]
+    assert files, f"no Parquet files in {folder}"
+    rows = [r for f in files for r in pq.read_table(f).to_pylist()]
+    return sorted(rows, key=lambda r: r["id"])
+
+
+def assert_same_rows(a: list[dict], b: list[dict], tol=1e-5):
+    assert [r["id"] for r in a] == [r["id"] for r in b]
+    for x, y in zip(a, b):
+        for name, value in x.items():
+            if isinstance(value, float):
+                assert abs(value - y[name]) <= tol, (x["id"], name)
+            elif isinstance(value, list) and value and isinstance(value[0], float):
+                assert all(abs(p - q) <= tol for p, q in zip(value, y[name])), (x["id"], name)
+            else:
+                assert value == y[name], (x["id"], name)
+
+
+def run_graph(graph, runner: str = "EdgeRunner", **kw):
+    """Run a graph as the tests do: a small edge runner, no progress bar."""
+    from beamzoo.pipeline import run
+    from beamzoo.runners import EdgeRunner
+    kw.setdefault("edge", EdgeRunner(workers=2, chunk_size=3, progress=False))
+    return run(graph, runner, **kw)
+
+
+@pytest.fixture(params=RUNNERS)
+def runner(request):
+    """Each behaviour test runs on the edge runner and on DirectRunner."""
+    return request.param
+
+
+@pytest.fixture(params=[*RUNNERS, FLINK])
+def any_runner(request):
+    """The same, and on embedded Flink (marked flink and slow)."""
+    return request.param
+
+
+def paths_batch(paths: list[str]):
+    """The first batch of a file graph: ``id`` and ``path``."""
+    from beamzoo.transforms.sources import Files
+    return Files("x").to_batch(list(paths)).ok

@@ -8,7 +8,6 @@ import pyarrow as pa
 import pytest
 from onnx import TensorProto
 
-from beamzoo.core import Source
 from beamzoo.schemas import tensor_array
 from beamzoo.transforms.inference import ModelSignatureError, OnnxInference
 from beamzoo.transforms.postprocess import TopK, softmax
@@ -18,8 +17,8 @@ from conftest import tiny_card, tiny_colour_model
 
 def pixels_batch(x: np.ndarray, card) -> pa.RecordBatch:
     paths = pa.array([f"p{i}" for i in range(len(x))], pa.string())
-    schema = pa.schema([Source.schema.field("path"), card.input.field("pixels")])
-    return pa.record_batch([paths, tensor_array(x)], schema=schema)
+    schema = pa.schema([pa.field("id", pa.string()), pa.field("path", pa.string()), card.input.field("pixels")])
+    return pa.record_batch([paths, paths, tensor_array(x)], schema=schema)
 
 
 def colour_pixels(n):
@@ -32,7 +31,7 @@ def colour_pixels(n):
 def test_inference_and_topk_on_a_tiny_model(tiny_model):
     infer, topk = OnnxInference(tiny_model, batch_size=4), TopK(tiny_model, k=2)
     rows, dead = infer.process(pixels_batch(colour_pixels(10), tiny_model))
-    assert dead.num_rows == 0 and rows.schema.names == ["path", "logits"]
+    assert dead.num_rows == 0 and rows.schema.names == ["id", "path", "logits"]
     assert rows.column("logits").to_numpy_ndarray().shape == (10, 3)
     out, _ = topk.process(rows)
     assert out.column("label").to_pylist() == [("red", "green", "blue")[i % 3] for i in range(10)]
@@ -78,7 +77,8 @@ def test_a_failing_batch_is_retried_row_by_row(tiny_model):
     x[4, 0, 0, 0] = np.nan
     rows, dead = FailsOnNaN(tiny_model, batch_size=6).process(pixels_batch(x, tiny_model))
     assert rows.column("path").to_pylist() == ["p0", "p1", "p2", "p3", "p5"]
-    assert dead.to_pylist() == [{"path": "p4", "stage": "infer", "error": "RuntimeError: NaN input", "key": None}]
+    assert dead.to_pylist() == [{"id": "p4", "source": "p4", "stage": "infer", "error": "RuntimeError: NaN input",
+                                 "key": None, "parent_id": None}]
 
 
 def test_operator_pickles_without_its_session(tiny_model):

@@ -7,7 +7,9 @@ import pyarrow as pa
 import pytest
 
 from badfiles import EXPECTED, make_all, photo, png_bomb
-from beamzoo.core import Graph, Source
+from beamzoo.graph import Graph
+from beamzoo.transforms.sources import Files
+from conftest import paths_batch
 from beamzoo.schemas import DEAD_LETTER_SCHEMA
 from beamzoo.transforms.io import ReadFiles, list_files
 from beamzoo.transforms.preprocess import DecodeImage, ResizeCrop, decode, resize_crop
@@ -22,7 +24,7 @@ def bad_dir(tmp_path_factory):
 
 def run_chain(steps, paths):
     """Run ``steps`` on a batch of ``paths``: (surviving rows, all dead letters as a Table)."""
-    batch = Source.batch(paths)
+    batch = paths_batch(paths)
     dead = []
     for step in steps:
         batch, dl = step.process(batch)
@@ -36,7 +38,7 @@ def test_each_odd_file_is_scored_or_dead_lettered_with_a_reason(bad_dir):
     steps = [ReadFiles(), DecodeImage(max_pixels=50_000_000, min_side=256), ResizeCrop()]
     rows, dead = run_chain(steps, paths)
     outcome = {p.split("/")[-1]: "ok" for p in rows.column("path").to_pylist()}
-    for p, stage, err in zip(*(dead.column(c).to_pylist() for c in ("path", "stage", "error"))):
+    for p, stage, err in zip(*(dead.column(c).to_pylist() for c in ("source", "stage", "error"))):
         outcome[p.split("/")[-1]] = stage
         assert err and ":" in err
     assert outcome == EXPECTED
@@ -122,14 +124,14 @@ def test_shrink_filter_area_or_linear():
     area, linear = resize_crop(img, 150, 128, "area"), resize_crop(img, 150, 128, "linear")
     assert np.array_equal(area, cv2.resize(img, (200, 150), interpolation=cv2.INTER_AREA)[11:139, 36:164])
     assert np.array_equal(linear, cv2.resize(img, (200, 150), interpolation=cv2.INTER_LINEAR)[11:139, 36:164])
-    assert ResizeCrop(shrink="linear").fingerprint() != ResizeCrop().fingerprint()  # a new graph version
+    assert ResizeCrop(shrink="linear").result_params() != ResizeCrop().result_params()  # a new graph version
     with pytest.raises(ValueError, match="shrink must be one of .*'area'.*'linear'.*got 'cubic'"):
         ResizeCrop(shrink="cubic")
 
 
 def test_whole_graph_schema_is_checked(bad_dir):
-    g = Graph(Source(str(bad_dir / "*.png"))) | ReadFiles() | DecodeImage() | ResizeCrop()
-    assert g.schema.names == ["path", "pixels"]
+    g = Graph.source(Files(str(bad_dir / "*.png"))) | ReadFiles() | DecodeImage() | ResizeCrop()
+    assert g.schema.names == ["id", "path", "pixels"]
 
 
 def test_decode_resize_gives_the_same_pixels_as_the_two_steps(bad_dir):
@@ -139,7 +141,7 @@ def test_decode_resize_gives_the_same_pixels_as_the_two_steps(bad_dir):
         resize = ResizeCrop(resize=64, crop=56, layout=layout, channels=channels, value_range=(0, 1),
                             shrink=shrink)
         two, dead2 = run_chain([ReadFiles(), DecodeImage(min_side=64, channels=channels), resize], paths)
-        one, dead1 = run_chain([ReadFiles(), DecodeResize(resize)], paths)
+        one, dead1 = run_chain([ReadFiles(), DecodeResize(resize, id="decode")], paths)
         assert one.schema.equals(two.schema, check_metadata=True)
         assert np.array_equal(one.column("pixels").to_numpy_ndarray(), two.column("pixels").to_numpy_ndarray())
         assert dead1.to_pylist() == dead2.to_pylist()

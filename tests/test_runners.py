@@ -12,18 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from badfiles import make_all
-from beamzoo.pipeline import run, score_images
+from beamzoo.core import Operator, Result, register
+from beamzoo.graph import Graph
+from beamzoo.pipeline import Pipeline, score_images
 from beamzoo.runners import EdgeRunner
 from beamzoo.runners.sinks import ParquetSink, count_rows
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def read(directory: str, prefix: str) -> list[dict]:
-    files = glob.glob(os.path.join(directory, f"{prefix}-*.parquet"))
-    assert files, f"no {prefix} files in {directory}"
-    rows = [r for f in files for r in pq.read_table(f).to_pylist()]
-    return sorted(rows, key=lambda r: r["path"])
+from beamzoo.transforms.sinks import WriteParquet
+from beamzoo.transforms.sources import Files
+from conftest import ROOT, assert_same_rows, read, run_graph
 
 
 @pytest.fixture
@@ -32,67 +28,83 @@ def mixed_dir(colour_dir):
     return colour_dir
 
 
-def assert_same_rows(a: list[dict], b: list[dict], tol=1e-5):
-    assert [r["path"] for r in a] == [r["path"] for r in b]
-    for x, y in zip(a, b):
-        assert x["label"] == y["label"] and x["topk_labels"] == y["topk_labels"]
-        assert abs(x["score"] - y["score"]) <= tol
-        assert all(abs(p - q) <= tol for p, q in zip(x["topk_scores"], y["topk_scores"]))
-
-
 def test_edge_and_direct_runner_give_the_same_rows(tmp_path, mixed_dir, tiny_model):
-    graph = score_images(str(mixed_dir / "**" / "*"), tiny_model, k=2, batch_size=4)
-    edge = run(graph, str(tmp_path / "edge"), "EdgeRunner", edge=EdgeRunner(workers=2, chunk_size=3, progress=False))
-    direct = run(graph, str(tmp_path / "direct"), "DirectRunner")
-
+    results = {}
+    for runner in ("EdgeRunner", "DirectRunner"):
+        graph = score_images(str(mixed_dir / "**" / "*"), str(tmp_path / runner), tiny_model, k=2)
+        results[runner] = run_graph(graph, runner)
     inputs = len(glob.glob(str(mixed_dir / "**" / "*"), recursive=True)) - 2  # less the two folders
-    for stats in (edge, direct):
-        assert stats.inputs == inputs == 21
+    for stats in results.values():
+        assert (stats.inputs, stats.failed) == (inputs, 5) == (21, 5)
         assert stats.scored + stats.failed == stats.inputs
-        assert stats.failed == 5
         assert stats.first_result_s is not None and 0 < stats.first_result_s <= stats.seconds
-    a, b = read(str(tmp_path / "edge"), "predictions"), read(str(tmp_path / "direct"), "predictions")
+    a, b = read(tmp_path / "EdgeRunner"), read(tmp_path / "DirectRunner")
     assert_same_rows(a, b)
-    colours = {r["path"].split("/")[-1]: r["label"] for r in a}
+    colours = {os.path.basename(r["path"]): r["label"] for r in a}
     assert colours["red0.png"] == "red" and colours["green4.png"] == "green" and colours["blue8.png"] == "blue"
-    assert read(str(tmp_path / "edge"), "dead_letter") == read(str(tmp_path / "direct"), "dead_letter")
+    assert read(tmp_path / "EdgeRunner", "dead_letter") == read(tmp_path / "DirectRunner", "dead_letter")
+
+
+def test_outputs_are_two_folders_that_pandas_reads(tmp_path, mixed_dir, tiny_model, runner):
+    import pandas as pd
+    run_graph(score_images(str(mixed_dir / "**" / "*"), str(tmp_path), tiny_model, k=2), runner)
+    preds = pd.read_parquet(tmp_path / "predictions")
+    dead = pd.read_parquet(tmp_path / "dead_letter")
+    assert list(preds.columns) == ["id", "path", "key", "label", "score", "topk_labels", "topk_scores", "model"]
+    assert list(dead.columns) == ["id", "source", "stage", "error", "key", "parent_id"]
+    assert (len(preds), len(dead)) == (16, 5)
 
 
 def test_edge_runner_bounded_queue_and_small_batches(tmp_path, colour_dir, tiny_model):
-    graph = score_images(str(colour_dir / "**" / "*.*"), tiny_model, k=3, batch_size=2)
-    stats = EdgeRunner(workers=1, chunk_size=1, queue_depth=1, progress=False).run(graph, str(tmp_path))
+    graph = score_images(str(colour_dir / "**" / "*.*"), str(tmp_path), tiny_model, k=3, batch_size=2)
+    stats = run_graph(graph, edge=EdgeRunner(workers=1, chunk_size=1, queue_depth=1, progress=False))
     assert (stats.inputs, stats.scored, stats.failed) == (9, 9, 0)
     assert stats.first_result_s is not None and stats.first_result_s <= stats.seconds
-    assert count_rows(str(tmp_path), "predictions") == 9
-    (file,) = glob.glob(str(tmp_path / "predictions-*.parquet"))
+    assert count_rows(str(tmp_path / "predictions")) == 9
+    (file,) = glob.glob(str(tmp_path / "predictions" / "*.parquet"))
     assert pq.ParquetFile(file).metadata.num_row_groups == 1  # not one per batch of 2
 
 
 def test_sink_writes_row_groups_of_the_set_size_and_commits_whole_files(tmp_path):
     schema = pa.schema([pa.field("path", pa.string())])
-    with ParquetSink(str(tmp_path), "predictions", schema, "r", rows_per_file=7, row_group_rows=3) as sink:
+    with ParquetSink(str(tmp_path), schema, "r", rows_per_file=7, row_group_rows=3) as sink:
         for i in range(10):
             sink.write(pa.record_batch([pa.array([f"p{i}"])], schema=schema))
-    files = sorted(glob.glob(str(tmp_path / "predictions-*.parquet")))
+    files = sorted(glob.glob(str(tmp_path / "part-*.parquet")))
     groups = [[pq.ParquetFile(f).metadata.row_group(g).num_rows
                for g in range(pq.ParquetFile(f).metadata.num_row_groups)] for f in files]
     assert groups == [[3, 3, 1], [3]]
     assert pq.read_table(files[0]).column("path").to_pylist() == [f"p{i}" for i in range(7)]
 
 
-def test_failed_edge_run_leaves_no_output_files(tmp_path, colour_dir, tiny_model):
-    graph = score_images(str(colour_dir / "*.png"), tiny_model, k=3)
-    step = graph.steps[-1]
-    step.process = lambda batch: (_ for _ in ()).throw(RuntimeError("boom"))
-    with pytest.raises(RuntimeError, match="boom"):
-        EdgeRunner(progress=False).run(graph, str(tmp_path / "out"))
-    assert os.listdir(tmp_path / "out") == []
+@register("test_boom")
+class Boom(Operator):
+    """A step with a bug: it raises (not a bad record)."""
+
+    default_id = "boom"
+
+    def __init__(self, id=None):
+        super().__init__(id)
+
+    def process(self, batch):
+        raise RuntimeError("boom")
+
+
+@pytest.mark.parametrize("runner_name", ["EdgeRunner", "DirectRunner"])
+def test_a_failed_run_leaves_nothing_under_final_names(tmp_path, colour_dir, runner_name):
+    p = Pipeline()
+    p | Files(str(colour_dir / "*.png")) | Boom() | WriteParquet(tmp_path / "out" / "predictions")
+    p.dead_letters | WriteParquet(tmp_path / "out" / "dead_letter", id="dead")
+    with pytest.raises(Exception, match="boom"):
+        run_graph(p.graph, runner_name)
+    finals = [f for _, _, files in os.walk(tmp_path / "out") for f in files if f.endswith(".parquet")]
+    assert finals == []
 
 
 def test_no_matching_files_is_a_clear_error(tmp_path, tiny_model):
-    graph = score_images(str(tmp_path / "nothing" / "*.jpg"), tiny_model, k=3)
+    graph = score_images(str(tmp_path / "nothing" / "*.jpg"), str(tmp_path / "out"), tiny_model, k=3)
     with pytest.raises(FileNotFoundError, match="no files match .*quote it"):
-        run(graph, str(tmp_path / "out"), "EdgeRunner")
+        run_graph(graph)
 
 
 def test_edge_runner_works_where_apache_beam_cannot_be_imported(tmp_path, colour_dir, tiny_model):
@@ -102,13 +114,8 @@ def test_edge_runner_works_where_apache_beam_cannot_be_imported(tmp_path, colour
         from beamzoo.pipeline import run, score_images
         from beamzoo.runners import EdgeRunner
         from beamzoo.zoo import ModelCard
-        from beamzoo.schemas import TensorSpec
-        card = ModelCard(**{dict(name="tiny_colour", version="1", input_name="images",
-                                 output_name="logits", labels=("red", "green", "blue"),
-                                 path=tiny_model.path, resize=36)!r},
-                         input=TensorSpec("float32", (3, 32, 32), "NCHW", "RGB", (-1, 1)),
-                         output=TensorSpec("float32", (3,), "NC"))
-        stats = run(score_images({str(colour_dir / '*')!r}, card, k=3), {str(tmp_path)!r}, "EdgeRunner",
+        card = ModelCard.from_param({tiny_model.as_dict()!r})
+        stats = run(score_images({str(colour_dir / '*')!r}, {str(tmp_path)!r}, card, k=3), "EdgeRunner",
                     edge=EdgeRunner(progress=False))
         assert not any(m == "apache_beam" or m.startswith("apache_beam.")
                        for m, v in sys.modules.items() if v is not None)
@@ -124,17 +131,26 @@ def test_beam_metrics_count_rows_and_failures(tmp_path, mixed_dir, tiny_model):
     from apache_beam.metrics.metric import MetricsFilter
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
-    from beamzoo.transforms.beam import ScoreToParquet
+    from beamzoo.runners.beam import translate
 
-    graph = score_images(str(mixed_dir / "odd" / "*"), tiny_model, k=3)
+    graph = score_images(str(mixed_dir / "odd" / "*"), str(tmp_path), tiny_model, k=3)
     p = beam.Pipeline(runner=FnApiRunner())
-    p | ScoreToParquet(graph, str(tmp_path))
+    translate(graph, p)
     result = p.run()
     result.wait_until_finish()
     counters = {c.key.metric.name: c.committed
                 for c in result.metrics().query(MetricsFilter().with_namespace("beamzoo"))["counters"]}
-    assert counters["read_failed"] == 1 and counters["decode_failed"] == 4
-    assert counters["scored"] == 7 and counters["failed"] == 5
+    assert counters["read_failed"] == 1 and counters["decode+resize_failed"] == 4
+    assert counters["inputs"] == 12 and counters["scored"] == 7 and counters["failed"] == 5
+
+
+def test_a_runner_refuses_an_unknown_primitive_by_name(tmp_path, colour_dir):
+    from beamzoo.graph import Step
+    from beamzoo.plan import UnknownPrimitive
+    graph = (Graph.source(Files(str(colour_dir / "*.png")))).graph
+    odd = Graph((*graph.steps, Step("odd", "window", "nothing", "{}", ("files",))))
+    with pytest.raises(UnknownPrimitive, match="EdgeRunner cannot run step 'odd': unknown primitive 'window'"):
+        EdgeRunner(progress=False).run(odd)
 
 
 def test_cancelled_worker_stream_at_job_end_is_not_reported():
@@ -142,7 +158,7 @@ def test_cancelled_worker_stream_at_job_end_is_not_reported():
 
     import grpc
 
-    from beamzoo.runners.beam import quiet_worker_shutdown
+    from beamzoo.runners.options import quiet_worker_shutdown
 
     class Cancelled(grpc.RpcError):
         def code(self):

@@ -11,7 +11,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from beamzoo.core import Graph, Operator, Source
+from beamzoo.core import Operator, register
+from beamzoo.graph import Graph
+from beamzoo.transforms.sources import Files
 from beamzoo.schemas import SchemaMismatchError, TensorSpec, check_fits
 from beamzoo.transforms.inference import OnnxInference
 from beamzoo.transforms.io import ReadFiles
@@ -71,7 +73,7 @@ def test_missing_field_names_step_and_field():
 
 def test_bgr_0_255_nhwc_into_rgb_minus1_1_nchw_model_fails_at_build(tiny_model):
     wrong = ResizeCrop(resize=36, crop=32, layout="NHWC", channels="BGR", value_range=(0, 255))
-    g = Graph(Source("x/*.jpg")) | ReadFiles() | DecodeImage(channels="BGR") | wrong
+    g = Graph.source(Files("x/*.jpg")) | ReadFiles() | DecodeImage(channels="BGR") | wrong
     with pytest.raises(SchemaMismatchError) as err:
         g | OnnxInference(tiny_model)
     msg = str(err.value)
@@ -82,31 +84,33 @@ def test_bgr_0_255_nhwc_into_rgb_minus1_1_nchw_model_fails_at_build(tiny_model):
 
 
 def test_decoder_channel_order_must_match_resizer():
-    g = Graph(Source("x/*.jpg")) | ReadFiles() | DecodeImage(channels="BGR")
+    g = Graph.source(Files("x/*.jpg")) | ReadFiles() | DecodeImage(channels="BGR")
     with pytest.raises(SchemaMismatchError, match="channels BGR, expected RGB"):
         g | ResizeCrop(channels="RGB")
 
 
 def test_matching_graph_builds_and_types_flow(tiny_model):
-    g = (Graph(Source("x/*.jpg")) | ReadFiles() | DecodeImage()
+    g = (Graph.source(Files("x/*.jpg")) | ReadFiles() | DecodeImage()
          | ResizeCrop.for_input(tiny_model.input) | OnnxInference(tiny_model) | TopK(tiny_model, k=2))
-    assert g.schema.names == ["path", "label", "score", "topk_labels", "topk_scores", "model"]
-    assert TensorSpec.from_field(g.schemas[3].field("pixels")) == tiny_model.input
+    assert g.schema.names == ["id", "path", "label", "score", "topk_labels", "topk_scores", "model"]
+    assert TensorSpec.from_field(g.graph.schema("resize").field("pixels")) == tiny_model.input
 
 
 def test_graph_is_immutable_and_steps_are_named_once(tiny_model):
-    base = Graph(Source("x/*.jpg")) | ReadFiles()
+    base = Graph.source(Files("x/*.jpg")) | ReadFiles()
     longer = base | DecodeImage()
-    assert len(base.steps) == 1 and len(longer.steps) == 2
-    with pytest.raises(ValueError, match="step name 'read' is used twice"):
+    assert len(base.graph.steps) == 2 and len(longer.graph.steps) == 3
+    with pytest.raises(ValueError, match="step id 'read' is used twice"):
         longer | ReadFiles()
-    with pytest.raises(TypeError, match="must be a beamzoo Operator"):
+    with pytest.raises(TypeError, match="must be a beamzoo operator"):
         base | (lambda b: b)
 
 
 def test_operator_without_required_input_is_caught():
+    @register("test_needs_logits")
     class NeedsLogits(Operator):
+        default_id = "NeedsLogits"
         requires = pa.schema([pa.field("logits", pa.float32())])
 
     with pytest.raises(SchemaMismatchError, match="step 'NeedsLogits'.*missing field logits"):
-        Graph(Source("x")) | ReadFiles() | NeedsLogits()
+        Graph.source(Files("x")) | ReadFiles() | NeedsLogits()

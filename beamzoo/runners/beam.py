@@ -10,7 +10,9 @@ per DoFn instance and their heavy state once per worker process
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
 import time
 
 import apache_beam as beam
@@ -24,6 +26,19 @@ from beamzoo.schemas import DEAD_LETTER_SCHEMA
 DEAD_TAG = "dead_letter"
 NS = "beamzoo"
 PLAN_FUNCTIONS = {}
+
+
+class Progress:
+    """Rows that reached a sink in this process (DirectRunner, and FlinkRunner's LOOPBACK
+    workers, run here): what the progress bar of a Beam run shows."""
+
+    rows = 0
+    lock = threading.Lock()
+
+    @classmethod
+    def add(cls, n: int) -> None:
+        with cls.lock:
+            cls.rows += n
 
 
 def _plans(kind):
@@ -240,6 +255,7 @@ def _sink(t: Translation, stage: Stage) -> None:
 
     def count(batch):
         counter.inc(batch.num_rows)
+        Progress.add(batch.num_rows)
         if clock is not None:
             clock.update(int(time.time() * 1000))
         return batch.select(names)
@@ -261,15 +277,42 @@ def translate(graph: Graph, root, run: str = "run", inputs: dict | None = None) 
     return Translation(plan(graph), root, run, inputs).apply()
 
 
-def run(graph: Graph, argv: list[str], run_name: str):
+def run(graph: Graph, argv: list[str], run_name: str, progress: bool = True):
     """Run ``graph`` on the Beam runner ``argv`` names; returns the finished result."""
     from beamzoo.runners.options import beam_options
-    with beam_options(argv) as options:
+    with beam_options(argv) as options, _bar(progress):
         pipeline = beam.Pipeline(options=options)
         translate(graph, pipeline, run_name)
         result = pipeline.run()
         result.wait_until_finish()
         return _Metrics(result)
+
+
+@contextlib.contextmanager
+def _bar(enabled: bool):
+    """A progress bar of rows written, on a terminal only, updated twice a second."""
+    import sys
+
+    from tqdm import tqdm
+    if not (enabled and sys.stderr.isatty()):
+        yield
+        return
+    stop = threading.Event()
+    start = Progress.rows
+    bar = tqdm(unit="row", smoothing=0.1)
+
+    def poll():
+        while not stop.wait(0.5):
+            bar.update(Progress.rows - start - bar.n)
+
+    t = threading.Thread(target=poll, daemon=True)
+    t.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        t.join()
+        bar.close()
 
 
 class _Metrics:

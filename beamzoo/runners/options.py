@@ -162,3 +162,13 @@ def beam_options(argv: list[str] | None = None):
         if server is not None:
             argv = [*argv, f"--job_endpoint={server.wait()}"]
         yield PipelineOptions(argv)
+
+
+def unknown_beam_options(argv: list[str]) -> list[str]:
+    """What in ``argv`` no Beam options class takes: unknown options and stray
+    arguments (Beam itself only warns)."""
+    from apache_beam.options.pipeline_options import PipelineOptions
+    parser = {}
+    PipelineOptions(argv).get_all_options(add_extra_args_fn=lambda p: parser.setdefault("p", p))
+    _, unknown = parser["p"].parse_known_args(argv)
+    return unknown

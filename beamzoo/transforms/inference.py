@@ -110,6 +110,9 @@ class OnnxInference(Operator):
     def result_params(self):
         return {**super().result_params(), "model_sha256": self.card.model_sha256()}
 
+    def __getstate__(self):
+        return {**self.__dict__, "_session": None}  # a session is made again where it is used
+
     def setup(self):
         if self._session is None:
             p = self.params
