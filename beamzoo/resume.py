@@ -15,6 +15,7 @@ import functools
 import glob
 import hashlib
 import os
+import threading
 import time
 import uuid
 
@@ -60,7 +61,11 @@ def done_rows(directories: list[str]) -> tuple[frozenset[tuple[str, str]], froze
     (renamed into place), so their names, sizes and times identify it.
     """
     files = output_files(directories)
-    return _read_done(tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files))
+    with _reading:  # worker threads set up at once: one of them reads
+        return _read_done(tuple((f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files))
+
+
+_reading = threading.Lock()
 
 
 @functools.lru_cache(maxsize=4)

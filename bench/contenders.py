@@ -38,10 +38,13 @@ class Ctx:
         return sorted(glob.glob(os.path.join(self.files, "*.jpg")))
 
 
-def parquet_labels(directory: str) -> dict[str, str]:
+def parquet_labels(directory: str, pattern: str = "predictions-*.parquet") -> dict[str, str]:
+    """{file name: top-1 label} from the Parquet files ``pattern`` matches in ``directory``:
+    ``predictions-*.parquet`` (the reference loop, Beam stock) or, for beamzoo's own
+    layout (``<work>/predictions/part-*.parquet``), ``parquet_labels(work/predictions, "*.parquet")``."""
     import pyarrow.parquet as pq
     out = {}
-    for p in sorted(glob.glob(os.path.join(directory, "predictions-*.parquet"))):
+    for p in sorted(glob.glob(os.path.join(glob.escape(directory), pattern))):
         t = pq.read_table(p, columns=["path", "label"])
         for path, label in zip(t.column("path").to_pylist(), t.column("label").to_pylist()):
             out[os.path.basename(path)] = label
@@ -207,7 +210,7 @@ def beam_stock(ctx: Ctx) -> dict:
          | "Write" >> beam.io.WriteToParquet(os.path.join(ctx.work, "predictions"), schema,
                                              file_name_suffix=".parquet"))
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
-    labels = parquet_labels(ctx.work)
+    labels = parquet_labels(ctx.work, "predictions-*.parquet")
     first = _FIRST["t"] - t0 if "t" in _FIRST else None
     return {"seconds": seconds, "cpu_s": cpu, "first_result_s": first, "scored": len(labels), "failed": 0,
             "labels": labels, "first_result_note": "first row reaching the Parquet writer"}
@@ -220,18 +223,22 @@ def _beamzoo(ctx: Ctx, runner: str, beam_args=()) -> dict:
     from beamzoo.runners import EdgeRunner
     from beamzoo.zoo import EFFICIENTNET_LITE0
 
+    importlib.import_module("beamzoo.runners.options")  # run() imports it lazily
     if runner != "EdgeRunner":  # import Beam before the clock starts
         importlib.import_module("beamzoo.runners.beam")
         importlib.import_module("beamzoo.transforms.beam")
-    graph = score_images(os.path.join(ctx.files, "*.jpg"), EFFICIENTNET_LITE0)
+        importlib.import_module("apache_beam.io.parquetio")  # beamzoo.runners.beam imports it lazily
+    # writes ctx.work/predictions/part-*.parquet and ctx.work/dead_letter/part-*.parquet
+    graph = score_images(os.path.join(ctx.files, "*.jpg"), ctx.work, EFFICIENTNET_LITE0)
     t0, c0 = time.perf_counter(), time.process_time()
-    stats = run(graph, ctx.work, runner, list(beam_args), edge=EdgeRunner(progress=False))
+    stats = run(graph, runner, list(beam_args), edge=EdgeRunner(progress=False))
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     first = None
-    if stats.first_result_s is not None:  # counted by run() from after it listed the files
+    if stats.first_result_s is not None:  # counted by run() from when the runner starts
         first = seconds - stats.seconds + stats.first_result_s
+    labels = parquet_labels(os.path.join(ctx.work, "predictions"), "*.parquet")
     return {"seconds": seconds, "cpu_s": cpu, "first_result_s": first, "scored": stats.scored,
-            "failed": stats.failed, "labels": parquet_labels(ctx.work)}
+            "failed": stats.failed, "labels": labels}
 
 
 def beamzoo_edge(ctx: Ctx) -> dict:

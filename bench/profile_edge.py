@@ -26,19 +26,28 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def wrap_steps(graph, cpu: dict, calls: dict):
+def timed_operators(original, cpu: dict, calls: dict):
+    """A ``Stage.operators`` whose operators add up the thread CPU time of their ``process``
+    (each runner thread builds its own operators from the planned stage)."""
     lock = threading.Lock()
-    for step in graph.steps:
-        inner = step.process
 
-        def timed(batch, inner=inner, name=step.name):
-            c0 = time.thread_time()
-            out = inner(batch)
-            with lock:
-                cpu[name] += time.thread_time() - c0
-                calls[name] += 1
-            return out
-        step.process = timed
+    def operators(stage):
+        ops = original(stage)
+        for op in ops:
+            if op.kind in ("source", "sink"):  # the runner reads and writes these itself
+                continue
+            inner = op.process
+
+            def timed(batch, inner=inner, name=op.id):
+                c0 = time.thread_time()
+                out = inner(batch)
+                with lock:
+                    cpu[name] += time.thread_time() - c0
+                    calls[name] += 1
+                return out
+            op.process = timed
+        return ops
+    return operators
 
 
 def bare_costs(paths: list[str], model: str, batch: int) -> dict:
@@ -80,53 +89,62 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import images
-    import pyarrow as pa
     from beamzoo.pipeline import run, score_images
+    from beamzoo.plan import Stage, plan
     from beamzoo.runners import EdgeRunner
     from beamzoo.zoo import EFFICIENTNET_LITE0
 
     directory = images.make_set(args.cache, args.n, args.seed)
     paths = images.image_paths(directory)
-    graph = score_images(os.path.join(directory, "*.jpg"), EFFICIENTNET_LITE0)
     edge = EdgeRunner(progress=False)
     cpu, calls, seen = defaultdict(float), defaultdict(int), {}
-    original = EdgeRunner.run
+    original_run, original_operators = EdgeRunner.run, Stage.operators
 
-    def wrapped_run(self, g, *a, **kw):  # time the steps of the graph the runner really gets
-        wrap_steps(g, cpu, calls)
+    def wrapped_run(self, g, *a, **kw):  # the graph the runner really gets (with resume keys)
         seen["graph"] = g
-        return original(self, g, *a, **kw)
+        return original_run(self, g, *a, **kw)
     EdgeRunner.run = wrapped_run
-    with tempfile.TemporaryDirectory() as tmp:
-        c0, t0 = time.process_time(), time.perf_counter()
-        stats = run(graph, os.path.join(tmp, "out"), "EdgeRunner", edge=edge)
-        total_cpu, wall = time.process_time() - c0, time.perf_counter() - t0
-    EdgeRunner.run = original
+    Stage.operators = timed_operators(original_operators, cpu, calls)  # time the planned steps
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            graph = score_images(os.path.join(directory, "*.jpg"), os.path.join(tmp, "out"),
+                                 EFFICIENTNET_LITE0)
+            c0, t0 = time.process_time(), time.perf_counter()
+            stats = run(graph, "EdgeRunner", edge=edge)
+            total_cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+    finally:
+        EdgeRunner.run, Stage.operators = original_run, original_operators
     n = len(paths)
     print(f"edge runner: {n / wall:.1f} images/s, process CPU {total_cpu / n * 1e3:.2f} ms/image, "
           f"scored {stats.scored} (load average {os.getloadavg()[0]:.1f})")
-    print(f"{'step':<10} {'thread CPU ms/img':>18} {'calls':>6}")
+    width = max([10, *map(len, cpu)])  # planned step ids, e.g. "decode+resize"
+    print(f"{'step':<{width}} {'thread CPU ms/img':>18} {'calls':>6}")
     for name, v in cpu.items():
-        print(f"{name:<10} {v / n * 1e3:18.2f} {calls[name]:>6}")
-    print(f"{'(other)':<10} {(total_cpu - sum(cpu.values())) / n * 1e3:18.2f}   "
+        print(f"{name:<{width}} {v / n * 1e3:18.2f} {calls[name]:>6}")
+    print(f"{'(other)':<{width}} {(total_cpu - sum(cpu.values())) / n * 1e3:18.2f}   "
           "(model loading, the runner between steps, Parquet)")
-    batch = next(s.hints.batch_size for s in seen["graph"].steps if s.name == "infer")
+    batch = seen["graph"].step("infer").params["batch_size"]
     bare = bare_costs(paths, str(EFFICIENTNET_LITE0.onnx_path()), batch)
     print("same work without beamzoo (one thread):")
     for k, v in bare.items():
         print(f"  {k:<48} {v:6.2f} ms/img")
 
     if args.cprofile:
-        g = seen["graph"]
-        head = [s for s in g.steps if s.name not in ("infer", "topk")]
+        stages = plan(seen["graph"]).stages  # as the runner planned it (decode and resize fused)
+        (source,) = next(s for s in stages if s.kind == "source").operators()
+        chain = next(s for s in stages if any(st.id == "infer" for st in s.steps)).operators()
+        head = chain[:[op.id for op in chain].index("infer")]
+        for op in head:
+            op.setup()
+        refs = list(source.refs())
         prof = cProfile.Profile()
         prof.enable()
         for i in range(0, n, 8):
-            batch = pa.record_batch([pa.array(paths[i:i + 8], pa.string())], schema=g.source.schema)
-            for step in head:
-                batch = step.process(batch)[0]
+            batch = source.to_batch(refs[i:i + 8]).ok
+            for op in head:
+                batch = op.process(batch).ok
         prof.disable()
-        print(f"cProfile of {[s.name for s in head]} in one thread, chunks of 8:")
+        print(f"cProfile of {[op.id for op in head]} in one thread, chunks of 8:")
         pstats.Stats(prof).sort_stats("tottime").print_stats(22)
     return 0
 

@@ -19,7 +19,7 @@ from beamzoo.runners.job_server import class_archive
 from conftest import flink_rest, subtask_reads
 from beamzoo.samples import make_sample_set
 from beamzoo.transforms.io import list_files
-from test_runners import ROOT, assert_same_rows, read
+from conftest import ROOT, assert_same_rows, read
 from test_score_images import images, score, score_cmd  # noqa: F401 - images is a fixture
 
 pytestmark = [
@@ -38,8 +38,8 @@ def edge_out(images, tmp_path_factory):
 
 
 def assert_same_as_edge(out, edge_out):
-    assert_same_rows(read(str(out), "predictions"), read(str(edge_out), "predictions"))
-    assert read(str(out), "dead_letter") == read(str(edge_out), "dead_letter")
+    assert_same_rows(read(out), read(edge_out))
+    assert read(out, "dead_letter") == read(edge_out, "dead_letter")
 
 
 def test_embedded_flink_gives_the_same_rows(images, edge_out, tmp_path):
@@ -65,7 +65,7 @@ def test_standalone_flink_gives_the_same_rows_and_spreads_the_work(flink_cluster
     assert "inputs: 24  scored: 19  dead letters: 5" in log
     assert_same_as_edge(tmp_path, edge_out)
     # Flink's own figures: every subtask of the scoring operator read records.
-    read_counts = subtask_reads("ScoreToParquet/{Score")
+    read_counts = subtask_reads("read+decode+resize")
     assert len(read_counts) == 2 and min(read_counts) > 0, read_counts
 
 
@@ -110,7 +110,7 @@ def test_losing_a_taskmanager_mid_run_loses_and_duplicates_nothing(flink_cluster
     assert proc.returncode == 0, stderr[-3000:]
     inputs = list_files(str(many_photos / "*.jpg"))
     assert f"inputs: {len(inputs)}  scored: {len(inputs)}  dead letters: 0" in stdout
-    paths = Counter(r["path"] for r in read(str(out), "predictions"))
+    paths = Counter(r["path"] for r in read(out))
     assert set(paths) == set(inputs) and set(paths.values()) == {1}
     job = max(flink_rest("/jobs/overview")["jobs"], key=lambda j: j["start-time"])
     assert job["state"] == "FINISHED"

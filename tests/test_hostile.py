@@ -16,16 +16,13 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from badfiles import photo
-from beamzoo.core import Source
-from beamzoo.pipeline import run, score_images
-from beamzoo.runners import EdgeRunner
+from beamzoo.pipeline import score_images
 from beamzoo.transforms.io import ReadFiles, list_files
 from beamzoo.transforms.preprocess import DecodeImage, ResizeCrop, decode
 from conftest import write_colour_image
 from test_preprocess import run_chain
-from test_runners import read
+from conftest import read, run_graph
 
-EDGE = dict(runner="EdgeRunner", edge=EdgeRunner(workers=2, progress=False))
 
 
 def process(steps, paths):
@@ -44,8 +41,23 @@ def test_cyclic_and_deep_symlinks_end_and_list_each_file_once(tmp_path):
     os.symlink("missing", d / "dangling.png")
     os.symlink(d / "self", d / "self")       # a link to itself
     for pattern in (str(d), str(d / "**" / "*.png")):
-        found = list_files(pattern)
-        assert found == [str(deep / "deep.png"), str(d / "top.png")]
+        found = list_files(pattern)  # the dangling link is listed: it becomes a dead letter
+        assert found == [str(d / "dangling.png"), str(deep / "deep.png"), str(d / "top.png")]
+
+
+def test_fifos_devices_and_dangling_links_are_dead_letters_not_hangs(tmp_path, tiny_model):
+    d = tmp_path / "odd"
+    d.mkdir()
+    write_colour_image(d / "fine.png", (200, 0, 0))
+    os.mkfifo(d / "fifo.png")  # opening it for reading would wait for a writer forever
+    os.symlink("/dev/zero", d / "zero.png")  # endless bytes
+    os.symlink("missing", d / "dangling.png")
+    stats = run_graph(score_images(str(d / "*"), str(tmp_path / "out"), tiny_model, k=3))
+    assert (stats.inputs, stats.scored, stats.failed) == (4, 1, 3)
+    reasons = {os.path.basename(r["source"]): (r["stage"], r["error"]) for r in read(tmp_path / "out", "dead_letter")}
+    assert reasons["fifo.png"] == ("read", "ValueError: not a regular file (a FIFO); only regular files are read")
+    assert reasons["zero.png"] == ("read", "ValueError: not a regular file (a device); only regular files are read")
+    assert reasons["dangling.png"][0] == "read" and "FileNotFoundError" in reasons["dangling.png"][1]
 
 
 def test_unreadable_file_is_a_read_dead_letter(tmp_path):
@@ -95,16 +107,18 @@ def test_non_utf8_and_very_long_names(tmp_path, tiny_model):
     write_colour_image(d / weird, (0, 0, 200))
     with open(os.path.join(os.fsencode(d), b"bad\xff\xfename.png"), "wb") as f:
         f.write((d / "plain.png").read_bytes())
-    stats = run(score_images(str(d / "*"), tiny_model, k=3), str(tmp_path / "out"), **EDGE)
+    stats = run_graph(score_images(str(d / "*"), str(tmp_path / "out"), tiny_model, k=3))
     assert (stats.inputs, stats.scored, stats.failed) == (4, 3, 1)
-    labels = {os.path.basename(r["path"]): r["label"] for r in read(str(tmp_path / "out"), "predictions")}
+    labels = {os.path.basename(r["path"]): r["label"] for r in read(tmp_path / "out")}
     assert labels == {"plain.png": "red", long_name: "green", weird: "blue"}
-    [dead] = read(str(tmp_path / "out"), "dead_letter")
-    assert dead["stage"] == "list" and dead["path"].endswith("bad\\xff\\xfename.png")
+    [dead] = read(tmp_path / "out", "dead_letter")
+    assert dead["stage"] == "list" and dead["source"].endswith("bad\\xff\\xfename.png")
     assert "not valid UTF-8" in dead["error"]
     # No input name wrote anything outside the output directory.
     assert sorted(os.listdir(tmp_path)) == ["names", "out", "tiny.onnx"]
-    assert all(f.startswith(("predictions-", "dead_letter-")) for f in os.listdir(tmp_path / "out"))
+    assert sorted(os.listdir(tmp_path / "out")) == [".beamzoo.lock", "dead_letter", "predictions"]
+    assert all(f.startswith("part-") for sub in ("dead_letter", "predictions")
+               for f in os.listdir(tmp_path / "out" / sub))
 
 
 def test_files_that_vanish_or_change_after_listing(tmp_path, tiny_model):
@@ -117,7 +131,7 @@ def test_files_that_vanish_or_change_after_listing(tmp_path, tiny_model):
     write_colour_image(changed, (0, 0, 200))
     rows, dead = process([ReadFiles(), DecodeImage()], paths)
     assert rows.column("path").to_pylist() == [changed]
-    assert dead[0]["path"] == gone and "FileNotFoundError" in dead[0]["error"]
+    assert dead[0]["source"] == gone and "FileNotFoundError" in dead[0]["error"]
 
 
 def test_extreme_aspect_ratios_are_scored(tmp_path, tiny_model):
@@ -125,9 +139,9 @@ def test_extreme_aspect_ratios_are_scored(tmp_path, tiny_model):
     d.mkdir()
     write_colour_image(d / "wide.png", (200, 0, 0), size=(10000, 1))
     write_colour_image(d / "tall.png", (0, 200, 0), size=(1, 10000))
-    stats = run(score_images(str(d / "*"), tiny_model, k=3), str(tmp_path / "out"), **EDGE)
+    stats = run_graph(score_images(str(d / "*"), str(tmp_path / "out"), tiny_model, k=3))
     assert (stats.scored, stats.failed) == (2, 0)
-    labels = {os.path.basename(r["path"]): r["label"] for r in read(str(tmp_path / "out"), "predictions")}
+    labels = {os.path.basename(r["path"]): r["label"] for r in read(tmp_path / "out")}
     assert labels == {"wide.png": "red", "tall.png": "green"}
 
 
@@ -162,8 +176,9 @@ def test_a_directory_with_100000_entries(tmp_path, tiny_model):
             f.write(png if i % 10_000 == 0 else b"")
     assert len(list_files(str(d / "*"))) == 100_000
     assert len(list_files(str(d))) == 10  # a directory means its images
-    stats = run(score_images(str(d / "*"), tiny_model, k=3, batch_size=64), str(tmp_path / "out"),
-                runner="EdgeRunner", edge=EdgeRunner(chunk_size=256, progress=False))
+    from beamzoo.runners import EdgeRunner
+    stats = run_graph(score_images(str(d / "*"), str(tmp_path / "out"), tiny_model, k=3, batch_size=64),
+                      edge=EdgeRunner(chunk_size=256, progress=False))
     assert (stats.inputs, stats.scored, stats.failed) == (100_000, 10, 99_990)
 
 
@@ -209,8 +224,8 @@ def test_png_chunk_declaring_more_bytes_than_the_file_is_refused_before_decoding
 @given(st.lists(mutated(), min_size=1, max_size=4))
 def test_mutated_image_bytes_never_crash_or_hang(blobs):
     paths = [f"fuzz{i}" for i in range(len(blobs))]
-    schema = pa.schema([Source.schema.field("path"), pa.field("data", pa.binary())])
-    batch = pa.record_batch([pa.array(paths), pa.array(blobs, pa.binary())], schema=schema)
+    schema = pa.schema([pa.field("id", pa.string()), pa.field("path", pa.string()), pa.field("data", pa.binary())])
+    batch = pa.record_batch([pa.array(paths), pa.array(paths), pa.array(blobs, pa.binary())], schema=schema)
     seen = []
     result = {}
 
@@ -218,7 +233,7 @@ def test_mutated_image_bytes_never_crash_or_hang(blobs):
         rows, dead = batch, []
         for step in (DecodeImage(max_pixels=4_000_000, min_side=32), ResizeCrop(resize=36, crop=32)):
             rows, dl = step.process(rows)
-            dead += dl.column("path").to_pylist()
+            dead += dl.column("source").to_pylist()
         result["rows"], result["dead"] = rows.column("path").to_pylist(), dead
 
     t = threading.Thread(target=work, daemon=True)

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from beamzoo.runners import flink, job_server
-from beamzoo.runners.beam import flink_job_server
+from beamzoo.runners.options import flink_job_server
 from beamzoo.runners.job_server import JVM_OPTIONS, JobServer, class_archive
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs a Java runtime (17)")

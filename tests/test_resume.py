@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -15,90 +16,104 @@ import cv2
 import numpy as np
 import pytest
 
-from beamzoo.pipeline import run, score_images
 from beamzoo import resume
-from beamzoo.resume import done_rows, graph_version
-from beamzoo.runners import EdgeRunner
+from beamzoo.pipeline import score_images
+from beamzoo.resume import PROCESSING, done_rows
 from beamzoo.runners.sinks import count_rows
 from beamzoo.transforms.io import list_files
-from conftest import COLOURS, tiny_card, tiny_colour_model, write_colour_image
-from test_runners import ROOT, read
-
-EDGE = dict(runner="EdgeRunner", edge=EdgeRunner(workers=2, progress=False))
+from conftest import COLOURS, ROOT, read, run_graph, tiny_card, tiny_colour_model, write_colour_image
 
 
 def all_rows(out):
-    return read(str(out), "predictions") + read(str(out), "dead_letter")
+    return read(out) + read(out, "dead_letter")
+
+
+def outputs(out) -> list[str]:
+    return [str(out / "predictions"), str(out / "dead_letter")]
 
 
 def test_every_row_carries_a_key(tmp_path, colour_dir, tiny_model):
     (colour_dir / "broken.jpg").write_bytes(b"not a jpeg")
-    run(score_images(str(colour_dir / "*"), tiny_model, k=3), str(tmp_path), **EDGE)
-    preds, dead = read(str(tmp_path), "predictions"), read(str(tmp_path), "dead_letter")
+    run_graph(score_images(str(colour_dir / "*"), str(tmp_path), tiny_model, k=3))
+    preds, dead = read(tmp_path), read(tmp_path, "dead_letter")
     assert all(len(r["key"]) == 64 for r in preds + dead)
     assert len({r["key"] for r in preds}) == len(preds)
 
 
 def test_output_dir_with_results_needs_resume(tmp_path, colour_dir, tiny_model):
-    graph = score_images(str(colour_dir / "*"), tiny_model, k=3)
-    run(graph, str(tmp_path), **EDGE)
+    graph = score_images(str(colour_dir / "*"), str(tmp_path), tiny_model, k=3)
+    run_graph(graph)
     with pytest.raises(FileExistsError, match="pass --resume"):
-        run(graph, str(tmp_path), **EDGE)
+        run_graph(graph)
 
 
-@pytest.mark.parametrize("runner", ["EdgeRunner", "DirectRunner"])
-def test_resuming_a_finished_run_does_no_inference(tmp_path, colour_dir, tiny_model, runner):
-    graph = score_images(str(colour_dir / "**" / "*.*"), tiny_model, k=3)
-    first = run(graph, str(tmp_path), runner, edge=EdgeRunner(progress=False))
+def test_resuming_a_finished_run_does_no_inference(tmp_path, colour_dir, tiny_model, runner, monkeypatch):
+    graph = score_images(str(colour_dir / "**" / "*.*"), str(tmp_path), tiny_model, k=3)
+    first = run_graph(graph, runner)
+    from beamzoo.transforms.inference import OnnxInference
     calls = []
-    infer = graph.steps[-2]
-    original = infer.run
-    infer.run = lambda x: calls.append(len(x)) or original(x)
-    again = run(graph, str(tmp_path), "EdgeRunner", edge=EdgeRunner(progress=False), resume=True)
+    original = OnnxInference.run
+    monkeypatch.setattr(OnnxInference, "run", lambda self, x: calls.append(len(x)) or original(self, x))
+    again = run_graph(graph, runner, resume=True)
     assert calls == []
-    assert (again.inputs, again.scored, again.failed) == (first.inputs, first.scored, first.failed) == (9, 9, 0)
+    assert (first.inputs, first.scored, first.failed, first.skipped) == (9, 9, 0, 0)
+    assert (again.inputs, again.scored, again.failed, again.skipped) == (9, 0, 0, 9)
+    assert again.line() == "inputs: 9  scored: 0  dead letters: 0  already done: 9"
 
 
 def test_changed_file_and_new_model_version_are_scored_again(tmp_path, colour_dir, tiny_model):
-    graph = score_images(str(colour_dir / "*"), tiny_model, k=3)
-    run(graph, str(tmp_path), **EDGE)
+    graph = score_images(str(colour_dir / "*"), str(tmp_path), tiny_model, k=3)
+    run_graph(graph)
     write_colour_image(colour_dir / "red0.png", (20, 20, 230))  # now blue
-    run(graph, str(tmp_path), **EDGE, resume=True)
-    rows = read(str(tmp_path), "predictions")
+    stats = run_graph(graph, resume=True)
+    assert (stats.inputs, stats.scored, stats.skipped) == (6, 1, 5)  # this run's inputs, consistently
+    rows = read(tmp_path)
     red0 = [r["label"] for r in rows if r["path"].endswith("red0.png")]
     assert sorted(red0) == ["blue", "red"] and len(rows) == 7
 
     other = tiny_colour_model(tmp_path / "v2.onnx")
     v2 = tiny_card(other, version="2")
-    graph2 = score_images(str(colour_dir / "*"), v2, k=3)
-    assert graph_version(graph2) != graph_version(graph)
-    run(graph2, str(tmp_path), **EDGE, resume=True)
-    models = Counter(r["model"] for r in read(str(tmp_path), "predictions"))
+    graph2 = score_images(str(colour_dir / "*"), str(tmp_path), v2, k=3)
+    assert graph2.fingerprint(PROCESSING) != graph.fingerprint(PROCESSING)
+    run_graph(graph2, resume=True)
+    models = Counter(r["model"] for r in read(tmp_path))
     assert models == {"tiny_colour:1": 7, "tiny_colour:2": 6}
 
 
 def test_unreadable_inputs_are_not_retried(tmp_path, colour_dir, tiny_model):
     (colour_dir / "empty.png").write_bytes(b"")
-    graph = score_images(str(colour_dir / "*"), tiny_model, k=3)
-    run(graph, str(tmp_path), **EDGE)
-    stats = run(graph, str(tmp_path), **EDGE, resume=True)
-    assert (stats.inputs, stats.scored, stats.failed) == (7, 6, 1)
-    assert done_rows(str(tmp_path))[1] == {str(colour_dir / "empty.png")}
+    graph = score_images(str(colour_dir / "*"), str(tmp_path), tiny_model, k=3)
+    run_graph(graph)
+    stats = run_graph(graph, resume=True)
+    assert (stats.inputs, stats.scored, stats.failed, stats.skipped) == (7, 0, 0, 7)
+    assert done_rows(outputs(tmp_path))[1] == {str(colour_dir / "empty.png")}
+    assert len(read(tmp_path, "dead_letter")) == 1  # not dead-lettered again
 
 
 def test_committed_outputs_are_read_once_per_state_of_the_folder(tmp_path, colour_dir, tiny_model, monkeypatch):
-    graph = score_images(str(colour_dir / "*"), tiny_model, k=3)
-    run(graph, str(tmp_path), **EDGE)
+    graph = score_images(str(colour_dir / "*"), str(tmp_path), tiny_model, k=3)
+    run_graph(graph)
     reads = Counter()
     real = resume.pq.read_table
     monkeypatch.setattr(resume.pq, "read_table", lambda f, **kw: reads.update([f]) or real(f, **kw))
-    stats = run(graph, str(tmp_path), **EDGE, resume=True)  # select() and the Key step both ask
-    assert (stats.inputs, stats.scored, stats.failed) == (6, 6, 0)
+    stats = run_graph(graph, resume=True)  # the skip step and the key step both ask, in two threads each
+    assert (stats.inputs, stats.skipped) == (6, 6)
     assert reads and max(reads.values()) == 1  # nothing new was scored: the folder did not change
-    first = sorted(tmp_path.glob("predictions-*.parquet"))[0]
-    shutil.copy(first, tmp_path / "predictions-copy-00000.parquet")
-    done_rows(str(tmp_path))  # the folder changed: read again
-    assert reads[str(tmp_path / "predictions-copy-00000.parquet")] == 1
+    first = sorted((tmp_path / "predictions").glob("part-*.parquet"))[0]
+    shutil.copy(first, tmp_path / "predictions" / "part-copy-00000.parquet")
+    done_rows(outputs(tmp_path))  # the folder changed: read again
+    assert reads[str(tmp_path / "predictions" / "part-copy-00000.parquet")] == 1
+
+
+def test_a_corrupt_output_file_stops_resume_with_the_way_forward(tmp_path, colour_dir, tiny_model):
+    graph = score_images(str(colour_dir / "*"), str(tmp_path), tiny_model, k=3)
+    run_graph(graph)
+    bad = tmp_path / "predictions" / "part-foreign.parquet"
+    bad.write_bytes(b"PAR1 not really parquet")
+    with pytest.raises(resume.CorruptOutput, match=r"part-foreign.parquet cannot be read .*mv .*\.bad"):
+        run_graph(graph, resume=True)
+    os.replace(bad, str(bad) + ".bad")
+    assert run_graph(graph, resume=True).skipped == 6
 
 
 KILLABLE = textwrap.dedent("""
@@ -107,9 +122,9 @@ KILLABLE = textwrap.dedent("""
     from beamzoo.runners import EdgeRunner
     from conftest import tiny_card
     pattern, out, runner, model = sys.argv[1:5]
-    graph = score_images(pattern, tiny_card(model), k=3, batch_size=8)
+    graph = score_images(pattern, out, tiny_card(model), k=3, batch_size=8)
     edge = EdgeRunner(workers=2, chunk_size=4, progress=False, rows_per_file=10, seconds_per_file=0.05)
-    stats = run(graph, out, runner, ["--direct_num_workers=1"], edge=edge, resume=True)
+    stats = run(graph, runner, ["--direct_num_workers=1"], edge=edge, resume=True)
     print(stats.line())
 """)
 
@@ -129,6 +144,7 @@ def many_images(tmp_path_factory):
 
 
 def committed(out) -> int:
+    out = os.path.join(out, "predictions")
     return len([f for f in os.listdir(out) if f.endswith(".parquet")]) if os.path.isdir(out) else 0
 
 
@@ -139,7 +155,8 @@ def kill_mid_run(cmd, env, out, rng, beam: bool) -> bool:
     deadline = time.monotonic() + 120
     def started() -> bool:  # Beam commits at the end; its temporary folder shows it is writing
         if beam:
-            return os.path.isdir(out) and any(f.startswith("beam-temp") for f in os.listdir(out))
+            sub = os.path.join(out, "predictions")
+            return os.path.isdir(sub) and any(f.startswith("beam-temp") for f in os.listdir(sub))
         return committed(out) > before
 
     while not started() and proc.poll() is None and time.monotonic() < deadline:
@@ -163,11 +180,17 @@ def test_killed_runs_resume_to_exactly_once(tmp_path, many_images, runner):
     kills = sum(kill_mid_run(cmd, env, out, rng, runner != "EdgeRunner") for _ in range(3))
     assert kills >= 2, "runs ended before they were killed: the test no longer tests resume"
     if runner == "EdgeRunner":
-        assert 0 < count_rows(str(out), "predictions") < 400  # the killed runs kept their commits
+        assert 0 < count_rows(str(out / "predictions")) < 400  # the killed runs kept their commits
     final = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert final.returncode == 0, final.stderr[-2000:]
     inputs = list_files(str(many_images / "*"))
-    assert f"inputs: {len(inputs)}  scored: 400  dead letters: 2" in final.stdout
-    paths = Counter(r["path"] for r in all_rows(out))
-    assert set(paths) == set(inputs) and set(paths.values()) == {1}
-    assert [f for f in os.listdir(out) if f.startswith((".", "beam-temp"))] == []
+    counts = dict(zip(("inputs", "scored", "dead"), map(int, re.findall(r"\d+", final.stdout.splitlines()[-1])[:3])))
+    done = re.search(r"already done: (\d+)", final.stdout)
+    assert counts["inputs"] == len(inputs) == 402
+    assert counts["scored"] + counts["dead"] + (int(done.group(1)) if done else 0) == 402
+    ids = Counter(r["id"] for r in all_rows(out))
+    assert set(ids) == set(inputs) and set(ids.values()) == {1}
+    assert (len(read(out)), len(read(out, "dead_letter"))) == (400, 2)
+    leftovers = [f for sub in ("predictions", "dead_letter") for f in os.listdir(out / sub)
+                 if f.startswith((".", "beam-temp"))]
+    assert leftovers == []

@@ -11,7 +11,7 @@ import pytest
 
 from badfiles import make_all
 from beamzoo.samples import make_sample_set
-from test_runners import ROOT, assert_same_rows, read
+from conftest import ROOT, assert_same_rows, read
 
 pytestmark = pytest.mark.integration
 
@@ -56,13 +56,13 @@ def test_both_runners_score_every_input_and_print_the_counts(results):
 
 def test_both_runners_give_the_same_rows(results):
     out, _ = results
-    assert_same_rows(read(str(out / "EdgeRunner"), "predictions"), read(str(out / "DirectRunner"), "predictions"))
-    assert read(str(out / "EdgeRunner"), "dead_letter") == read(str(out / "DirectRunner"), "dead_letter")
+    assert_same_rows(read(out / "EdgeRunner"), read(out / "DirectRunner"))
+    assert read(out / "EdgeRunner", "dead_letter") == read(out / "DirectRunner", "dead_letter")
 
 
 def test_real_photographs_get_the_right_labels(results):
     out, _ = results
-    rows = {os.path.basename(r["path"]): r for r in read(str(out / "EdgeRunner"), "predictions")}
+    rows = {os.path.basename(r["path"]): r for r in read(out / "EdgeRunner")}
     assert CATS & set(rows["chelsea.png"]["topk_labels"])
     assert rows["coffee.png"]["label"] == "espresso"
     # Odd encodings of the same cat photograph still look like a cat.
@@ -73,15 +73,14 @@ def test_real_photographs_get_the_right_labels(results):
 
 def test_output_schema(results):
     out, _ = results
-    files = [os.path.join(out, "EdgeRunner", f) for f in os.listdir(out / "EdgeRunner")]
-    pred = pq.read_schema(next(f for f in files if os.path.basename(f).startswith("predictions-")))
+    pred = pq.read_schema(next((out / "EdgeRunner" / "predictions").glob("part-*.parquet")))
     assert pred.field("path").type == pa.string() and pred.field("label").type == pa.string()
     assert pred.field("score").type == pa.float32()
     assert pred.field("topk_labels").type == pa.list_(pa.string())
     assert pred.field("topk_scores").type == pa.list_(pa.float32())
     assert pred.field("model").type == pa.string()
-    dead = read(str(out / "EdgeRunner"), "dead_letter")
-    assert {os.path.basename(r["path"]): r["stage"] for r in dead} == {
+    dead = read(out / "EdgeRunner", "dead_letter")
+    assert {os.path.basename(r["source"]): r["stage"] for r in dead} == {
         "empty.jpg": "read", "text.jpg": "decode", "truncated.jpg": "decode",
         "truncated.png": "decode", "bomb.png": "decode"}
 
@@ -89,7 +88,7 @@ def test_output_schema(results):
 def test_quick_start_scores_the_embedded_sample_set(tmp_path):
     log = score("--output", str(tmp_path), "--runner=EdgeRunner")
     assert "inputs: 12  scored: 12  dead letters: 0" in log
-    rows = {os.path.basename(r["path"]): r for r in read(str(tmp_path), "predictions")}
+    rows = {os.path.basename(r["path"]): r for r in read(tmp_path)}
     assert rows["coffee.png"]["label"] == "espresso"
 
 
@@ -97,8 +96,8 @@ def test_bilinear_shrink_scores_the_same_photos_under_a_new_graph_version(tmp_pa
     area, linear = tmp_path / "area", tmp_path / "linear"
     score("--output", str(area), "--runner=EdgeRunner")
     score("--output", str(linear), "--runner=EdgeRunner", "--shrink", "linear")
-    a = {os.path.basename(r["path"]): r for r in read(str(area), "predictions")}
-    b = {os.path.basename(r["path"]): r for r in read(str(linear), "predictions")}
+    a = {os.path.basename(r["path"]): r for r in read(area)}
+    b = {os.path.basename(r["path"]): r for r in read(linear)}
     assert b["coffee.png"]["label"] == "espresso" and CATS & set(b["chelsea.png"]["topk_labels"])
     assert a["coffee.png"]["score"] != b["coffee.png"]["score"]  # other pixels
     assert not {r["key"] for r in a.values()} & {r["key"] for r in b.values()}
