@@ -23,7 +23,7 @@ DEV = BEAM + SAMPLES + [
 
 setup(
     name="beamzoo",
-    version="0.1.0",
+    version="0.2.0",
     description="Model-inference dataflows: ONNX Runtime, OpenCV and Arrow-typed Beam transforms "
                 "that run on DirectRunner, Flink and a thin edge runner.",
     long_description=open("README.md", encoding="utf-8").read(),

@@ -125,7 +125,9 @@ def subtask_reads(vertex_name: str) -> list[int]:
     job = max(flink_rest("/jobs/overview")["jobs"], key=lambda j: j["start-time"])
     assert job["state"] == "FINISHED", job
     vertices = flink_rest(f"/jobs/{job['jid']}")["vertices"]
-    vertex = next(v for v in vertices if vertex_name in v["name"])
+    named = [v for v in vertices if vertex_name in v["name"]]
+    assert named, f"no vertex named like {vertex_name!r}: {[v['name'] for v in vertices]}"
+    vertex = named[0]
     subtasks = flink_rest(f"/jobs/{job['jid']}/vertices/{vertex['id']}")["subtasks"]
     return [s["metrics"]["read-records"] for s in subtasks]
 

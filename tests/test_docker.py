@@ -212,7 +212,7 @@ def check_launcher(argv: list[str], job_host: str) -> None:
     """Flags the script does not know go to Beam: each must be a Beam 2.x option."""
     from apache_beam.options.pipeline_options import PipelineOptions
 
-    args, beam_args = score_images_parse()(argv)
+    args, beam_args, _ = score_images_parse()(argv)
     assert args.input.startswith("/data/") and args.output.startswith("/data/")
     assert args.runner == "PortableRunner"
     known = set(PipelineOptions([]).get_all_options())

@@ -65,7 +65,7 @@ def test_standalone_flink_gives_the_same_rows_and_spreads_the_work(flink_cluster
     assert "inputs: 24  scored: 19  dead letters: 5" in log
     assert_same_as_edge(tmp_path, edge_out)
     # Flink's own figures: every subtask of the scoring operator read records.
-    read_counts = subtask_reads("read+decode+resize")
+    read_counts = subtask_reads("decode+resize+infer+topk")
     assert len(read_counts) == 2 and min(read_counts) > 0, read_counts
 
 

@@ -185,7 +185,8 @@ def _source_op(step: dict):
 
 @_plans("map")
 def _map(t: Translation, stage: Stage) -> None:
-    out = t.ref(stage.inputs[0]) | stage.id >> beam.ParDo(_StageFn(stage)).with_outputs(DEAD_TAG, main="out")
+    label = "+".join(s.id for s in stage.steps)  # Flink names its vertices after it
+    out = t.ref(stage.inputs[0]) | label >> beam.ParDo(_StageFn(stage)).with_outputs(DEAD_TAG, main="out")
     t.ports[f"{stage.id}:out"] = out.out
     t.dead.append(out[DEAD_TAG])
 

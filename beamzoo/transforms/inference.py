@@ -108,7 +108,7 @@ class OnnxInference(Operator):
         self._session = None
 
     def result_params(self):
-        return {**super().result_params(), "model_sha256": self.card.model_sha256()}
+        return {**super().result_params(), "model": self.card.identity()}
 
     def __getstate__(self):
         return {**self.__dict__, "_session": None}  # a session is made again where it is used

@@ -52,6 +52,9 @@ class TopK(Operator):
         self.consumes = (self.input_field,)
         self._labels = np.array(self.card.labels, dtype=object)
 
+    def result_params(self):
+        return {**super().result_params(), "model": self.card.identity()}
+
     def process(self, batch: pa.RecordBatch) -> Result:
         probs = softmax(batch.column(self.input_field).to_numpy_ndarray().astype(np.float64))
         top = np.argsort(-probs, axis=1, kind="stable")[:, :self.k]

@@ -92,6 +92,15 @@ class ModelCard:
             return self.ref
         return self.as_dict()
 
+    def identity(self) -> dict:
+        """What defines the model's answers, for fingerprints: the card without where its
+        file lies (a bundle moved elsewhere keeps its resume keys)."""
+        d = self.as_dict()
+        del d["path"]
+        d["sha256"] = self.model_sha256()
+        d["labels"] = hashlib.sha256("\n".join(self.labels).encode()).hexdigest()
+        return d
+
     def as_dict(self) -> dict:
         """The whole card as JSON data (``from_param`` reads it back)."""
         return {"name": self.name, "version": self.version, "input_name": self.input_name,
