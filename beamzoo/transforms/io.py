@@ -51,6 +51,13 @@ def iter_files(pattern: str) -> Iterator[str]:
             yield path if parts[:fixed] else os.path.relpath(path)
 
 
+def any_file(pattern: str) -> bool:
+    """Whether anything matches, found without listing everything (a run lists once)."""
+    if not is_remote(pattern) and "**" not in pattern and not os.path.isdir(pattern.removeprefix("file://")):
+        return any(not os.path.isdir(p) for p in glob.iglob(pattern.removeprefix("file://")))
+    return next(iter_files(pattern), None) is not None
+
+
 def list_files(pattern: str) -> list[str]:
     """All of ``iter_files(pattern)``, sorted."""
     return sorted(iter_files(pattern))
