@@ -142,3 +142,18 @@ def test_classify_beam_on_direct_runner_gives_score_images_rows(listed, scored, 
 def test_classify_beam_on_flink_gives_score_images_rows(listed, scored, tmp_path):
     rows, dead = classify(listed, tmp_path, "--runner=FlinkRunner")
     assert_like_score_images(rows, dead, scored)
+
+
+def test_a_model_is_loaded_once_per_process_and_shared_by_its_threads(colour_dir, tiny_model, monkeypatch):
+    from beamzoo import resources
+    from beamzoo.transforms import inference
+    resources.clear()
+    made = []
+    real = inference._session
+    monkeypatch.setattr(inference, "_session", lambda *a: made.append(1) or real(*a))
+    paths = sorted(glob.glob(str(colour_dir / "**" / "*.*"), recursive=True)) * 8
+    with beamzoo.beam_options(["--runner=DirectRunner", "--direct_num_workers=2"]) as options, \
+            beam.Pipeline(options=options) as p:
+        preds = p | beam.Create(paths) | beam.Reshuffle() | bz.Classify(tiny_model, topk=1)
+        assert_that(preds | beam.combiners.Count.Globally(), equal_to([72]))
+    assert made == [1]

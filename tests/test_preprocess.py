@@ -145,3 +145,13 @@ def test_decode_resize_gives_the_same_pixels_as_the_two_steps(bad_dir):
         assert one.schema.equals(two.schema, check_metadata=True)
         assert np.array_equal(one.column("pixels").to_numpy_ndarray(), two.column("pixels").to_numpy_ndarray())
         assert dead1.to_pylist() == dead2.to_pylist()
+
+
+def test_a_jpeg_with_bytes_after_its_end_is_scored_and_a_truncated_one_is_not(tmp_path):
+    jpeg = cv2.imencode(".jpg", photo())[1].tobytes()
+    video = b"\x00\x00\x00\x18ftypmp42" + bytes(range(256)) * 4000  # a motion photo's appended MP4
+    img = decode(jpeg + video, 10**8)
+    assert img.shape == photo().shape
+    assert np.array_equal(img, decode(jpeg, 10**8))
+    with pytest.raises(ValueError, match="truncated JPEG"):
+        decode(jpeg[: len(jpeg) // 2] + b"\x00" * 2048, 10**8)  # cut, then padding: no end-of-image marker
