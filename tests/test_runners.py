@@ -180,3 +180,48 @@ def test_cancelled_worker_stream_at_job_end_is_not_reported():
     finally:
         threading.excepthook = before
     assert reported == [("read_grpc_client_inputs", "ValueError")]
+
+
+def test_a_second_run_on_the_same_output_is_refused_naming_the_first(tmp_path, colour_dir, tiny_model):
+    from beamzoo.outdir import OutputLocked
+    out = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from beamzoo.outdir import lock_output
+        with lock_output({str(out)!r}):
+            print("locked", flush=True)
+            sys.stdin.read()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputLocked, match=f"pid {holder.pid} on host .* is writing to {out}"):
+            run_graph(score_images(str(colour_dir / "*"), str(out), tiny_model, k=3))
+        assert not (out / "predictions").exists()
+    finally:
+        holder.communicate("")
+    stats = run_graph(score_images(str(colour_dir / "*"), str(out), tiny_model, k=3))  # free again
+    assert stats.scored == 6
+
+
+@pytest.mark.parametrize("name, sibling", [("res?1", "resA1"), ("out*", "outX"), ("outdir[1]", "outdir1")])
+def test_output_folders_with_glob_characters(tmp_path, colour_dir, tiny_model, name, sibling):
+    real, other = tmp_path / name, tmp_path / sibling
+    run_graph(score_images(str(colour_dir / "*"), str(other), tiny_model, k=3))  # a folder the pattern would match
+    (other / "predictions" / ".beamzoo-left.tmp").write_text("a sibling's temporary file")
+    graph = score_images(str(colour_dir / "*"), str(real), tiny_model, k=3)
+    first = run_graph(graph)  # the sibling's results do not count as this folder's
+    again = run_graph(graph, resume=True)
+    assert (first.scored, again.scored, again.skipped) == (6, 0, 6)
+    assert count_rows(str(real / "predictions")) == 6 and count_rows(str(other / "predictions")) == 6
+    assert (other / "predictions" / ".beamzoo-left.tmp").exists()  # never removed by this folder's resume
+
+
+def test_resume_removes_only_beamzoos_own_temporaries(tmp_path, colour_dir, tiny_model):
+    graph = score_images(str(colour_dir / "*"), str(tmp_path), tiny_model, k=3)
+    run_graph(graph)
+    mine = tmp_path / "predictions" / ".notes.tmp"
+    mine.write_text("the user's")
+    stale = tmp_path / "predictions" / ".beamzoo-0123abcd.tmp"
+    stale.write_text("a killed run's")
+    run_graph(graph, resume=True)
+    assert mine.exists() and not stale.exists()
