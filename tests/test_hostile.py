@@ -209,10 +209,11 @@ def test_png_chunk_declaring_more_bytes_than_the_file_is_refused_before_decoding
     at = SEED_PNG.index(b"IDAT") - 4
     blob = SEED_PNG[:at] + b"\x71" + SEED_PNG[at + 1:]  # IDAT now declares ~1.9 GB
     (tmp_path / "bad.png").write_bytes(blob)
-    code = ("import resource, sys; from beamzoo.transforms.preprocess import decode\n"
+    # VmHWM, not ru_maxrss: on Linux ru_maxrss keeps the (forked) parent's peak across exec
+    code = ("import sys; from beamzoo.transforms.preprocess import decode\n"
             "try:\n    decode(open(sys.argv[1], 'rb').read(), 4_000_000)\n"
             "except ValueError as e:\n    print(e)\n"
-            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+            "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) // 1024)")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "bad.png")],
                          capture_output=True, text=True, check=True).stdout.splitlines()
     assert out[0].startswith("PNG is corrupt or truncated: chunk 'IDAT' declares 18")
