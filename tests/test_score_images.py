@@ -109,3 +109,14 @@ def test_bad_arguments_get_clear_errors(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode != 0 and "no files match" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_progress_stays_out_of_logs(tmp_path):
+    """Not a terminal (a log file, CI): no progress bar on any runner, only the summary."""
+    for runner in ("EdgeRunner", "DirectRunner"):
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "pipelines", "score_images.py"),
+                              "--output", str(tmp_path / runner), f"--runner={runner}"],
+                             capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "row/s" not in out.stderr and "rows/s" not in out.stderr and "\r" not in out.stderr
+        assert "inputs: 12  scored: 12  dead letters: 0" in out.stdout
