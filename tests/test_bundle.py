@@ -24,7 +24,7 @@ from beamzoo.graph import Graph, canonical
 from beamzoo.pipeline import Pipeline, run, score_images
 from beamzoo import DecodeImage, Files, OnnxInference, ReadFiles, ResizeCrop, TopK, WriteParquet
 from beamzoo.transforms.sinks import is_raw
-from beamzoo.zoo import ModelCard, sha256_of
+from beamzoo.zoo import ModelCard
 
 ROOT = Path(__file__).resolve().parents[1]
 PROCESSING = ("map", "explode", "route", "merge", "collect")

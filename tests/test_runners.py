@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from badfiles import make_all
-from beamzoo.core import Operator, Result, register
+from beamzoo.core import Operator, register
 from beamzoo.graph import Graph
 from beamzoo.pipeline import Pipeline, score_images
 from beamzoo.runners import EdgeRunner

@@ -11,7 +11,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from beamzoo import Classify, Files, Manifest, Pipeline, Rows, TopK, WriteJsonl, WriteParquet
+from beamzoo import Classify, Files, Manifest, Pipeline, Rows, WriteJsonl, WriteParquet
 from beamzoo.transforms.sources import Files as FilesClass
 from conftest import read, run_graph
 

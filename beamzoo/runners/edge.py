@@ -20,12 +20,10 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from beamzoo.core import Result
 from beamzoo.graph import DEAD, Graph, split_ref
 from beamzoo.plan import Plan, Stage, check_kinds, plan
 from beamzoo.resume import run_id
 from beamzoo.runners.sinks import JsonlSink, ParquetSink
-
 
 @dataclass
 class RunStats:
@@ -41,10 +39,8 @@ class RunStats:
         done = f"  already done: {self.skipped}" if self.skipped else ""
         return f"inputs: {self.inputs}  scored: {self.scored}  dead letters: {self.failed}{done}"
 
-
 class Aborted(Exception):
     """Another thread failed; this one stops."""
-
 
 class Channel:
     """A queue with ``producers`` writers; ``get`` returns None once all closed and it is empty."""
@@ -85,7 +81,6 @@ class Channel:
             self.aborted = True
             self.cv.notify_all()
 
-
 class EdgeRunner:
     """Runs a graph in this process.
 
@@ -111,16 +106,13 @@ class EdgeRunner:
     def run(self, graph: Graph, run: str | None = None) -> RunStats:
         return _Run(self, plan(graph), run or run_id()).go()
 
-
 PLAN_FUNCTIONS = {}  # primitive kind -> how one thread of its stage runs
-
 
 def _plans(kind):
     def deco(fn):
         PLAN_FUNCTIONS[kind] = fn
         return fn
     return deco
-
 
 class _Run:
     def __init__(self, runner: EdgeRunner, plan: Plan, run: str):
@@ -246,7 +238,6 @@ class _Run:
         for s in sinks:
             self.inbox[s.id].close_one()
 
-
 def _upstream(plan: Plan, stage: Stage) -> set[str]:
     """The ids of every stage with a path to ``stage``."""
     seen: set[str] = set()
@@ -258,12 +249,10 @@ def _upstream(plan: Plan, stage: Stage) -> set[str]:
             todo += [split_ref(r)[0] for r in next(s for s in plan.stages if s.id == sid).inputs if r != DEAD]
     return seen
 
-
 def _progress(enabled: bool):
     from tqdm import tqdm
     on = enabled and sys.stderr.isatty()
     return tqdm(unit="row", disable=not on, smoothing=0.1, mininterval=0.5)
-
 
 @_plans("source")
 def _source(run: _Run, stage: Stage) -> None:
@@ -286,7 +275,6 @@ def _source(run: _Run, stage: Stage) -> None:
     if chunk:
         flush()
 
-
 def _steps(ops, batch: pa.RecordBatch, run: _Run) -> pa.RecordBatch:
     """Fused maps in order; dead letters to the hub; rows a step drops (resume) counted."""
     for op in ops:
@@ -300,7 +288,6 @@ def _steps(ops, batch: pa.RecordBatch, run: _Run) -> pa.RecordBatch:
             run.bar.update(n - batch.num_rows - dead.num_rows)
     return batch
 
-
 @_plans("map")
 def _map(run: _Run, stage: Stage) -> None:
     ops = stage.operators()
@@ -309,7 +296,6 @@ def _map(run: _Run, stage: Stage) -> None:
     inbox = run.inbox[stage.id]
     while (item := inbox.get()) is not None:
         run.emit(stage, "out", _steps(ops, item[1], run))
-
 
 @_plans("route")
 @_plans("explode")
@@ -323,7 +309,6 @@ def _ports(run: _Run, stage: Stage) -> None:
         for port, batch in outs.items():
             run.emit(stage, port, batch)
 
-
 @_plans("merge")
 def _merge(run: _Run, stage: Stage) -> None:
     (op,) = stage.operators()
@@ -332,13 +317,11 @@ def _merge(run: _Run, stage: Stage) -> None:
     while (item := inbox.get()) is not None:
         run.emit(stage, "out", op.process(item[1]).ok)
 
-
 def _step_ref(plan: Plan, stage_ref: str) -> str:
     """The graph ref a stage's input stands for (the last step of a fused stage)."""
     sid, port = split_ref(stage_ref)
     stage = next(s for s in plan.stages if s.id == sid)
     return f"{stage.steps[-1].id}:{port}"
-
 
 @_plans("collect")
 def _collect(run: _Run, stage: Stage) -> None:
@@ -380,7 +363,6 @@ def _collect(run: _Run, stage: Stage) -> None:
         complete(set(pids))
     if parents:  # children that went elsewhere (another branch) are not waited for
         emit(list(parents))
-
 
 @_plans("sink")
 def _sink(run: _Run, stage: Stage) -> None:

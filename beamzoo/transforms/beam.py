@@ -27,7 +27,7 @@ import pyarrow as pa
 from apache_beam.typehints.row_type import RowTypeConstraint
 
 from beamzoo.core import NO_DEAD_LETTERS, Knob, Result, register
-from beamzoo.graph import Composite, Graph, Stream
+from beamzoo.graph import Graph, Stream
 from beamzoo.runners.beam import translate
 from beamzoo.schemas import DEAD_LETTER_SCHEMA, ID, IMAGE_STRUCT, PATH, TensorSpec
 from beamzoo.transforms import flow, inference, io, postprocess, preprocess
@@ -242,4 +242,4 @@ class Classify(Apply):
 
 
 __all__ = ["Apply", "Classify", "DecodeImage", "DecodeResize", "Drop", "OnnxInference", "ReadFiles",
-           "ResizeCrop", "TopK", "dead_letters", "row_type", "Composite"]
+           "ResizeCrop", "TopK", "dead_letters", "row_type"]
