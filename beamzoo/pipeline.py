@@ -18,27 +18,21 @@ import os
 import time
 
 from beamzoo.core import KnobError
-from beamzoo.outdir import OutputLocked, lock_output
 from beamzoo.graph import DEAD, Composite, Graph, GraphError, Stream
+from beamzoo.outdir import OutputLocked, lock_output
 from beamzoo.resume import CorruptOutput, check_outputs, run_id, sink_dirs, with_keys
 from beamzoo.runners import EdgeRunner, RunStats, is_edge
+from beamzoo.runners.options import OptionError, check_runner, runner_of
 from beamzoo.runners.sinks import remove_stale_temporaries
 from beamzoo.schemas import SchemaMismatchError
+from beamzoo.transforms.flow import Drop, Merge, Route
 from beamzoo.transforms.inference import ModelSignatureError, OnnxInference
-from beamzoo.transforms.io import any_file
+from beamzoo.transforms.io import ReadFiles, any_file
 from beamzoo.transforms.postprocess import TopK
 from beamzoo.transforms.preprocess import DecodeImage, ResizeCrop
-from beamzoo.transforms.flow import Drop, Merge, Route
-from beamzoo.transforms.io import ReadFiles
 from beamzoo.transforms.sinks import WriteParquet
 from beamzoo.transforms.sources import Files
 from beamzoo.zoo import ModelCard, ModelIntegrityError, UnknownModel
-
-
-def _user_errors():
-    from beamzoo.runners.options import OptionError
-    return (FileNotFoundError, FileExistsError, SchemaMismatchError, ModelSignatureError, ModelIntegrityError,
-            UnknownModel, GraphError, OptionError, CorruptOutput, OutputLocked, KnobError)
 
 
 class Classify(Composite):
@@ -106,7 +100,6 @@ class Pipeline:
     def run(self, argv: list[str] | None = None, runner: str | None = None, resume: bool = False,
             edge: EdgeRunner | None = None) -> RunStats:
         """Run on ``--runner`` of ``argv`` (or ``runner``; default DirectRunner)."""
-        from beamzoo.runners.options import runner_of
         argv = list(argv or ())
         name = runner or runner_of(argv)
         argv = [a for a in argv if not a.startswith("--runner")]
@@ -121,7 +114,6 @@ class _DeadLetters(Stream):
 def run(graph: Graph | None, runner: str = "DirectRunner", beam_args: list[str] = (),
         edge: EdgeRunner | None = None, resume: bool = False, progress: bool = True) -> RunStats:
     """Run a graph to the end on the edge runner or a Beam runner; the counts of this run."""
-    from beamzoo.runners.options import check_runner
     if graph is None or not any(s.kind == "sink" for s in graph.steps):
         raise GraphError("the pipeline writes nothing: add a sink, e.g. rows | WriteParquet('out/predictions')")
     runner = check_runner(runner)
@@ -177,4 +169,5 @@ def score_images(pattern: str, output: str, card: ModelCard | str = "efficientne
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Mistakes a user can fix: command-line tools print these as ``error:`` lines, exit 2."""
-    return _user_errors()
+    return (FileNotFoundError, FileExistsError, SchemaMismatchError, ModelSignatureError, ModelIntegrityError,
+            UnknownModel, GraphError, OptionError, CorruptOutput, OutputLocked, KnobError)
