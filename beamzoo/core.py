@@ -137,10 +137,7 @@ class Operator:
     consumes: tuple[str, ...] = ()
 
     def __init__(self, id: str | None = None, **params):
-        unknown = sorted(set(params) - set(self.knobs))
-        if unknown:
-            raise KnobError(f"{type(self).__name__} has no option {', '.join(map(repr, unknown))}; "
-                            f"its options: {', '.join(sorted(self.knobs)) or 'none'}")
+        self._refuse_unknown(params)
         self.id = id or self.default_id
         self.params = {k: knob.check(type(self).__name__, k, params.get(k, knob.default))
                        for k, knob in self.knobs.items()}
@@ -151,11 +148,15 @@ class Operator:
 
     @classmethod
     def from_params(cls, params: dict, id: str | None = None) -> Operator:
+        cls._refuse_unknown(params)  # before the constructor's own TypeError
+        return cls(id=id, **params)
+
+    @classmethod
+    def _refuse_unknown(cls, params: dict) -> None:
         unknown = sorted(set(params) - set(cls.knobs))
         if unknown:
             raise KnobError(f"{cls.__name__} has no option {', '.join(map(repr, unknown))}; "
                             f"its options: {', '.join(sorted(cls.knobs)) or 'none'}")
-        return cls(id=id, **params)
 
     def result_params(self) -> dict:
         """The parameters that can change results: what a fingerprint hashes."""

@@ -25,6 +25,7 @@ from beamzoo.plan import Plan, Stage, check_kinds, plan
 from beamzoo.resume import run_id
 from beamzoo.runners.sinks import JsonlSink, ParquetSink
 
+
 @dataclass
 class RunStats:
     inputs: int = 0
@@ -39,8 +40,10 @@ class RunStats:
         done = f"  already done: {self.skipped}" if self.skipped else ""
         return f"inputs: {self.inputs}  scored: {self.scored}  dead letters: {self.failed}{done}"
 
+
 class Aborted(Exception):
     """Another thread failed; this one stops."""
+
 
 class Channel:
     """A queue with ``producers`` writers; ``get`` returns None once all closed and it is empty."""
@@ -81,6 +84,7 @@ class Channel:
             self.aborted = True
             self.cv.notify_all()
 
+
 class EdgeRunner:
     """Runs a graph in this process.
 
@@ -108,11 +112,13 @@ class EdgeRunner:
 
 PLAN_FUNCTIONS = {}  # primitive kind -> how one thread of its stage runs
 
+
 def _plans(kind):
     def deco(fn):
         PLAN_FUNCTIONS[kind] = fn
         return fn
     return deco
+
 
 class _Run:
     def __init__(self, runner: EdgeRunner, plan: Plan, run: str):
@@ -238,6 +244,7 @@ class _Run:
         for s in sinks:
             self.inbox[s.id].close_one()
 
+
 def _upstream(plan: Plan, stage: Stage) -> set[str]:
     """The ids of every stage with a path to ``stage``."""
     seen: set[str] = set()
@@ -249,10 +256,12 @@ def _upstream(plan: Plan, stage: Stage) -> set[str]:
             todo += [split_ref(r)[0] for r in next(s for s in plan.stages if s.id == sid).inputs if r != DEAD]
     return seen
 
+
 def _progress(enabled: bool):
     from tqdm import tqdm
     on = enabled and sys.stderr.isatty()
     return tqdm(unit="row", disable=not on, smoothing=0.1, mininterval=0.5)
+
 
 @_plans("source")
 def _source(run: _Run, stage: Stage) -> None:
@@ -275,6 +284,7 @@ def _source(run: _Run, stage: Stage) -> None:
     if chunk:
         flush()
 
+
 def _steps(ops, batch: pa.RecordBatch, run: _Run) -> pa.RecordBatch:
     """Fused maps in order; dead letters to the hub; rows a step drops (resume) counted."""
     for op in ops:
@@ -288,6 +298,7 @@ def _steps(ops, batch: pa.RecordBatch, run: _Run) -> pa.RecordBatch:
             run.bar.update(n - batch.num_rows - dead.num_rows)
     return batch
 
+
 @_plans("map")
 def _map(run: _Run, stage: Stage) -> None:
     ops = stage.operators()
@@ -296,6 +307,7 @@ def _map(run: _Run, stage: Stage) -> None:
     inbox = run.inbox[stage.id]
     while (item := inbox.get()) is not None:
         run.emit(stage, "out", _steps(ops, item[1], run))
+
 
 @_plans("route")
 @_plans("explode")
@@ -309,25 +321,20 @@ def _ports(run: _Run, stage: Stage) -> None:
         for port, batch in outs.items():
             run.emit(stage, port, batch)
 
+
 @_plans("merge")
 def _merge(run: _Run, stage: Stage) -> None:
     (op,) = stage.operators()
-    op.output_schemas([run.plan.graph.schema(_step_ref(run.plan, r)) for r in stage.inputs])
+    op.output_schemas([run.plan.graph.schema(r) for r in stage.steps[0].inputs])
     inbox = run.inbox[stage.id]
     while (item := inbox.get()) is not None:
         run.emit(stage, "out", op.process(item[1]).ok)
 
-def _step_ref(plan: Plan, stage_ref: str) -> str:
-    """The graph ref a stage's input stands for (the last step of a fused stage)."""
-    sid, port = split_ref(stage_ref)
-    stage = next(s for s in plan.stages if s.id == sid)
-    return f"{stage.steps[-1].id}:{port}"
 
 @_plans("collect")
 def _collect(run: _Run, stage: Stage) -> None:
     (op,) = stage.operators()
-    graph = run.plan.graph
-    op.output_schemas([graph.schema(_step_ref(run.plan, r)) for r in stage.inputs])
+    op.output_schemas([run.plan.graph.schema(r) for r in stage.steps[0].inputs])
     wanted = ["id", *op.params["fields"]]
     parents: dict[str, tuple[pa.RecordBatch, int]] = {}
     kids: dict[str, list[dict]] = defaultdict(list)
@@ -364,11 +371,12 @@ def _collect(run: _Run, stage: Stage) -> None:
     if parents:  # children that went elsewhere (another branch) are not waited for
         emit(list(parents))
 
+
 @_plans("sink")
 def _sink(run: _Run, stage: Stage) -> None:
     (op,) = stage.operators()
     ref = stage.steps[0].inputs[0]
-    schema = op.file_schema(run.plan.graph.schema(ref if ref == DEAD else _step_ref(run.plan, stage.inputs[0])))
+    schema = op.file_schema(run.plan.graph.schema(ref))
     kw = dict(rows_per_file=run.r.rows_per_file, seconds_per_file=run.r.seconds_per_file)
     path = op.params["path"]
     sink = ParquetSink(path, schema, run.run_name, **kw) if op.op_name == "parquet" else \

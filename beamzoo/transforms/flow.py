@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from beamzoo.core import NO_DEAD_LETTERS, Knob, Operator, Result, RowOperator, dead_letters, register
+from beamzoo.core import NO_DEAD_LETTERS, Knob, Operator, Result, RowOperator, dead_letters, error_text, register
 from beamzoo.schemas import ID, PARENT_ID, SchemaMismatchError, describe
 from beamzoo.transforms.preprocess import image_spec
 
@@ -188,7 +188,7 @@ class Tiles(RowOperator):
                 tiles = self.split(im)
             except Exception as exc:  # noqa: BLE001 - a bad record must not kill the run
                 bad.append(i)
-                errors.append(f"{type(exc).__name__}: {exc}")
+                errors.append(error_text(exc))
                 continue
             kids.append((i, tiles))
             n_kids.append(len(tiles))

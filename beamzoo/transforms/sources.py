@@ -78,8 +78,7 @@ class Files(Source):
 def _read_table(path: str) -> pa.Table:
     if path.lower().endswith((".csv", ".csv.gz")):
         import pyarrow.csv as csv
-        opener = _open(path)
-        with opener as f:
+        with _open(path) as f:
             return csv.read_csv(f)
     import pyarrow.parquet as pq
     with _open(path) as f:
