@@ -157,3 +157,14 @@ def test_a_model_is_loaded_once_per_process_and_shared_by_its_threads(colour_dir
         preds = p | beam.Create(paths) | beam.Reshuffle() | bz.Classify(tiny_model, topk=1)
         assert_that(preds | beam.combiners.Count.Globally(), equal_to([72]))
     assert made == [1]
+
+
+def test_a_union_of_one_pcollection_is_that_pcollection():
+    """No single-input Flatten reaches a runner: Beam's portable Flink runner (job server
+    2.62) intermittently dropped such a Flatten's output, losing every dead letter."""
+    from beamzoo.runners.beam import flatten
+    p = beam.Pipeline()
+    one, two = p | "One" >> beam.Create([1]), p | "Two" >> beam.Create([2])
+    assert flatten([one], "Union1") is one
+    both = flatten([one, two], "Union2")
+    assert both is not one and isinstance(both.producer.transform, beam.Flatten)

@@ -28,7 +28,7 @@ from apache_beam.typehints.row_type import RowTypeConstraint
 
 from beamzoo.core import NO_DEAD_LETTERS, Knob, Result, register
 from beamzoo.graph import Graph, Stream
-from beamzoo.runners.beam import translate
+from beamzoo.runners.beam import flatten, translate
 from beamzoo.schemas import DEAD_LETTER_SCHEMA, ID, IMAGE_STRUCT, PATH, TensorSpec
 from beamzoo.transforms import flow, inference, io, postprocess, preprocess
 from beamzoo.transforms.sources import Source
@@ -212,7 +212,7 @@ def dead_letters(pcoll) -> beam.PCollection:
     lineage = getattr(pcoll, "_beamzoo", None)
     if lineage is None:
         raise TypeError("dead_letters() takes the output of a beamzoo transform")
-    return tuple(lineage.dead) | f"DeadLetters{len(lineage.dead)}-{uuid.uuid4().hex[:6]}" >> beam.Flatten()
+    return flatten(lineage.dead, f"DeadLetters{len(lineage.dead)}-{uuid.uuid4().hex[:6]}")
 
 
 def _wrap(cls):
