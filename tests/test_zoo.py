@@ -370,3 +370,20 @@ def test_models_list_show_and_verify(tmp_path, repo):
     assert bad.returncode == 1 and "tiny_colour:2: FAILED" in bad.stdout and "tiny_colour:1: ok" in bad.stdout
     unknown = cli("models", "show", "nope")
     assert unknown.returncode == 2 and "no model named 'nope'" in unknown.stderr
+
+
+def test_the_readme_card_documents_every_field_and_loads(tmp_path):
+    from beamzoo.zoo.card import OPTIONAL, REQUIRED
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    block = readme.split("### A card\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    data = yaml.safe_load(block)
+    assert set(data) == set(REQUIRED + OPTIONAL) - {"build"}  # build is for built-in cards only
+    model = tmp_path / "cat_or_not.onnx"
+    x = helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 3, 224, 224])
+    y = helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 2])
+    w = numpy_helper.from_array(np.ones((3, 2), np.float32), "w")
+    _save(helper.make_graph([helper.make_node("ReduceMean", ["input"], ["m"], axes=[2, 3], keepdims=0),
+                             helper.make_node("MatMul", ["m", "w"], ["logits"])], "cat", [x], [y], [w]), model)
+    (tmp_path / "card.yaml").write_text(block.replace("3f1c...e9", zoo.sha256_of(model)))
+    card = zoo.load_card(tmp_path / "card.yaml")
+    assert card.ref == "cat_or_not:2" and card.labels == ("cat", "not_cat") and card.metric("ms_per_image") == 6.5
