@@ -47,10 +47,11 @@ def _list(args) -> int:
     if args.json:
         print(json.dumps([_row(c) for c in cards], indent=1))
         return 0
-    width = max((len(c.ref) for c in cards), default=5)
-    for c in cards:
-        metrics = "  ".join(f"{k}={m['value']:g}" for k, m in sorted(c.metrics.items()))
-        print(f"{c.ref:<{width}}  {c.task:<20}  {','.join(c.tags):<24}  {metrics}")
+    rows = [(c.ref, c.task, ",".join(c.tags), "  ".join(f"{k}={m['value']:g}" for k, m in sorted(c.metrics.items())))
+            for c in cards]
+    widths = [max((len(r[i]) for r in rows), default=0) for i in range(3)]
+    for r in rows:
+        print("  ".join(f"{v:<{w}}" for v, w in zip(r, widths)) + "  " + r[3])
     return 0
 
 
