@@ -2,6 +2,7 @@
 
     beamzoo run DIR --input GLOB --output OUT [--resume] [--derived_only] [--workers N] [--no_progress]
     beamzoo flink {fetch,up,down,status} [options]
+    beamzoo serve --model NAME[:V] ... [--bundle DIR ...] [--host H] [--port 8501] [batching options]
 
 ``run`` runs a bundle (``beamzoo.bundle.export``) on the edge runner, no Beam
 needed; its lock is checked before any input is read.
@@ -26,7 +27,7 @@ def _workers(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="beamzoo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,flink}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,flink,serve}")
     run = sub.add_parser("run", help="run an exported bundle on this machine (edge runner, no Beam)",
                          description="Run an exported bundle (beamzoo.bundle.export) on the edge runner. "
                                      "The bundle's lock is checked before any input is read.")
@@ -43,6 +44,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--no_progress", action="store_true", help="no progress bar")
     sub.add_parser("flink", add_help=False, help="fetch, start, stop or show a local Flink cluster "
                                                  "(beamzoo flink --help)")
+    from beamzoo.serve.command import add_arguments
+    add_arguments(sub.add_parser("serve", allow_abbrev=False, help="serve zoo models and bundles over HTTP "
+                                 "(TF Serving REST, KServe v2, /metrics)"))
     return p
 
 
@@ -70,6 +74,9 @@ def main(argv=None) -> int:
         args = parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2, already printed)
         return exc.code if isinstance(exc.code, int) else 2
+    if args.command == "serve":
+        from beamzoo.serve.command import main as serve
+        return serve(args)
     return _run(args)
 
 
