@@ -111,7 +111,7 @@ def _url_host(host: str) -> str:
 def listen(host: str, port: int) -> socket.socket:
     """A listening TCP socket; OSError says why not (port taken, no such address)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio sets TCP_NODELAY only then
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
