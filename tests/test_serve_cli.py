@@ -127,3 +127,24 @@ def test_a_bundle_is_served_with_the_rows_of_the_model(tmp_path):
     assert status == 200 and meta["model_version_status"][0]["state"] == "AVAILABLE"
     assert [p["label"] for p in preds] == [p["label"] for p in direct]
     assert all(abs(a - b) <= 1e-5 for p, q in zip(preds, direct) for a, b in zip(p["topk_scores"], q["topk_scores"]))
+
+
+def test_readme_serve_commands_use_real_options():
+    import shlex
+    from beamzoo.cli import parser
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Serving"):text.index("## Tests")]
+    cmds = [ln.split("#")[0] for ln in section.splitlines() if ln.startswith("beamzoo serve")]
+    assert len(cmds) >= 2
+    for cmd in cmds:
+        args = parser().parse_args(shlex.split(cmd)[1:])  # exits (fails the test) on an unknown option
+        assert args.model or args.bundle, cmd
+
+
+def test_the_listening_socket_is_tcp_so_asyncio_sets_nodelay():
+    from beamzoo.serve.server import listen
+    sock = listen("127.0.0.1", 0)
+    try:
+        assert sock.proto == socket.IPPROTO_TCP  # else every answer waits for a delayed ACK (~40 ms)
+    finally:
+        sock.close()
