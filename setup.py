@@ -14,8 +14,8 @@ CORE = [
 # Pinned: the Flink job server, the docker images and the tests are matched to it.
 BEAM = ["apache-beam==2.77.0"]
 SAMPLES = ["scikit-image>=0.22", "scikit-learn>=1.4"]
-# beamzoo serve: an ASGI app on uvicorn, Prometheus metrics
-SERVE = ["starlette>=0.37", "uvicorn>=0.30", "prometheus-client>=0.20"]
+# beamzoo serve: an ASGI app on uvicorn, Prometheus metrics, the Redis stream queue
+SERVE = ["starlette>=0.37", "uvicorn>=0.30", "prometheus-client>=0.20", "redis>=5"]
 DEV = BEAM + SAMPLES + SERVE + [
     "pytest>=8",
     "pandas>=2",  # the tests read outputs as users do: pd.read_parquet(OUT/predictions)

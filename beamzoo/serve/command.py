@@ -36,6 +36,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="threads running batches (default: the CPU count)")
     p.add_argument("--timeout_s", type=_positive(float), default=60.0, metavar="S",
                    help="a request not answered by then gets 504 (default 60)")
+    p.add_argument("--redis", default=None, metavar="URL",
+                   help="also take requests from a Redis stream (redis://HOST:PORT/DB)")
+    p.add_argument("--stream", default="beamzoo", metavar="NAME", help="the Redis stream (default beamzoo)")
+    p.add_argument("--consumer", default=None, metavar="NAME",
+                   help="this server's name in the stream's consumer group; started again under the same "
+                        "name it first answers what it had taken (default: host-pid)")
     p.add_argument("--topk", type=_positive(int), default=None, metavar="K",
                    help="labels per prediction (default 5)")
 
@@ -55,6 +61,13 @@ def main(args: argparse.Namespace) -> int:
     except (BundleError, ValueError, *user_errors()) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.redis:
+        try:
+            server.consume(args.redis, args.stream, args.consumer)
+        except Exception as exc:  # noqa: BLE001 - the URL or the server: the user's to fix
+            server.close()
+            print(f"error: cannot use the Redis stream {args.stream!r} at {args.redis}: {exc}", file=sys.stderr)
+            return 2
     try:
         server.run(args.host, args.port)
     except OSError as exc:

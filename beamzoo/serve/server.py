@@ -37,14 +37,36 @@ class Server:
         self.services = {(s.name, s.version): ModelService(s, self.metrics, max_batch, max_delay_ms / 1000,
                                                            max_queue, self.workers)
                          for s in self.catalog}
+        self.consumers = []
         self.ready = True
         self._closed = False
         from beamzoo.serve.app import make_app
         self.app = make_app(self)
 
+    def service_for(self, model: str | None = None) -> ModelService:
+        """The service of ``name[:version]``; without a name, the only model served."""
+        if model is None:
+            if len(self.services) != 1:
+                raise LookupError(f"this server serves {len(self.services)} models: name one "
+                                  f"({', '.join(f'{n}:{v}' for n, v in self.services)})")
+            return next(iter(self.services.values()))
+        name, _, version = model.partition(":")
+        s = self.catalog.get(name, version or None)
+        return self.services[(s.name, s.version)]
+
+    def consume(self, url: str, stream: str, consumer: str | None = None, claim_idle_s: float = 30.0):
+        """Also serve the requests of a Redis stream (``beamzoo.serve.redis_queue``)."""
+        from beamzoo.serve.redis_queue import StreamConsumer
+        c = StreamConsumer(self, url, stream, consumer, claim_idle_s)
+        self.consumers.append(c)
+        return c
+
     def close(self) -> None:
+        """Answer what was accepted (stream entries in hand first), then stop."""
         if not self._closed:
             self._closed, self.ready = True, False
+            for c in self.consumers:
+                c.close()
             for s in self.services.values():
                 s.close()
 
