@@ -294,3 +294,15 @@ def test_a_full_queue_answers_429_at_once(tmp_path):
 def test_client_raises_server_errors(tiny):
     with Client(tiny.url) as c, pytest.raises(ServerError, match="HTTP 404: no model named 'nope'"):
         c.predict("nope", [tiny.images["red"]])
+
+
+def test_max_pixels_refuses_an_image_from_its_header(tmp_path):
+    card = tiny_card(tiny_colour_model(tmp_path / "tiny.onnx"))
+    red = open(write_colour_image(tmp_path / "r.png", (230, 20, 20)), "rb").read()  # 48x40
+    running = Server([Servable.from_model(card, max_pixels=1000)], workers=1).start()
+    try:
+        with Client(running.url) as c:
+            status, body = c.request("POST", "/v1/models/tiny_colour:predict", {"instances": [{"b64": b64(red)}]})
+    finally:
+        running.stop()
+    assert status == 400 and "48x40 = 1920 pixels, over the limit of 1000" in body["error"], body

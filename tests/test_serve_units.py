@@ -208,3 +208,38 @@ def test_v2_outputs_are_typed_tensors():
         {"name": "score", "datatype": "FP32", "shape": [2], "data": [0.5, None]},
         {"name": "topk_scores", "datatype": "FP32", "shape": [2, 2], "data": [0.5, 0.25, None, None]},
         {"name": "error", "datatype": "BYTES", "shape": [2], "data": [None, "x"]}]
+
+
+def test_the_engine_shares_the_edge_runner_s_onnxruntime_session(tmp_path):
+    from beamzoo.transforms.inference import OnnxInference
+    card = tiny_card(tiny_colour_model(tmp_path / "tiny.onnx"))
+    engine = Engine(Servable.from_model(card, max_batch=16).plan)
+    served = [op for ops in engine.ops.values() for op in ops if op.op_name == "onnx_infer"]
+    assert len(served) == 1
+    batch_side = OnnxInference(card, batch_size=4)  # as the batch pipeline's Classify makes it
+    batch_side.setup()
+    assert batch_side._session is served[0]._session
+
+
+def test_the_engine_runs_a_cascade_s_route_and_merge(tmp_path):
+    from beamzoo.pipeline import Cascade, Pipeline
+    from beamzoo.transforms.io import ReadFiles
+    from beamzoo.transforms.preprocess import DecodeImage, ResizeCrop
+    from beamzoo.transforms.sinks import WriteParquet
+    from beamzoo.transforms.sources import Files
+    path = tiny_colour_model(tmp_path / "tiny.onnx")
+    fast, strong = tiny_card(path), tiny_card(path, name="tiny_strong")
+    p = Pipeline()
+    pixels = p | Files(str(tmp_path / "*.png")) | ReadFiles() | DecodeImage() | ResizeCrop.for_input(
+        fast.input, resize=fast.resize)
+    pixels | Cascade(fast, strong, below=0.99, topk=3) | WriteParquet(str(tmp_path / "out"))
+    engine = Engine(Servable.of(p.graph, fast).plan)
+    sure = open(write_colour_image(tmp_path / "sure.png", (230, 20, 20)), "rb").read()
+    unsure = open(write_colour_image(tmp_path / "unsure.png", (150, 110, 100)), "rb").read()
+    batch = pa.record_batch([pa.array(["s", "u"]), pa.array(["s", "u"]), pa.array([sure, unsure])],
+                            schema=pa.schema([("id", pa.string(), False), ("path", pa.string(), False),
+                                              ("data", pa.binary())]))
+    answer = engine.run(batch)
+    assert answer.errors == {}
+    assert answer.rows["s"]["label"] == "red" and answer.rows["s"]["escalated_label"] is None
+    assert answer.rows["u"]["escalated_label"] == "red" and answer.rows["u"]["escalated_model"] == "tiny_strong:1"

@@ -32,6 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="rows waiting at most; beyond, requests get 429 at once (default 256)")
     p.add_argument("--max_body_bytes", type=_positive(int), default=32 << 20, metavar="B",
                    help="largest request body (default 32 MiB); larger ones get 413")
+    p.add_argument("--max_pixels", type=_positive(int), default=100_000_000, metavar="N",
+                   help="refuse images with more pixels, from their header (default 100000000)")
     p.add_argument("--workers", type=_positive(int), default=None, metavar="N",
                    help="threads running batches (default: the CPU count)")
     p.add_argument("--timeout_s", type=_positive(float), default=60.0, metavar="S",
@@ -54,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         if not args.model and not args.bundle:
             raise ValueError("nothing to serve: give --model NAME[:V] or --bundle DIR")
-        servables = [Servable.from_model(m, args.max_batch, args.topk) for m in args.model]
+        servables = [Servable.from_model(m, args.max_batch, args.topk, args.max_pixels) for m in args.model]
         servables += [Servable.from_bundle(b) for b in args.bundle]
         server = Server(servables, args.max_batch, args.max_delay_ms, args.max_queue, args.max_body_bytes,
                         args.workers, args.timeout_s)

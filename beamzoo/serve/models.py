@@ -45,7 +45,8 @@ class Servable:
         return cls(card.name, str(card.version), card, graph, plan(serving_graph(graph)))
 
     @classmethod
-    def from_model(cls, ref, max_batch: int = 8, topk: int | None = None) -> Servable:
+    def from_model(cls, ref, max_batch: int = 8, topk: int | None = None,
+                   max_pixels: int = 100_000_000) -> Servable:
         """A zoo model (``name[:version]``, a card file, or a card) as the batch pipeline classifies;
         ``topk`` labels per answer (default 5, or all a smaller model has)."""
         from beamzoo import zoo
@@ -54,22 +55,23 @@ class Servable:
         from beamzoo.transforms.sources import Files
         card = zoo.get(ref) if isinstance(ref, str) else ref
         topk = min(5, len(card.labels)) if topk is None else topk
+        nowhere = tempfile.gettempdir()  # the file source and the sink are replaced: never read or written
         p = Pipeline()
-        preds = p | Files(os.path.join(tempfile.gettempdir(), "*")) | Classify(card, topk=topk, batch_size=max_batch)
-        preds | WriteParquet(os.path.join(tempfile.gettempdir(), "predictions"))
+        preds = p | Files(os.path.join(nowhere, "*")) | Classify(card, topk=topk, batch_size=max_batch,
+                                                                 max_pixels=max_pixels)
+        preds | WriteParquet(os.path.join(nowhere, "predictions"))
         return cls.of(p.graph, card)
 
     @classmethod
     def from_bundle(cls, directory) -> Servable:
         """An exported bundle (its lock checked), under its first model's name and version."""
         from beamzoo.bundle import BundleError, load
-        from beamzoo.zoo import ModelCard
         graph = load(directory, os.path.join(tempfile.gettempdir(), "*"),
                      os.path.join(tempfile.gettempdir(), "beamzoo-serve"))
-        models = [s.params["model"] for s in graph.steps if s.op == "onnx_infer"]
+        models = [s for s in graph.steps if s.op == "onnx_infer"]
         if not models:
             raise BundleError(f"bundle {directory} runs no model; there is nothing to serve")
-        return cls.of(graph, ModelCard.from_param(models[0]))
+        return cls.of(graph, models[0].operator().card)  # the card as the step itself reads it
 
 
 def _version_key(v: str):
