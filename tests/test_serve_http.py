@@ -306,3 +306,19 @@ def test_max_pixels_refuses_an_image_from_its_header(tmp_path):
     finally:
         running.stop()
     assert status == 400 and "48x40 = 1920 pixels, over the limit of 1000" in body["error"], body
+
+
+def test_a_request_not_answered_in_time_gets_504_and_the_server_goes_on(tmp_path):
+    card = tiny_card(tiny_colour_model(tmp_path / "tiny.onnx"))
+    red = open(write_colour_image(tmp_path / "r.png", (230, 20, 20)), "rb").read()
+    running = Server([Servable.from_model(card)], max_delay_ms=1500, timeout_s=0.3, workers=1).start()
+    try:
+        with Client(running.url) as c:
+            status, body = c.request("POST", "/v1/models/tiny_colour:predict", {"instances": [{"b64": b64(red)}]})
+            assert status == 504 and "no answer within 0.3 s" in body["error"]
+            time.sleep(1.5)  # its row is answered into a cancelled future: nothing may break
+            running.server.timeout_s = 30
+            assert c.predict("tiny_colour", [red])[0]["label"] == "red"
+            assert metric(c.request("GET", "/metrics")[1], "beamzoo_requests_total", outcome="timeout") == 1
+    finally:
+        running.stop()

@@ -8,6 +8,7 @@ batcher is closing. ``BatchLoop`` runs it with worker threads.
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from collections import deque
@@ -77,7 +78,8 @@ class Batcher:
 
 class BatchLoop:
     """``workers`` threads that take due batches from a ``Batcher`` and hand each to
-    ``run(rows, worker_index)``; ``close`` answers what was accepted, then joins them."""
+    ``run(rows, worker_index)`` (which answers the rows, whatever happens); ``close``
+    answers what was accepted, then joins them."""
 
     def __init__(self, batcher: Batcher, run: Callable[[list[Row], int], None], workers: int = 1,
                  name: str = "beamzoo-batch"):
@@ -110,7 +112,11 @@ class BatchLoop:
                     self.cv.wait(wait)
                 if self.batcher.due_in() == 0.0:
                     self.cv.notify()  # more is due: wake another worker
-            self.run(rows, index)
+            try:
+                self.run(rows, index)
+            except BaseException as exc:  # noqa: BLE001 - ``run`` answers its rows; this thread must live on
+                print(f"beamzoo serve: a batch failed outside the graph: {type(exc).__name__}: {exc}",
+                      file=sys.stderr, flush=True)
 
     def close(self, timeout: float | None = None) -> None:
         with self.cv:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 
 import pyarrow as pa
 
@@ -40,8 +40,11 @@ class Ticket:
             self.results[index] = result
             self.left -= 1
             done = self.left == 0
-        if done and not self.future.done():
-            self.future.set_result(self.results)
+        if done:
+            try:
+                self.future.set_result(self.results)
+            except InvalidStateError:  # cancelled: the request timed out or its client went away
+                pass
 
 
 class ModelService:
