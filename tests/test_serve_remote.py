@@ -104,11 +104,11 @@ def test_killing_one_endpoint_mid_run_loses_nothing(scene, tier, tmp_path):
     assert {e: now.get(e, 0) - before.get(e, 0) for e in (url_a, url_b)} == by_endpoint
 
 
-def test_with_no_endpoint_left_the_rows_dead_letter_and_the_run_ends(scene, tmp_path):
+def test_with_no_endpoint_left_the_rows_dead_letter_and_the_run_ends(scene, tmp_path, runner):
     images, truth, card = scene
     dead_a, dead_b = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
     out = tmp_path / "out"
-    stats = run_graph(cascade(images, card, [dead_a, dead_b], out, timeout_s=5.0))
+    stats = run_graph(cascade(images, card, [dead_a, dead_b], out, timeout_s=5.0), runner)
     assert stats.inputs == len(truth) and stats.failed == 27 and stats.scored == 9
     dead = rows(out / "dead_letter")
     assert len(dead) == 27 and {d["stage"] for d in dead} == {"remote"}

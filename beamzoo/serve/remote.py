@@ -103,8 +103,8 @@ class RemoteClassify(Operator):
         self.produces = pa.schema(fields + [pa.field(p["prefix"] + "endpoint", pa.string())])
         self._conns: dict[str, http.client.HTTPConnection] = {}
 
-    def __getstate__(self):
-        return {**self.__dict__, "_conns": {}}
+    def __getstate__(self):  # connections and the pool are made again where the step runs
+        return {k: v for k, v in {**self.__dict__, "_conns": {}}.items() if k != "pool"}
 
     def setup(self):
         p = self.params
