@@ -19,7 +19,7 @@ def _positive(kind):
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", default=[], metavar="NAME[:V]",
-                   help="a zoo model to serve (name or name:version); repeat for more")
+                   help="a zoo model to serve (name, name:version or a card file); repeat for more")
     p.add_argument("--bundle", action="append", default=[], metavar="DIR",
                    help="an exported bundle to serve, under its model's name and version; repeat for more")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from beamzoo.graph import Graph
 from beamzoo.plan import Plan, plan
 from beamzoo.serve.graph import serving_graph
+from beamzoo.zoo.repository import version_key
 
 
 class UnknownServable(LookupError):
@@ -25,11 +26,9 @@ class UnknownServable(LookupError):
 
 def signature(card) -> dict:
     """The card's tensors: {"inputs": [...], "outputs": [...]}, each {name, dtype, shape}."""
-    def one(name, spec):
-        return {"name": name, "dtype": spec.dtype, "shape": [-1, *(-1 if d is None else d for d in spec.shape)]}
-    if hasattr(card, "inputs"):  # the zoo's newer cards: TensorSpecs with a name
-        return {"inputs": [one(t.name, t) for t in card.inputs], "outputs": [one(t.name, t) for t in card.outputs]}
-    return {"inputs": [one(card.input_name, card.input)], "outputs": [one(card.output_name, card.output)]}
+    def one(t):
+        return {"name": t.name, "dtype": t.dtype, "shape": [-1, *(-1 if d is None else d for d in t.shape)]}
+    return {"inputs": [one(t) for t in card.inputs], "outputs": [one(t) for t in card.outputs]}
 
 
 @dataclass
@@ -74,10 +73,6 @@ class Servable:
         return cls.of(graph, models[0].operator().card)  # the card as the step itself reads it
 
 
-def _version_key(v: str):
-    return (0, int(v), "") if v.isdigit() else (1, 0, v)
-
-
 class Catalog:
     """Servables by name and version; a name alone means its newest version."""
 
@@ -93,7 +88,7 @@ class Catalog:
         if name not in self.by_name:
             raise UnknownServable(f"no model named {name!r} is served here; served: "
                                   f"{', '.join(sorted(self.by_name)) or 'none'}")
-        return sorted(self.by_name[name], key=_version_key)
+        return sorted(self.by_name[name], key=version_key)
 
     def get(self, name: str, version: str | None = None) -> Servable:
         versions = self.versions(name)
