@@ -16,7 +16,7 @@ from beamzoo.samples import make_sample_set, sample_files
 from beamzoo.serve import Servable, Server
 from beamzoo.serve.client import Client, ServerError
 from tests.badfiles import png_bomb
-from tests.conftest import read, run_graph, tiny_card, tiny_colour_model, write_colour_image
+from conftest import read, run_graph, tiny_card, tiny_colour_model, write_colour_image
 
 FIELDS = ("label", "score", "topk_labels", "topk_scores", "model")
 

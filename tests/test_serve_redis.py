@@ -1,6 +1,7 @@
 """The Redis stream queue against a real redis-server (the Debian package; .ci/run installs it)."""
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import socket
@@ -13,7 +14,7 @@ import pytest
 
 from beamzoo.serve import Servable, Server
 from beamzoo.serve.redis_queue import GROUP, QueueClient, RedisQueueFull, result_key
-from tests.conftest import tiny_card, tiny_colour_model, write_colour_image
+from conftest import tiny_card, tiny_colour_model, write_colour_image
 
 redis = pytest.importorskip("redis", reason="the Redis client ships in the serve extra (pip install -e '.[serve]')")
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,9 +30,12 @@ def free_port() -> int:
 def redis_url(tmp_path_factory):
     """A redis-server of its own: no persistence, a free port, stopped afterwards."""
     binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed: .ci/run installs the Debian package where it can "
-                    "(apt-get install -y redis-server, as root)")
+    if binary is None:  # a fresh machine: the project's own script installs the Debian package
+        got = subprocess.run([os.path.join(ROOT, ".ci", "install-redis")], capture_output=True, text=True)
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.skip(f"redis-server is not installed and .ci/install-redis could not install it: "
+                        f"{got.stderr.strip()}")
     port = free_port()
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],

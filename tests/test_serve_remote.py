@@ -18,7 +18,7 @@ from beamzoo.serve.remote import RemoteClassify, tally
 from beamzoo.transforms.flow import Merge, Route
 from beamzoo.transforms.sinks import WriteParquet
 from beamzoo.transforms.sources import Files
-from tests.conftest import run_graph, tiny_card, tiny_colour_model, write_colour_image
+from conftest import run_graph, tiny_card, tiny_colour_model, write_colour_image
 from tests.test_serve_cli import start
 from tests.test_serve_http import metric
 from tests.test_serve_redis import free_port

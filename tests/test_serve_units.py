@@ -12,7 +12,7 @@ from beamzoo.serve import protocol as P
 from beamzoo.serve.batcher import Batcher, Closed, QueueFull
 from beamzoo.serve.graph import Engine, serving_graph
 from beamzoo.serve.models import Catalog, Servable, UnknownServable, signature
-from tests.conftest import COLOURS, tiny_card, tiny_colour_model, write_colour_image
+from conftest import COLOURS, tiny_card, tiny_colour_model, write_colour_image
 
 
 class Clock:
