@@ -1,0 +1,45 @@
+"""The three PP-OCR models as onnxruntime sessions, one per process and setting.
+
+Until the zoo reads cards as data, a model is named by its card's ref
+(``ppocrv4_det:1``) and its verified bytes come from the RapidOCR builder.
+"""
+from __future__ import annotations
+
+from beamzoo.resources import shared
+
+DETECTOR, RECOGNIZER, ANGLE = "ppocrv4_det:1", "ppocrv4_rec:1", "ppocr_cls:1"
+
+# card ref -> the file its card builds (``build: {builder: rapidocr, args: {file: ...}}``)
+_FILES = {DETECTOR: "ch_PP-OCRv4_det_infer.onnx", RECOGNIZER: "ch_PP-OCRv4_rec_infer.onnx",
+          ANGLE: "ch_ppocr_mobile_v2.0_cls_infer.onnx"}
+
+
+def model_bytes(ref: str) -> bytes:
+    """The verified ONNX bytes of a PP-OCR model card."""
+    from beamzoo.zoo.rapidocr import build_rapidocr
+    try:
+        file = _FILES[ref]
+    except KeyError:
+        raise ValueError(f"no OCR model {ref!r}; known: {', '.join(sorted(_FILES))}") from None
+    return build_rapidocr(file)
+
+
+def session(ref: str, threads: int = 1):
+    """A shared onnxruntime session for ``ref`` with ``threads`` intra-op threads (0: all cores)."""
+    def make():
+        import onnxruntime as ort
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        return ort.InferenceSession(model_bytes(ref), opts, providers=["CPUExecutionProvider"])
+    return shared(("ocr", ref, threads), make)
+
+
+def characters(sess) -> list[str]:
+    """The recognizer's classes: the CTC blank, its dictionary (in the model's metadata), a space."""
+    meta = sess.get_modelmeta().custom_metadata_map
+    if "character" not in meta:
+        raise ValueError("the recognition model has no 'character' dictionary in its metadata")
+    return ["", *meta["character"].splitlines(), " "]
