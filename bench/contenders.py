@@ -221,7 +221,7 @@ def beam_stock(ctx: Ctx) -> dict:
 def _beamzoo(ctx: Ctx, runner: str, beam_args=()) -> dict:
     from beamzoo.pipeline import run, score_images
     from beamzoo.runners import EdgeRunner
-    from beamzoo.zoo import EFFICIENTNET_LITE0
+    from beamzoo import zoo
 
     importlib.import_module("beamzoo.runners.options")  # run() imports it lazily
     if runner != "EdgeRunner":  # import Beam before the clock starts
@@ -229,7 +229,7 @@ def _beamzoo(ctx: Ctx, runner: str, beam_args=()) -> dict:
         importlib.import_module("beamzoo.transforms.beam")
         importlib.import_module("apache_beam.io.parquetio")  # beamzoo.runners.beam imports it lazily
     # writes ctx.work/predictions/part-*.parquet and ctx.work/dead_letter/part-*.parquet
-    graph = score_images(os.path.join(ctx.files, "*.jpg"), ctx.work, EFFICIENTNET_LITE0)
+    graph = score_images(os.path.join(ctx.files, "*.jpg"), ctx.work, zoo.get("efficientnet_lite0"))
     t0, c0 = time.perf_counter(), time.process_time()
     stats = run(graph, runner, list(beam_args), edge=EdgeRunner(progress=False))
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0

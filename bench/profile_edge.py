@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     from beamzoo.pipeline import run, score_images
     from beamzoo.plan import Stage, plan
     from beamzoo.runners import EdgeRunner
-    from beamzoo.zoo import EFFICIENTNET_LITE0
+    from beamzoo import zoo
 
     directory = images.make_set(args.cache, args.n, args.seed)
     paths = images.image_paths(directory)
@@ -124,7 +124,7 @@ def main(argv=None) -> int:
     print(f"{'(other)':<{width}} {(total_cpu - sum(cpu.values())) / n * 1e3:18.2f}   "
           "(model loading, the runner between steps, Parquet)")
     batch = seen["graph"].step("infer").params["batch_size"]
-    bare = bare_costs(paths, str(EFFICIENTNET_LITE0.onnx_path()), batch)
+    bare = bare_costs(paths, str(zoo.get("efficientnet_lite0").onnx_path()), batch)
     print("same work without beamzoo (one thread):")
     for k, v in bare.items():
         print(f"  {k:<48} {v:6.2f} ms/img")

@@ -216,9 +216,9 @@ def main(argv=None) -> int:
 
     import contenders
     import images
-    from beamzoo.zoo import EFFICIENTNET_LITE0
+    from beamzoo import zoo
 
-    model = str(EFFICIENTNET_LITE0.onnx_path())  # built and cached before any timing
+    model = str(zoo.get("efficientnet_lite0").onnx_path())  # built and cached before any timing
     labels = str(Path(sys.modules["beamzoo.zoo"].__file__).parent / "imagenet_labels.txt")
     base_dir = images.make_set(args.cache, args.n, args.seed)
     paths = images.image_paths(base_dir)

@@ -14,7 +14,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from beamzoo.schemas import TensorSpec
-from beamzoo.zoo import ModelCard, sha256_of
+from beamzoo.zoo import ModelCard, card_from_dict, sha256_of
 
 COLOURS = ("red", "green", "blue")
 
@@ -43,13 +43,15 @@ def tiny_colour_model(path, size=32, dtype=TensorProto.FLOAT, input_name="images
 
 
 def tiny_card(path, size=32, **kw) -> ModelCard:
-    args = dict(
-        name="tiny_colour", version="1", input_name="images",
-        input=TensorSpec("float32", (3, size, size), layout="NCHW", channels="RGB", value_range=(-1, 1)),
-        output_name="logits", output=TensorSpec("float32", (3,), layout="NC"),
-        labels=COLOURS, path=str(path), sha256=sha256_of(path), resize=size + size // 7)
-    args.update(kw)
-    return ModelCard(**args)
+    """The card of ``tiny_colour_model``, as a graph holds it (its file checked when it loads)."""
+    d = dict(name="tiny_colour", version="1", task="image-classification", file=str(path),
+             sha256=sha256_of(path),
+             inputs=[dict(name="images", dtype="float32", shape=[3, size, size], layout="NCHW",
+                          channels="RGB", value_range=[-1, 1])],
+             outputs=[dict(name="logits", dtype="float32", shape=[3])],
+             labels=list(COLOURS), preprocess=dict(resize=size + size // 7, crop=size))
+    d.update(kw)
+    return card_from_dict(d, f"tiny card for {path}", base=None)
 
 
 @pytest.fixture

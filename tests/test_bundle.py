@@ -58,8 +58,13 @@ def without_model_paths(graph: Graph) -> Graph:
         if "model" not in s.params:
             return s
         card = ModelCard.from_param(s.params["model"]).as_dict()
-        return dataclasses.replace(s, params_json=canonical({**s.params, "model": {**card, "path": None}}))
+        return dataclasses.replace(s, params_json=canonical({**s.params, "model": {**card, "file": "model.onnx", "card_path": None}}))
     return Graph(tuple(strip(s) for s in graph.steps))
+
+
+def portable(card) -> dict:
+    """A card as a bundle keeps it: without the exporting machine's card path."""
+    return {k: v for k, v in card.as_dict().items() if k != "card_path"}
 
 
 def trap(folder: Path) -> dict[str, int]:
@@ -91,7 +96,7 @@ def test_export_writes_a_locked_bundle_that_loads_back(graph, bundle, tiny_model
     model = f"models/{tiny_model.sha256}.onnx"
     assert sorted(str(p.relative_to(bundle)) for p in bundle.rglob("*")) == [
         "bundle.lock", "graph.json", "models", model]
-    assert (bundle / model).read_bytes() == Path(tiny_model.path).read_bytes()
+    assert (bundle / model).read_bytes() == Path(tiny_model.file).read_bytes()
     lock = json.loads((bundle / "bundle.lock").read_text())
     assert lock["graph.json"] == sha(bundle / "graph.json")
     assert lock["models"] == {model: tiny_model.sha256} and sha(bundle / model) == tiny_model.sha256
@@ -102,7 +107,7 @@ def test_export_writes_a_locked_bundle_that_loads_back(graph, bundle, tiny_model
     assert {s.id: s.params["path"] for s in stored.steps if s.kind == "sink"} == {
         "write": "predictions", "write_dead_letters": "dead_letter"}
     for step in ("infer", "topk"):
-        assert stored.step(step).params["model"] == {**tiny_model.as_dict(), "path": model}
+        assert stored.step(step).params["model"] == {**portable(tiny_model), "file": model}
 
     out = tmp_path / "device-out"
     loaded = load(bundle, str(colour_dir), str(out))
@@ -110,7 +115,7 @@ def test_export_writes_a_locked_bundle_that_loads_back(graph, bundle, tiny_model
     assert {s.id: (s.params["path"], s.params["derived_only"]) for s in loaded.steps if s.kind == "sink"} == {
         "write": (str(out / "predictions"), False), "write_dead_letters": (str(out / "dead_letter"), False)}
     for step in ("infer", "topk"):
-        assert loaded.step(step).params["model"] == {**tiny_model.as_dict(), "path": str(bundle / model)}
+        assert loaded.step(step).params["model"] == {**portable(tiny_model), "file": str(bundle / model)}
         assert ModelCard.from_param(loaded.step(step).params["model"]).onnx_path() == bundle / model
     assert [(s.id, s.kind, s.op, s.inputs) for s in loaded.steps] == [
         (s.id, s.kind, s.op, s.inputs) for s in graph.steps]

@@ -9,9 +9,9 @@ import pytest
 from onnx import TensorProto
 
 from beamzoo.schemas import tensor_array
-from beamzoo.transforms.inference import ModelSignatureError, OnnxInference
+from beamzoo.transforms.inference import OnnxInference
 from beamzoo.transforms.postprocess import TopK, softmax
-from beamzoo.zoo import ModelIntegrityError, get
+from beamzoo.zoo import CardError, ModelIntegrityError, get
 from conftest import tiny_card, tiny_colour_model
 
 
@@ -46,17 +46,20 @@ def test_empty_batch_gives_empty_output(tiny_model):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(input_name="input"), "input 'images' not in the model (it has ['input'])"),
-    (dict(dtype=TensorProto.UINT8), "input 'images' is uint8, the card says float32"),
-    (dict(size=64), "input 'images' has shape ['N', 3, 64, 64], the card says [batch, 3, 32, 32]"),
+    (dict(input_name="input"), "'inputs[0].name': does not fit the ONNX file: 'images' is not in the model; "
+                               "its inputs: 'input'"),
+    (dict(dtype=TensorProto.UINT8), "'inputs[0].dtype': does not fit the ONNX file: 'images' is uint8 in the "
+                                    "model, the card says float32"),
+    (dict(size=64), "'inputs[0].shape': does not fit the ONNX file: 'images' is ['batch', 3, 64, 64] in the "
+                    "model, the card says [3, 32, 32]"),
 ])
 def test_model_that_differs_from_its_card_is_refused_at_load(tmp_path, kwargs, message):
     size = kwargs.pop("size", 32)
     path = tiny_colour_model(tmp_path / "m.onnx", size=size, **kwargs)
     infer = OnnxInference(tiny_card(path))  # the card still declares 'images' float32 [3, 32, 32]
-    with pytest.raises(ModelSignatureError) as err:
+    with pytest.raises(CardError) as err:
         infer.setup()
-    assert message in str(err.value) and "tiny_colour:1" in str(err.value)
+    assert message in str(err.value) and "model card tiny_colour:1 field" in str(err.value)
 
 
 def test_model_file_with_wrong_sha256_is_refused(tmp_path):
@@ -69,7 +72,7 @@ def test_model_file_with_wrong_sha256_is_refused(tmp_path):
 def test_a_failing_batch_is_retried_row_by_row(tiny_model):
     class FailsOnNaN(OnnxInference):
         def run(self, x):
-            if np.isnan(x).any():
+            if np.isnan(x["images"]).any():
                 raise RuntimeError("NaN input")
             return super().run(x)
 
