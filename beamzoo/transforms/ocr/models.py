@@ -1,27 +1,19 @@
-"""The three PP-OCR models as onnxruntime sessions, one per process and setting.
-
-Until the zoo reads cards as data, a model is named by its card's ref
-(``ppocrv4_det:1``) and its verified bytes come from the RapidOCR builder.
-"""
+"""The three PP-OCR models as onnxruntime sessions, one per process and setting,
+made from the verified bytes of their zoo cards (``beamzoo/zoo/models/ppocr*``)."""
 from __future__ import annotations
 
 from beamzoo.resources import shared
 
 DETECTOR, RECOGNIZER, ANGLE = "ppocrv4_det:1", "ppocrv4_rec:1", "ppocr_cls:1"
 
-# card ref -> the file its card builds (``build: {builder: rapidocr, args: {file: ...}}``)
-_FILES = {DETECTOR: "ch_PP-OCRv4_det_infer.onnx", RECOGNIZER: "ch_PP-OCRv4_rec_infer.onnx",
-          ANGLE: "ch_ppocr_mobile_v2.0_cls_infer.onnx"}
-
 
 def model_bytes(ref: str) -> bytes:
-    """The verified ONNX bytes of a PP-OCR model card."""
+    """The verified ONNX bytes of a model card (built from the RapidOCR wheel on first use)."""
+    from beamzoo import zoo
+    from beamzoo.zoo.builders import BUILDERS
     from beamzoo.zoo.rapidocr import build_rapidocr
-    try:
-        file = _FILES[ref]
-    except KeyError:
-        raise ValueError(f"no OCR model {ref!r}; known: {', '.join(sorted(_FILES))}") from None
-    return build_rapidocr(file)
+    BUILDERS.setdefault("rapidocr", build_rapidocr)  # until beamzoo.zoo.builders lists it
+    return zoo.get(ref).model_bytes()
 
 
 def session(ref: str, threads: int = 1):
