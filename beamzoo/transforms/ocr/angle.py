@@ -37,6 +37,7 @@ class TextAngle(BatchedModel):
     and ``angle_score`` (the classifier's confidence in its class)."""
 
     default_id = "angle"
+    task = "text-direction"
     knobs = {"model": Knob(ANGLE, str, doc="the angle classifier's card"),
              "thresh": Knob(0.9, float, low=0, high=1, doc="turn a crop only when this sure"),
              "batch_size": Knob(6, int, low=1, high=4096, results=False),

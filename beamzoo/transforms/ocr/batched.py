@@ -6,16 +6,23 @@ from __future__ import annotations
 import pyarrow as pa
 
 from beamzoo.core import Operator, Result, dead_letters, error_text
-from beamzoo.transforms.ocr.models import session
+from beamzoo.transforms.ocr.models import card, session
 
 
 class BatchedModel(Operator):
     """Subclasses set ``knobs`` (with ``model``, ``batch_size``, ``intra_op_threads``)
-    and implement ``prepare(row)``, ``run(prepared) -> [dict]`` and maybe ``batches``."""
+    and implement ``prepare(row)``, ``run(prepared) -> [dict]`` and maybe ``batches``.
+    ``task``: what the model card must be for."""
+
+    task = ""
 
     def configure(self):
+        self.card = card(self.params["model"], self.task)
         self.parallel = self.params["intra_op_threads"] == 1
         self._session = None
+
+    def result_params(self):
+        return {**super().result_params(), "model": self.card.identity()}
 
     def setup(self):
         if self._session is None:

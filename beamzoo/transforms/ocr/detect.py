@@ -18,7 +18,7 @@ from beamzoo.transforms.ocr import db
 from beamzoo.transforms.ocr.crop import crop_size, turned
 from beamzoo.transforms.ocr.geometry import detector_input, fit, order_quad
 from beamzoo.transforms.ocr.images import QUAD, image_struct, pixels
-from beamzoo.transforms.ocr.models import DETECTOR, session
+from beamzoo.transforms.ocr.models import DETECTOR, card, session
 from beamzoo.transforms.preprocess import image_spec
 
 MARGIN = 3  # pixels kept around a region's patch: what cubic interpolation reads at its edge
@@ -73,8 +73,12 @@ class DetectText(Operator):
         self.produces = pa.schema([PARENT_ID, pa.field("region", pa.int32()), pa.field("box", QUAD),
                                    pa.field("det_score", pa.float32()), image_spec("BGR").field("patch"),
                                    pa.field("quad", QUAD), pa.field("pad_ratio", pa.float64())])
+        self.card = card(self.params["model"], "text-detection")
         self.parallel = self.params["intra_op_threads"] == 1
         self._session = None
+
+    def result_params(self):
+        return {**super().result_params(), "model": self.card.identity()}
 
     @property
     def ports(self):

@@ -2,7 +2,8 @@
 
 Regions are read top to bottom; regions whose tops are within half a line's
 height of each other form one row, read left to right. Lines scored below
-``min_score`` (usually not text at all) are left out.
+``min_score`` (usually not text at all) are left out. ``text`` has a row a
+line, its regions joined by a space.
 """
 from __future__ import annotations
 
@@ -14,8 +15,8 @@ from beamzoo.transforms.ocr.images import QUAD
 LINE = pa.struct([("text", pa.string()), ("score", pa.float32()), ("box", QUAD)])
 
 
-def reading_order(boxes: list) -> list[int]:
-    """Indices of ``boxes`` (each four (x, y) corners) in reading order."""
+def reading_order(boxes: list) -> list[list[int]]:
+    """Indices of ``boxes`` (each four (x, y) corners) in reading order, row by row."""
     def top(i):
         return min(p[1] for p in boxes[i])
 
@@ -31,13 +32,13 @@ def reading_order(boxes: list) -> list[int]:
             rows[-1].append(i)
         else:
             rows.append([i])
-    return [i for row in rows for i in sorted(row, key=left)]
+    return [sorted(row, key=left) for row in rows]
 
 
 @register("text_lines")
 class TextLines(RowOperator):
     """Collected regions (``<prefix>text``, ``<prefix>score``, ``<prefix>box``) ->
-    ``lines`` (text, score, box each, in reading order) and ``text`` (the lines, one a line)."""
+    ``lines`` (text, score, box each, in reading order) and ``text`` (a row a line)."""
 
     default_id = "lines"
     knobs = {"min_score": Knob(0.5, float, low=0, high=1, doc="leave out lines scored below this"),
@@ -57,6 +58,7 @@ class TextLines(RowOperator):
 
     def process_row(self, row):
         texts, scores, boxes = (row[n] for n in self.names)
-        lines = [{"text": texts[i], "score": scores[i], "box": boxes[i]} for i in reading_order(boxes)
-                 if scores[i] >= self.params["min_score"]]
-        return {"text": "\n".join(line["text"] for line in lines), "lines": lines}
+        keep = [i for i in range(len(texts)) if scores[i] >= self.params["min_score"]]
+        rows = [[keep[k] for k in r] for r in reading_order([boxes[i] for i in keep])]
+        lines = [{"text": texts[i], "score": scores[i], "box": boxes[i]} for r in rows for i in r]
+        return {"text": "\n".join(" ".join(texts[i] for i in r) for r in rows), "lines": lines}

@@ -7,6 +7,15 @@ from beamzoo.resources import shared
 DETECTOR, RECOGNIZER, ANGLE = "ppocrv4_det:1", "ppocrv4_rec:1", "ppocr_cls:1"
 
 
+def card(ref: str, task: str):
+    """The zoo card ``ref``, refused unless it is a model for ``task``."""
+    from beamzoo import zoo
+    found = zoo.get(ref)
+    if found.task != task:
+        raise ValueError(f"model {found.ref} is for {found.task}, not {task}")
+    return found
+
+
 def model_bytes(ref: str) -> bytes:
     """The verified ONNX bytes of a model card (built from the RapidOCR wheel on first use)."""
     from beamzoo import zoo

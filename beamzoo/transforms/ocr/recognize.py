@@ -27,6 +27,7 @@ class RecognizeText(BatchedModel):
     ``pad_ratio`` gives (at least 320), so that it reads the same in any batch."""
 
     default_id = "recognize"
+    task = "text-recognition"
     knobs = {"model": Knob(RECOGNIZER, str, doc="the recognition model's card"),
              "batch_size": Knob(16, int, low=1, high=4096, results=False),
              "intra_op_threads": Knob(1, int, low=0, high=1024, results=False)}
