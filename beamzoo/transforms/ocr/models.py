@@ -33,6 +33,7 @@ def session(ref: str, threads: int = 1):
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.set_denormal_as_zero", "1")  # ~10 % faster, same lines
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         return ort.InferenceSession(model_bytes(ref), opts, providers=["CPUExecutionProvider"])
     return shared(("ocr", ref, threads), make)
