@@ -155,8 +155,8 @@ def main(argv=None) -> int:
                       "ratio": ref["seconds"] / b["seconds"], "images_same_text": same_images / args.n,
                       "lines_alike": alike, "lines_compared": compared,
                       "all_runs_images_per_s": [args.n / x["seconds"] for x in runs[name]]})
-    print(f"\n{args.n} rendered pages, {len(os.sched_getaffinity(0))} cores ({platform.processor() or platform.machine()}), "
-          f"best of {args.repeat}\n")
+    cpu = platform.processor() or platform.machine()
+    print(f"\n{args.n} rendered pages, {len(os.sched_getaffinity(0))} cores ({cpu}), best of {args.repeat}\n")
     print("| contender | images/s | CPU s/image | × RapidOCR | same text (images) | lines alike |")
     print("|---|---|---|---|---|---|")
     for t in table:

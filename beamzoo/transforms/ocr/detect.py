@@ -25,7 +25,7 @@ MARGIN = 3  # pixels kept around a region's patch: what cubic interpolation read
 
 
 def aspect(quad) -> float:
-    """Width over height of a region's upright crop."""
+    """Width over height of a region's upright crop (a tall one turned a quarter)."""
     w, h = crop_size(np.asarray(quad, np.float32))
     if w < 1 or h < 1:
         return 0.0
@@ -33,9 +33,10 @@ def aspect(quad) -> float:
 
 
 def pad_ratios(ratios: list[float], group: int) -> list[float]:
-    """For each region, the widest aspect ratio among the ``group`` regions of its image
-    nearest to it in aspect: the width it is recognized at. A crop is thus read the
-    same whatever other images share its batch (and as RapidOCR's engine reads it)."""
+    """For each region, the widest aspect ratio of its group: its image's regions sorted
+    by aspect, ``group`` at a time. That is the width it is recognized at, so a crop
+    reads the same whatever other images share its batch (and as RapidOCR's engine,
+    which batches an image's regions so, reads it)."""
     order = np.argsort(np.array(ratios, np.float64))
     out = [0.0] * len(ratios)
     for start in range(0, len(order), group):
