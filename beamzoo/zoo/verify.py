@@ -76,7 +76,8 @@ def onnx_signature(data: bytes) -> tuple[dict, dict]:
         out = {}
         for v in values:
             t = v.type.tensor_type
-            dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+            dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None  # -1: free (Paddle)
+                    for d in t.shape.dim]
             out[v.name] = (_ONNX_TYPES.get(t.elem_type, f"onnx type {t.elem_type}"), dims)
         return out
     return sig(v for v in model.graph.input if v.name not in inits), sig(model.graph.output)

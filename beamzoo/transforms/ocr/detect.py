@@ -1,0 +1,147 @@
+"""Text detection, the one-to-many step of OCR: an image -> one child record per text region.
+
+A child carries the region's ``box`` (four corners in the image's pixels:
+top-left, top-right, bottom-right, bottom-left), the detector's ``det_score``,
+and a ``patch``: the axis-aligned piece of the (fitted) image around the
+region, with the region's corners in it (``quad``), for the crop step to
+rectify. The ``parents`` port carries each image (without its pixels) and how
+many regions it has: an image without text has none.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from beamzoo.core import Knob, Operator, Result, dead_letters, error_text, register
+from beamzoo.schemas import ID, PARENT_ID
+from beamzoo.transforms.ocr import db
+from beamzoo.transforms.ocr.crop import crop_size, turned
+from beamzoo.transforms.ocr.geometry import detector_input, fit, order_quad
+from beamzoo.transforms.ocr.images import QUAD, image_struct, pixels
+from beamzoo.transforms.ocr.models import DETECTOR, card, session
+from beamzoo.transforms.preprocess import image_spec
+
+MARGIN = 3  # pixels kept around a region's patch: what cubic interpolation reads at its edge
+
+
+def aspect(quad) -> float:
+    """Width over height of a region's upright crop (a tall one turned a quarter)."""
+    w, h = crop_size(np.asarray(quad, np.float32))
+    if w < 1 or h < 1:
+        return 0.0
+    return h / w if turned(w, h) else w / h
+
+
+def pad_ratios(ratios: list[float], group: int) -> list[float]:
+    """For each region, the widest aspect ratio of its group: its image's regions sorted
+    by aspect, ``group`` at a time. That is the width it is recognized at, so a crop
+    reads the same whatever other images share its batch (and as RapidOCR's engine,
+    which batches an image's regions so, reads it)."""
+    order = np.argsort(np.array(ratios, np.float64))
+    out = [0.0] * len(ratios)
+    for start in range(0, len(order), group):
+        part = order[start:start + group]
+        widest = max(ratios[i] for i in part)
+        for i in part:
+            out[i] = widest
+    return out
+
+
+@register("detect_text")
+class DetectText(Operator):
+    """image (BGR) -> text regions, with PP-OCRv4 detection and DB post-processing."""
+
+    kind = "explode"
+    default_id = "detect"
+    knobs = {"model": Knob(DETECTOR, str, doc="the detection model's card"),
+             "thresh": Knob(0.3, float, low=0, high=1, doc="a pixel is text above this probability"),
+             "box_thresh": Knob(0.5, float, low=0, high=1, doc="keep a box whose mean probability is this"),
+             "unclip_ratio": Knob(1.6, float, low=0, high=10, doc="how much a box is grown back"),
+             "max_candidates": Knob(1000, int, low=1, doc="outlines looked at per image"),
+             "limit_side": Knob(736, int, low=32, high=8192, doc="the detector sees a short side of at least this"),
+             "max_side": Knob(2000, int, low=32, doc="larger images are shrunk to this long side first"),
+             "pad_group": Knob(6, int, low=1, high=4096,
+                               doc="regions of an image that share a recognition width"),
+             "intra_op_threads": Knob(1, int, low=0, high=1024, results=False)}
+    consumes = ("image",)
+    KEEP = ("path", "key")
+
+    def __init__(self, id: str | None = None, **params):
+        super().__init__(id, **params)
+
+    def configure(self):
+        self.requires = pa.schema([image_spec("BGR").field("image")])
+        self.produces = pa.schema([PARENT_ID, pa.field("region", pa.int32()), pa.field("box", QUAD),
+                                   pa.field("det_score", pa.float32()), image_spec("BGR").field("patch"),
+                                   pa.field("quad", QUAD), pa.field("pad_ratio", pa.float64())])
+        self.card = card(self.params["model"], "text-detection")
+        self.parallel = self.params["intra_op_threads"] == 1
+        self._session = None
+
+    def result_params(self):
+        return {**super().result_params(), "model": self.card.identity()}
+
+    @property
+    def ports(self):
+        return ("out", "parents")
+
+    def output_schemas(self, inputs):
+        (schema,) = inputs
+        kept = [schema.field(n) for n in self.KEEP if n in schema.names]
+        parents = pa.schema([f for f in schema if f.name != "image"] + [pa.field("children", pa.int32())])
+        return {"out": pa.schema([ID, *kept, *self.produces]), "parents": parents}
+
+    def setup(self):
+        if self._session is None:
+            self._session = session(self.params["model"], self.params["intra_op_threads"])
+
+    def __getstate__(self):
+        return {**self.__dict__, "_session": None}
+
+    def regions(self, img: np.ndarray) -> list[dict]:
+        """The text regions of one BGR image."""
+        p = self.params
+        fitted = fit(img, max_side=p["max_side"])
+        x = detector_input(fitted.image, p["limit_side"])
+        prob = self._session.run(None, {self._session.get_inputs()[0].name: x})[0][0, 0]
+        h, w = fitted.image.shape[:2]
+        out = []
+        for quad, score in db.boxes(prob, h, w, p["thresh"], p["box_thresh"], p["unclip_ratio"],
+                                    p["max_candidates"]):
+            quad = order_quad(quad.astype(np.float32))
+            quad[:, 0] = np.clip(quad[:, 0], 0, w - 1).astype(np.int32)
+            quad[:, 1] = np.clip(quad[:, 1], 0, h - 1).astype(np.int32)
+            if int(np.linalg.norm(quad[0] - quad[1])) <= 3 or int(np.linalg.norm(quad[0] - quad[3])) <= 3:
+                continue  # a sliver
+            x0, y0 = (max(0, int(v) - MARGIN) for v in quad.min(axis=0))
+            x1, y1 = (int(v) + MARGIN + 1 for v in quad.max(axis=0))
+            out.append({"box": fitted.to_original(quad).tolist(), "det_score": score,
+                        "patch": image_struct(fitted.image[y0:y1, x0:x1]),
+                        "quad": (quad - np.array([x0, y0], np.float32)).tolist()})
+        ratios = [aspect(r["quad"]) for r in out]
+        for r, pad in zip(out, pad_ratios(ratios, p["pad_group"])):
+            r["pad_ratio"] = pad
+        return out
+
+    def process(self, batch: pa.RecordBatch) -> Result:
+        self.setup()
+        schemas = self.output_schemas([batch.schema])
+        ids = batch.column("id").to_pylist()
+        keep = {n: batch.column(n).to_pylist() for n in self.KEEP if n in batch.schema.names}
+        rows, ok, counts, bad, errors = [], [], [], [], []
+        for i, im in enumerate(batch.column("image").to_pylist()):
+            try:
+                found = self.regions(pixels(im))
+            except Exception as exc:  # noqa: BLE001 - a bad image must not kill the run
+                bad.append(i)
+                errors.append(error_text(exc))
+                continue
+            ok.append(i)
+            counts.append(len(found))
+            for n, region in enumerate(found):
+                rows.append({"id": f"{ids[i]}#{n}", **{k: v[i] for k, v in keep.items()},
+                             "parent_id": ids[i], "region": n, **region})
+        parents = batch.take(pa.array(ok, pa.int64())).drop_columns(["image"])
+        parents = parents.append_column(schemas["parents"].field("children"), pa.array(counts, pa.int32()))
+        children = pa.RecordBatch.from_pylist(rows, schema=schemas["out"])
+        return Result({"out": children, "parents": parents}, dead_letters(batch, bad, self.id, errors))

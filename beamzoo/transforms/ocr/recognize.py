@@ -1,0 +1,75 @@
+"""Text recognition with PP-OCRv4: crops of any width, batched across regions of
+many images. Crops are sorted by aspect ratio so that a batch's crops are alike
+in width; crops of one input width run together."""
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pyarrow as pa
+
+from beamzoo.core import Knob, register
+from beamzoo.transforms.ocr import ctc
+from beamzoo.transforms.ocr.batched import BatchedModel
+from beamzoo.transforms.ocr.images import pixels
+from beamzoo.transforms.ocr.models import RECOGNIZER, characters
+from beamzoo.transforms.preprocess import image_spec
+
+HEIGHT, MIN_WIDTH = 48, 320  # the recognizer's input height, and the narrowest batch
+
+
+@register("recognize_text")
+class RecognizeText(BatchedModel):
+    """image -> ``text`` and ``score`` (the mean confidence of its characters).
+
+    A crop is scaled to 48 pixels high and padded on the right to the width its
+    ``pad_ratio`` gives (at least 320), so that it reads the same in any batch."""
+
+    default_id = "recognize"
+    task = "text-recognition"
+    knobs = {"model": Knob(RECOGNIZER, str, doc="the recognition model's card"),
+             "batch_size": Knob(16, int, low=1, high=4096, results=False),
+             "intra_op_threads": Knob(1, int, low=0, high=1024, results=False)}
+    requires = pa.schema([image_spec("BGR").field("image"), pa.field("pad_ratio", pa.float64())])
+    produces = pa.schema([pa.field("text", pa.string()), pa.field("score", pa.float32())])
+    consumes = ("image", "pad_ratio")
+
+    def __init__(self, id: str | None = None, **params):
+        super().__init__(id, **params)
+
+    def setup(self):
+        super().setup()
+        self._chars = characters(self._session)
+
+    def prepare(self, row):
+        img = pixels(row["image"])
+        h, w = img.shape[:2]
+        if h < 1 or w < 1:
+            raise ValueError(f"an empty crop ({w}x{h})")
+        ratio = row["pad_ratio"] if row["pad_ratio"] is not None else w / h
+        return img, int(HEIGHT * max(MIN_WIDTH / HEIGHT, ratio))
+
+    def batches(self, prepared):
+        """Crops of the same input width together, up to ``batch_size``, narrow ones first."""
+        order = sorted(range(len(prepared)), key=lambda i: (prepared[i][1], prepared[i][0].shape[1]
+                                                           / prepared[i][0].shape[0]))
+        out: list[list[int]] = []
+        for i in order:
+            if out and len(out[-1]) < self.params["batch_size"] and prepared[out[-1][0]][1] == prepared[i][1]:
+                out[-1].append(i)
+            else:
+                out.append([i])
+        return out
+
+    def run(self, prepared):
+        width = prepared[0][1]
+        x = np.zeros((len(prepared), 3, HEIGHT, width), np.float32)
+        for k, (im, _) in enumerate(prepared):
+            new_w = min(width, int(math.ceil(HEIGHT * im.shape[1] / im.shape[0])))
+            r = cv2.resize(im, (new_w, HEIGHT)).astype(np.float32)
+            r *= np.float32(1 / 127.5)
+            r -= np.float32(1)
+            x[k, :, :, :new_w] = r.transpose(2, 0, 1)
+        probs = self._session.run(None, {self._session.get_inputs()[0].name: x})[0]
+        return [{"text": t, "score": s} for t, s in ctc.decode(probs, self._chars)]
