@@ -99,4 +99,11 @@ def efficientnet_lite_int8(variant: str) -> bytes:
     return quantize(fp32, calibration_inputs(pre["resize"], pre["crop"], (-1.0, 1.0)))
 
 
-BUILDERS = {"efficientnet_lite": efficientnet_lite, "efficientnet_lite_int8": efficientnet_lite_int8}
+def rapidocr(file: str) -> bytes:
+    """A PP-OCR model file out of the pinned rapidocr-onnxruntime wheel."""
+    from beamzoo.zoo.rapidocr import build_rapidocr
+    return build_rapidocr(file)
+
+
+BUILDERS = {"efficientnet_lite": efficientnet_lite, "efficientnet_lite_int8": efficientnet_lite_int8,
+            "rapidocr": rapidocr}

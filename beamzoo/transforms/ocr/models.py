@@ -19,9 +19,6 @@ def card(ref: str, task: str):
 def model_bytes(ref: str) -> bytes:
     """The verified ONNX bytes of a model card (built from the RapidOCR wheel on first use)."""
     from beamzoo import zoo
-    from beamzoo.zoo.builders import BUILDERS
-    from beamzoo.zoo.rapidocr import build_rapidocr
-    BUILDERS.setdefault("rapidocr", build_rapidocr)  # until beamzoo.zoo.builders lists it
     return zoo.get(ref).model_bytes()
 
 
