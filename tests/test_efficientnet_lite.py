@@ -16,7 +16,7 @@ import pytest
 
 from beamzoo.zoo import torchfile
 
-LABELS = os.path.join(os.path.dirname(torchfile.__file__), "imagenet_labels.txt")
+LABELS = os.path.join(os.path.dirname(torchfile.__file__), "models", "imagenet_labels.txt")
 
 
 # ---------------------------------------------------------------- torchfile --
