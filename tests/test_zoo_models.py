@@ -73,6 +73,9 @@ def test_int8_has_int8_weights_and_float_io():
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
     weights = {i.name: i.data_type for i in m.graph.initializer}
     assert weights["_blocks.3._depthwise_conv.weight_quantized"] == onnx.TensorProto.INT8
+    # kept fp32 (builders.INT8_KEEP_FLOAT): the stem and the first block
+    assert weights["_conv_stem.weight"] == weights["_blocks.0._project_conv.weight"] == onnx.TensorProto.FLOAT
+    assert "_blocks.0._project_conv.weight_quantized" not in weights
     assert m.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
     assert len(built("efficientnet_lite0_int8")) < len(built("efficientnet_lite0")) / 3
 
@@ -131,6 +134,12 @@ def test_matches_numpy_reference(variant, size):
     want = _reference_forward(sd, x)
     assert np.abs(want).max() > 1  # real logits, not all near zero
     np.testing.assert_allclose(got, want, atol=2e-4, rtol=0)
+
+
+def test_keep_float_must_name_nodes():
+    from beamzoo.zoo.quantize import quantize
+    with pytest.raises(ValueError, match="keep_float names nodes the model does not have: _blocks.99"):
+        quantize(built("efficientnet_lite0"), [], keep_float=("_conv_stem", "_blocks.99"))
 
 
 def test_other_variants_weights_are_refused():
