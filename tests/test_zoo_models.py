@@ -66,6 +66,18 @@ def test_int8_build_is_the_same_in_another_process():
     assert out.stdout == hashlib.sha256(built("efficientnet_lite0_int8")).hexdigest()
 
 
+def test_int8_build_ignores_float_noise():
+    # Another CPU's kernels round differently: calibration inputs off by 1e-6
+    # (relative) must give the same bytes, thanks to the rounded ranges.
+    from beamzoo.zoo.quantize import calibration_inputs, quantize
+    pre = builders.preprocess("lite0")
+    rng = np.random.default_rng(0)
+    noisy = [(x * (1 + rng.uniform(-1e-6, 1e-6, x.shape))).astype(np.float32)
+             for x in calibration_inputs(pre["resize"], pre["crop"])]
+    data = quantize(built("efficientnet_lite0"), noisy, keep_float=builders.INT8_KEEP_FLOAT)
+    assert hashlib.sha256(data).hexdigest() == card("efficientnet_lite0_int8").sha256
+
+
 def test_int8_has_int8_weights_and_float_io():
     import onnx
     m = onnx.load_from_string(built("efficientnet_lite0_int8"))
