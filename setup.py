@@ -17,7 +17,9 @@ CORE = [
 # Pinned: the Flink job server, the docker images and the tests are matched to it.
 BEAM = ["apache-beam==2.77.0"]
 SAMPLES = ["scikit-image>=0.22", "scikit-learn>=1.4"]
-DEV = BEAM + SAMPLES + [
+# beamzoo serve: an ASGI app on uvicorn, Prometheus metrics, the Redis stream queue
+SERVE = ["starlette>=0.37", "uvicorn>=0.30", "prometheus-client>=0.20", "redis>=5"]
+DEV = BEAM + SAMPLES + SERVE + [
     "pytest>=8",
     "pandas>=2",  # the tests read outputs as users do: pd.read_parquet(OUT/predictions)
     "hypothesis>=6.100",
@@ -37,6 +39,7 @@ setup(
     packages=find_packages(include=["beamzoo", "beamzoo.*"]),
     package_data={"beamzoo.zoo": ["models/*.txt", "models/*/*/card.yaml"]},
     install_requires=CORE,
-    extras_require={"beam": BEAM, "flink": BEAM, "samples": SAMPLES, "dev": DEV},
+    extras_require={"beam": BEAM, "flink": BEAM, "samples": SAMPLES, "serve": SERVE,
+                    "dev": DEV},
     entry_points={"console_scripts": ["beamzoo=beamzoo.cli:main"]},
 )

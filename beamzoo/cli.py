@@ -3,6 +3,7 @@
     beamzoo run DIR --input GLOB --output OUT [--resume] [--derived_only] [--workers N] [--no_progress]
     beamzoo models {list,show,verify} [--zoo DIR] [--json]
     beamzoo flink {fetch,up,down,status} [options]
+    beamzoo serve --model NAME[:V] ... [--bundle DIR ...] [--host H] [--port 8501] [batching options]
 
 ``run`` runs a bundle (``beamzoo.bundle.export``) on the edge runner, no Beam
 needed; its lock is checked before any input is read.
@@ -27,7 +28,7 @@ def _workers(text: str) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="beamzoo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,models,flink}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,models,serve,flink}")
     run = sub.add_parser("run", help="run an exported bundle on this machine (edge runner, no Beam)",
                          description="Run an exported bundle (beamzoo.bundle.export) on the edge runner. "
                                      "The bundle's lock is checked before any input is read.")
@@ -46,6 +47,9 @@ def parser() -> argparse.ArgumentParser:
     models(sub)
     sub.add_parser("flink", add_help=False, help="fetch, start, stop or show a local Flink cluster "
                                                  "(beamzoo flink --help)")
+    from beamzoo.serve.command import add_arguments
+    add_arguments(sub.add_parser("serve", allow_abbrev=False, help="serve zoo models and bundles over HTTP "
+                                 "(TF Serving REST, KServe v2, /metrics)"))
     return p
 
 
@@ -76,6 +80,9 @@ def main(argv=None) -> int:
     if args.command == "models":
         from beamzoo.zoo.commands import main as models
         return models(args)
+    if args.command == "serve":
+        from beamzoo.serve.command import main as serve
+        return serve(args)
     return _run(args)
 
 

@@ -35,6 +35,17 @@ from beamzoo.transforms.sources import Files
 from beamzoo.zoo import CardError, ModelCard, ModelIntegrityError, SelectorError, UnknownModel
 
 
+def classifier_problem(card: ModelCard) -> str | None:
+    """Why ``card`` cannot classify images (one image input, one output of scores), or None."""
+    if card.task != "image-classification":
+        return f"is a {card.task} model, not an image classifier"
+    if len(card.inputs) != 1 or card.inputs[0].spec.layout not in ("NCHW", "NHWC") or not card.input.fixed:
+        return "does not take one fixed-size image input (layout NCHW or NHWC)"
+    if len(card.outputs) != 1 or len(card.output.shape) != 1 or not card.output.fixed:
+        return "does not give one output of class scores"
+    return None
+
+
 class Classify(Composite):
     """paths -> predictions for an image classifier: read, decode (at reduced size where
     the resize allows), resize and crop as the card says, infer, top-k.
@@ -47,6 +58,9 @@ class Classify(Composite):
                  intra_op_threads: int = 1, max_pixels: int = 100_000_000, max_bytes: int = 256 << 20,
                  shrink: str = "area", reduced_decode: bool = True, prefix: str = ""):
         self.card = ModelCard.from_param(model)
+        problem = classifier_problem(self.card)
+        if problem:
+            raise KnobError(f"Classify: {self.card.ref} {problem}")
         self.resize = ResizeCrop.for_input(self.card.input, resize=self.card.resize, shrink=shrink)
         self.decode = DecodeImage(max_pixels=max_pixels, channels=self.card.input.channels,
                                   min_side=self.resize.resize if reduced_decode else None)

@@ -53,7 +53,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paths", required=True, help="text file: one image path per line")
     parser.add_argument("--output", required=True, help="prefix of the JSON-lines outputs")
-    parser.add_argument("--model", default="efficientnet_lite0", help="zoo model NAME[:VERSION]")
+    parser.add_argument("--model", default="efficientnet_lite0",
+                        help="zoo model NAME[:VERSION], or the path of a card file")
     parser.add_argument("--topk", type=int, default=5, help="labels kept per image")
     args, beam_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:

@@ -18,7 +18,7 @@ import os
 import sys
 
 from beamzoo import zoo
-from beamzoo.pipeline import run, score_images, user_errors
+from beamzoo.pipeline import classifier_problem, run, score_images, user_errors
 from beamzoo.runners import EdgeRunner, is_edge
 from beamzoo.runners.options import OptionError, check_runner
 from beamzoo.transforms.preprocess import SHRINK_FILTERS
@@ -47,7 +47,14 @@ def parser() -> argparse.ArgumentParser:
                                                      "to DIR instead of running (run it with `beamzoo run`)")
     p.add_argument("--runner", default="DirectRunner",
                    help="DirectRunner (default), EdgeRunner (no Beam) or FlinkRunner")
-    p.add_argument("--model", default="efficientnet_lite0", help="model in the zoo: NAME or NAME:VERSION")
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--model", help="NAME or NAME:VERSION from the zoo (default efficientnet_lite0, "
+                                       "NAME alone: its newest version), or the path of a card file")
+    model.add_argument("--select", metavar="SELECTOR",
+                       help="the cheapest model that matches, e.g. 'task=image-classification,imagenet_top1>=0.76'")
+    p.add_argument("--zoo", action="append", default=[], metavar="DIR",
+                   help="a model repository (<DIR>/<name>/<version>/card.yaml) beside the built-ins; "
+                        "also BEAMZOO_ZOO")
     p.add_argument("--topk", type=at_least(1), default=5, help="labels kept per image (default 5)")
     p.add_argument("--batch_size", type=at_least(1), default=4, help="images per inference call")
     p.add_argument("--max_pixels", type=at_least(1), default=100_000_000,
@@ -89,13 +96,30 @@ def parse(argv: list[str]):
                 + (f" (and {len(rest_unknown) - 1} more)" if len(rest_unknown) > 1 else "")
                 + ": if it is one of the files of an --input glob, the shell expanded the glob; "
                   "quote it: --input 'photos/*.jpg'")
-    try:
-        card = zoo.get(args.model)
-    except zoo.UnknownModel as exc:
-        p.error(f"--model: {exc}")
+    card = pick_model(p, args)
     if args.topk > len(card.labels):
         p.error(f"--topk must be between 1 and {len(card.labels)} (the labels of {card.ref}), got {args.topk}")
     return args, rest, card
+
+
+def pick_model(p: argparse.ArgumentParser, args) -> zoo.ModelCard:
+    """The card of --model or --select (refusing what cannot classify images)."""
+    try:
+        for d in args.zoo:
+            zoo.add_repository(d)
+        if args.select:
+            matches = zoo.select(**zoo.parse_selector(args.select))
+            card = matches[0]
+            print(f"--select picked {card.ref}, the cheapest of {len(matches)} matching: "
+                  f"{', '.join(c.ref for c in matches)}")
+        else:
+            card = zoo.get(args.model or "efficientnet_lite0")
+    except (zoo.UnknownModel, zoo.CardError, zoo.SelectorError, zoo.ModelIntegrityError) as exc:
+        p.error(f"--{'select' if args.select else 'model'}: {exc}")
+    problem = classifier_problem(card)
+    if problem:
+        p.error(f"--{'select' if args.select else 'model'}: {card.ref} {problem}")
+    return card
 
 
 def main(argv=None) -> int:

@@ -23,7 +23,7 @@ def parse():
     (["--threads", "-1"], "argument --threads: must be 0 or more, got -1"),
     (["--max_pixels", "0"], "argument --max_pixels: must be 1 or more, got 0"),
     (["--topk", "5000"], "--topk must be between 1 and 1000 \\(the labels of efficientnet_lite0:1\\), got 5000"),
-    (["--model", "efficientnet_lite0:2"], "--model: model 'efficientnet_lite0' has no version '2'; known versions: 1"),
+    (["--model", "efficientnet_lite0:2"], "--model: model 'efficientnet_lite0' has no version '2'; its versions: 1"),
     (["--model", "resnet"], "--model: no model named 'resnet' in the zoo; known: efficientnet_lite0"),
     (["--runner=FlinkRuner"], "--runner: unknown runner 'FlinkRuner': beamzoo runs EdgeRunner .*DirectRunner and FlinkRunner"),
     (["--runner=EdgeRunner", "--parallelism=2"], "unknown option --parallelism=2"),

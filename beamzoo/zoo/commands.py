@@ -1,7 +1,6 @@
 """``beamzoo models list|show|verify``: what the zoo holds, and whether its files are what the cards pin."""
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -44,14 +43,15 @@ def _row(card: ModelCard) -> dict:
 
 
 def _list(args) -> int:
-    cards = all_cards()
+    cards = all_cards(verify=False)
     if args.json:
         print(json.dumps([_row(c) for c in cards], indent=1))
         return 0
-    width = max((len(c.ref) for c in cards), default=5)
-    for c in cards:
-        metrics = "  ".join(f"{k}={m['value']:g}" for k, m in sorted(c.metrics.items()))
-        print(f"{c.ref:<{width}}  {c.task:<20}  {','.join(c.tags):<24}  {metrics}")
+    rows = [(c.ref, c.task, ",".join(c.tags), "  ".join(f"{k}={m['value']:g}" for k, m in sorted(c.metrics.items())))
+            for c in cards]
+    widths = [max((len(r[i]) for r in rows), default=0) for i in range(3)]
+    for r in rows:
+        print("  ".join(f"{v:<{w}}" for v, w in zip(r, widths)) + "  " + r[3])
     return 0
 
 
@@ -71,7 +71,7 @@ def _show(args) -> int:
 
 def _verify(args) -> int:
     bad = 0
-    for card in all_cards():
+    for card in all_cards(verify=False):
         if not os.path.exists(card.file) and card.build is not None and not args.build:
             print(f"{card.ref}: not built yet (it is built and checked on first use; --build builds it now)")
             continue

@@ -55,7 +55,7 @@ def _card_file(d: Path) -> Path | None:
     return next((d / f for f in CARD_FILES if (d / f).is_file()), None)
 
 
-def _load(repo: Path, name: str, version: str) -> ModelCard:
+def _load(repo: Path, name: str, version: str, verify: bool = True) -> ModelCard:
     path = _card_file(repo / name / version)
     if repo == BUILTIN:
         with _lock:
@@ -64,7 +64,7 @@ def _load(repo: Path, name: str, version: str) -> ModelCard:
                 _builtins[ref] = load_card(path, builtin=True)
             card = _builtins[ref]
     else:
-        card = load_card(path)
+        card = load_card(path, verify=verify)
     if (card.name, card.version) != (name, version):
         raise CardError(str(path), "name" if card.name != name else "version",
                         f"the card says {card.ref}, but it lies in {name}/{version}/; "
@@ -118,9 +118,10 @@ def get(ref: str) -> ModelCard:
     return _load(entries[(name, version)], name, version)
 
 
-def all_cards() -> list[ModelCard]:
+def all_cards(verify: bool = True) -> list[ModelCard]:
+    """Every card of every repository; ``verify=False`` leaves users' files unchecked (for listing)."""
     entries = _entries()
-    return [_load(repo, n, v) for (n, v), repo in sorted(entries.items(), key=lambda e: (e[0][0], version_key(e[0][1])))]
+    return [_load(repo, n, v, verify) for (n, v), repo in sorted(entries.items(), key=lambda e: (e[0][0], version_key(e[0][1])))]
 
 
 def _looks_like_path(ref: str) -> bool:

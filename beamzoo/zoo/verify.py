@@ -16,7 +16,7 @@ from beamzoo.zoo.card import ModelCard, ModelIntegrityError
 
 _ONNX_TYPES = {1: "float32", 2: "uint8", 3: "int8", 6: "int32", 7: "int64", 9: "bool", 10: "float16",
                11: "float64"}
-_checked: set[tuple[str, str]] = set()  # (sha256, card ref) whose signature was checked in this process
+_checked: set[tuple] = set()  # (sha256, inputs, outputs) checked in this process
 _lock = threading.Lock()
 
 
@@ -32,13 +32,15 @@ def verified_bytes(card: ModelCard) -> bytes:
     if actual != card.sha256:
         fix = ("delete it to have it built again" if card.build is not None
                else "put the right file there, or fix the card's sha256 if the model really changed")
+        pinned_by = f"its card ({card.card_path}, field 'sha256')" if card.card_path else "its card"
         raise ModelIntegrityError(
-            f"model file {path} for {card.ref} has sha256 {actual}, but its card pins {card.sha256}: "
+            f"model file {path} for {card.ref} has sha256 {actual}, but {pinned_by} pins {card.sha256}: "
             f"the file is corrupt or not the model the card describes; {fix}")
     with _lock:
-        if (actual, card.ref) not in _checked:
+        key = (actual, card.inputs, card.outputs)
+        if key not in _checked:
             check_signature(card, data)
-            _checked.add((actual, card.ref))
+            _checked.add(key)
     return data
 
 

@@ -1,0 +1,126 @@
+"""Dynamic batching across requests: a bounded queue of rows and when to cut a batch.
+
+``Batcher`` is a plain state machine with an injected clock: ``offer`` takes
+all of a request's rows or none of them (the queue holds at most
+``max_queue`` rows), ``take`` cuts a batch of up to ``max_batch`` rows once
+that many wait, once the oldest has waited ``max_delay`` seconds, or once the
+batcher is closing. ``BatchLoop`` runs it with worker threads.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+
+class QueueFull(Exception):
+    """The queue cannot take the request's rows now."""
+
+
+class Closed(Exception):
+    """The batcher is shutting down and takes no new rows."""
+
+
+@dataclass
+class Row:
+    item: Any
+    enqueued: float
+
+
+@dataclass
+class Batcher:
+    max_batch: int
+    max_delay: float
+    max_queue: int
+    clock: Callable[[], float] = time.monotonic
+    rows: deque = field(default_factory=deque)
+    closing: bool = False
+
+    def __post_init__(self):
+        if self.max_batch < 1 or self.max_queue < 1 or self.max_delay < 0:
+            raise ValueError("max_batch and max_queue must be >= 1 and max_delay >= 0")
+
+    def offer(self, items: list) -> None:
+        """Queue every item or none: ``QueueFull`` when they do not fit, ``Closed`` when closing."""
+        if self.closing:
+            raise Closed("the server is shutting down")
+        if len(self.rows) + len(items) > self.max_queue:
+            raise QueueFull(f"the queue holds {len(self.rows)} of at most {self.max_queue} rows; "
+                            f"this request brings {len(items)}")
+        now = self.clock()
+        self.rows.extend(Row(i, now) for i in items)
+
+    def due_in(self) -> float | None:
+        """Seconds until a batch is due (0: now), or None when nothing waits."""
+        if not self.rows:
+            return None
+        if self.closing or len(self.rows) >= self.max_batch:
+            return 0.0
+        return max(0.0, self.rows[0].enqueued + self.max_delay - self.clock())
+
+    def take(self) -> list[Row]:
+        """The next batch if one is due, else []."""
+        if self.due_in() != 0.0:
+            return []
+        n = min(self.max_batch, len(self.rows))
+        return [self.rows.popleft() for _ in range(n)]
+
+    def close(self) -> None:
+        """Take no new rows; what waits is due at once."""
+        self.closing = True
+
+    def __len__(self):
+        return len(self.rows)
+
+
+class BatchLoop:
+    """``workers`` threads that take due batches from a ``Batcher`` and hand each to
+    ``run(rows, worker_index)`` (which answers the rows, whatever happens); ``close``
+    answers what was accepted, then joins them."""
+
+    def __init__(self, batcher: Batcher, run: Callable[[list[Row], int], None], workers: int = 1,
+                 name: str = "beamzoo-batch"):
+        self.batcher, self.run = batcher, run
+        self.cv = threading.Condition()
+        self.threads = [threading.Thread(target=self._loop, args=(i,), name=f"{name}-{i}", daemon=True)
+                        for i in range(workers)]
+        for t in self.threads:
+            t.start()
+
+    def offer(self, items: list) -> None:
+        with self.cv:
+            self.batcher.offer(items)
+            self.cv.notify()
+
+    def queued(self) -> int:
+        with self.cv:
+            return len(self.batcher)
+
+    def _loop(self, index: int) -> None:
+        while True:
+            with self.cv:
+                while True:
+                    wait = self.batcher.due_in()
+                    if wait == 0.0:
+                        rows = self.batcher.take()
+                        break
+                    if wait is None and self.batcher.closing:
+                        return
+                    self.cv.wait(wait)
+                if self.batcher.due_in() == 0.0:
+                    self.cv.notify()  # more is due: wake another worker
+            try:
+                self.run(rows, index)
+            except BaseException as exc:  # noqa: BLE001 - ``run`` answers its rows; this thread must live on
+                print(f"beamzoo serve: a batch failed outside the graph: {type(exc).__name__}: {exc}",
+                      file=sys.stderr, flush=True)
+
+    def close(self, timeout: float | None = None) -> None:
+        with self.cv:
+            self.batcher.close()
+            self.cv.notify_all()
+        for t in self.threads:
+            t.join(timeout)

@@ -1,0 +1,98 @@
+"""One served model: its batcher, its worker threads, and the engine each runs.
+
+``submit`` queues a request's instances (all or none) and returns a future of
+one result per instance: the answer's fields, or ``{"error", "stage"}``.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, InvalidStateError
+
+import pyarrow as pa
+
+from beamzoo.core import error_text
+from beamzoo.serve.batcher import BatchLoop, Batcher, Row
+from beamzoo.serve.graph import REQUEST_SCHEMA, Engine
+from beamzoo.serve.metrics import Metrics
+from beamzoo.serve.models import Servable
+
+_ids = iter(range(1 << 62))
+_ids_lock = threading.Lock()
+
+
+def _next_id() -> int:
+    with _ids_lock:
+        return next(_ids)
+
+
+class Ticket:
+    """The rows of one request, answered as they come back."""
+
+    def __init__(self, n: int):
+        self.results: list = [None] * n
+        self.left = n
+        self.lock = threading.Lock()
+        self.future: Future = Future()
+
+    def answer(self, index: int, result: dict) -> None:
+        with self.lock:
+            self.results[index] = result
+            self.left -= 1
+            done = self.left == 0
+        if done:
+            try:
+                self.future.set_result(self.results)
+            except InvalidStateError:  # cancelled: the request timed out or its client went away
+                pass
+
+
+class ModelService:
+    def __init__(self, servable: Servable, metrics: Metrics, max_batch: int = 8, max_delay: float = 0.005,
+                 max_queue: int = 256, workers: int = 1, clock=time.monotonic):
+        self.servable, self.metrics, self.clock = servable, metrics, clock
+        self.label = servable.name
+        self.engines = [Engine(servable.plan) for _ in range(workers)]  # models load here, before serving
+        self.schema = self.engines[0].schema  # the answer fields
+        self.fields = self.schema.names
+        self.loop = BatchLoop(Batcher(max_batch, max_delay, max_queue, clock), self._run, workers,
+                              name=f"beamzoo-{servable.name}")
+
+    def submit(self, instances: list[bytes]) -> Future:
+        """Queue the instances; raises ``QueueFull`` or ``Closed`` at once when they cannot wait."""
+        ticket = Ticket(len(instances))
+        if not instances:
+            ticket.future.set_result([])
+            return ticket.future
+        rid = _next_id()
+        self.loop.offer([(ticket, i, f"req{rid}/{i}", data) for i, data in enumerate(instances)])
+        self.metrics.queued.labels(self.label).set(self.loop.queued())
+        return ticket.future
+
+    def _run(self, rows: list[Row], worker: int) -> None:
+        now = self.clock()
+        m = self.metrics
+        m.batch.labels(self.label).observe(len(rows))
+        m.queued.labels(self.label).set(self.loop.queued())
+        for r in rows:
+            m.queue.labels(self.label).observe(now - r.enqueued)
+        items = [r.item for r in rows]
+        ids = [i[2] for i in items]
+        batch = pa.record_batch([pa.array(ids, pa.string()), pa.array(ids, pa.string()),
+                                 pa.array([i[3] for i in items], pa.binary())], schema=REQUEST_SCHEMA)
+        try:
+            answer = self.engines[worker].run(batch)
+            rows_out, errors = answer.rows, answer.errors
+        except Exception as exc:  # noqa: BLE001 - a failing batch answers its rows, the server goes on
+            rows_out, errors = {}, {i: ("server", error_text(exc)) for i in ids}
+        for ticket, index, rid, _ in items:
+            if rid in rows_out:
+                ticket.answer(index, rows_out[rid])
+            else:
+                stage, error = errors.get(rid, ("server", "the graph gave no answer for this instance"))
+                m.dead.labels(self.label, stage).inc()
+                ticket.answer(index, {"error": error, "stage": stage})
+
+    def close(self, timeout: float | None = None) -> None:
+        """Take no more; answer what was accepted."""
+        self.loop.close(timeout)

@@ -1,0 +1,245 @@
+"""Serving without a server: the batcher's state machine (a fake clock), the served graph, the protocols."""
+from __future__ import annotations
+
+import base64
+
+import pyarrow as pa
+import pytest
+
+from beamzoo.graph import GraphError
+from beamzoo.pipeline import score_images
+from beamzoo.serve import protocol as P
+from beamzoo.serve.batcher import Batcher, Closed, QueueFull
+from beamzoo.serve.graph import Engine, serving_graph
+from beamzoo.serve.models import Catalog, Servable, UnknownServable, signature
+from conftest import COLOURS, tiny_card, tiny_colour_model, write_colour_image
+
+
+class Clock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+# ---------------------------------------------------------------- batcher
+
+
+def test_a_full_batch_is_due_at_once_and_no_bigger_than_max_batch():
+    clock = Clock()
+    b = Batcher(max_batch=4, max_delay=0.5, max_queue=100, clock=clock)
+    b.offer(list("abc"))
+    assert b.due_in() == pytest.approx(0.5) and b.take() == []
+    b.offer(list("def"))  # 6 waiting, 4 make a batch
+    assert b.due_in() == 0.0
+    assert [r.item for r in b.take()] == list("abcd")
+    assert b.due_in() == pytest.approx(0.5)  # "ef" came at the same time: not due yet
+
+
+def test_the_oldest_row_is_due_after_max_delay():
+    clock = Clock()
+    b = Batcher(max_batch=8, max_delay=0.010, max_queue=100, clock=clock)
+    assert b.due_in() is None
+    b.offer(["a"])
+    clock.t += 0.004
+    b.offer(["b"])
+    assert b.due_in() == pytest.approx(0.006)
+    clock.t += 0.006
+    rows = b.take()
+    assert [r.item for r in rows] == ["a", "b"]
+    assert rows[0].enqueued == pytest.approx(100.0) and rows[1].enqueued == pytest.approx(100.004)
+    assert b.due_in() is None
+
+
+def test_a_request_is_queued_whole_or_refused_whole():
+    b = Batcher(max_batch=2, max_delay=1, max_queue=5, clock=Clock())
+    b.offer(list("abc"))
+    with pytest.raises(QueueFull, match="holds 3 of at most 5 rows; this request brings 3"):
+        b.offer(list("xyz"))
+    assert len(b) == 3
+    b.offer(list("de"))
+    assert len(b) == 5
+
+
+def test_closing_makes_what_waits_due_and_refuses_new_rows():
+    b = Batcher(max_batch=4, max_delay=60, max_queue=10, clock=Clock())
+    b.offer(["a"])
+    b.close()
+    with pytest.raises(Closed):
+        b.offer(["b"])
+    assert [r.item for r in b.take()] == ["a"]
+    assert b.due_in() is None
+
+
+def test_batcher_refuses_nonsense_limits():
+    with pytest.raises(ValueError):
+        Batcher(max_batch=0, max_delay=0, max_queue=1)
+
+
+# ---------------------------------------------------------------- the served graph
+
+
+def test_serving_graph_keeps_every_step_between_the_ends(tmp_path):
+    g = score_images(str(tmp_path / "*.jpg"), str(tmp_path / "out"))
+    served = serving_graph(g)
+    inner = [s for s in g.steps if s.kind == "map" and s.op != "read_files"]
+    assert [s for s in served.steps if s.kind == "map"][1:] == inner[1:]  # same params, same inputs
+    first = next(s for s in served.steps if s.kind == "map")
+    assert first.op == "decode_image" and first.inputs == ("requests",)
+    assert [s.op for s in served.steps if s.kind in ("source", "sink")] == ["requests", "responses"]
+
+
+def test_serving_graph_refuses_a_graph_without_a_file_reader(tmp_path):
+    from beamzoo.graph import Graph
+    from beamzoo.transforms.sinks import WriteParquet
+    from beamzoo.transforms.sources import Files
+    g = (Graph.source(Files(str(tmp_path / "*"))) | WriteParquet(str(tmp_path / "o"))).graph
+    with pytest.raises(GraphError, match="starts by reading files"):
+        serving_graph(g)
+
+
+def test_engine_answers_rows_and_names_the_step_that_refused_one(tmp_path):
+    card = tiny_card(tiny_colour_model(tmp_path / "tiny.onnx"))
+    engine = Engine(Servable.from_model(card).plan)
+    red = open(write_colour_image(tmp_path / "r.png", (230, 20, 20)), "rb").read()
+    batch = pa.record_batch([pa.array(["a", "b"]), pa.array(["a", "b"]), pa.array([red, b"not an image"])],
+                            schema=pa.schema([("id", pa.string(), False), ("path", pa.string(), False),
+                                              ("data", pa.binary())]))
+    answer = engine.run(batch)
+    assert answer.rows["a"]["label"] == "red" and answer.rows["a"]["model"] == "tiny_colour:1"
+    assert set(answer.rows["a"]) == {"label", "score", "topk_labels", "topk_scores", "model"}
+    stage, error = answer.errors["b"]
+    assert stage == "decode" and "not an image" in error
+
+
+def test_catalog_serves_the_newest_version_by_default(tmp_path):
+    path = tiny_colour_model(tmp_path / "tiny.onnx")
+    v1, v2 = Servable.from_model(tiny_card(path)), Servable.from_model(tiny_card(path, version="2"))
+    cat = Catalog([v2, v1])
+    assert cat.versions("tiny_colour") == ["1", "2"]
+    assert cat.get("tiny_colour") is v2 and cat.get("tiny_colour", "1") is v1
+    with pytest.raises(UnknownServable, match="no version '3'.*served versions: 1, 2"):
+        cat.get("tiny_colour", "3")
+    with pytest.raises(UnknownServable, match="no model named 'nope'"):
+        cat.get("nope")
+    with pytest.raises(ValueError, match="given twice"):
+        Catalog([v1, v1])
+    assert signature(v1.card) == {"inputs": [{"name": "images", "dtype": "float32", "shape": [-1, 3, 32, 32]}],
+                                  "outputs": [{"name": "logits", "dtype": "float32", "shape": [-1, 3]}]}
+    assert list(v1.card.labels) == list(COLOURS)
+
+
+# ---------------------------------------------------------------- protocols
+
+GOOD = base64.b64encode(b"\xff\xd8\xffsome jpeg").decode()
+
+
+def test_tf_rows_and_columns_forms():
+    assert P.parse_tf({"instances": [{"b64": GOOD}, {"image": {"b64": GOOD}}]}) == \
+        ("rows", [b"\xff\xd8\xffsome jpeg"] * 2)
+    assert P.parse_tf({"inputs": {"image": [{"b64": GOOD}]}}) == ("columns", [b"\xff\xd8\xffsome jpeg"])
+    assert P.parse_tf({"inputs": [{"b64": GOOD}]})[0] == "columns"
+    out = P.tf_answer("columns", [{"label": "a", "score": 1.0}, {"error": "bad", "stage": "decode"}],
+                      ["label", "score"])
+    assert out == {"outputs": {"label": ["a", None], "score": [1.0, None], "error": [None, "bad"]}}
+
+
+@pytest.mark.parametrize("body, message", [
+    ([], "must be a JSON object"),
+    ({}, 'needs "instances"'),
+    ({"instances": []}, "non-empty list"),
+    ({"instances": {"b64": GOOD}}, "non-empty list"),
+    ({"instances": [], "inputs": []}, "not both"),
+    ({"instances": [{"b64": GOOD}], "extra": 1}, "unknown field"),
+    ({"inputs": {"pixels": []}}, 'names the input "image" only'),
+])
+def test_tf_requests_that_cannot_be_served(body, message):
+    with pytest.raises(P.BadRequest, match=message):
+        P.parse_tf(body)
+
+
+@pytest.mark.parametrize("instance, message", [
+    ({"b64": "@@@"}, "not valid base64"),
+    ({"b64": ""}, "empty"),
+    ({"b64": 5}, "must be a string"),
+    ("just a string", 'expected {"b64"'),
+    ({"img": {"b64": GOOD}}, 'expected {"b64"'),
+])
+def test_a_bad_instance_is_that_instance_s_error(instance, message):
+    form, items = P.parse_tf({"instances": [{"b64": GOOD}, instance]})
+    assert items[0] == b"\xff\xd8\xffsome jpeg"
+    assert isinstance(items[1], P.Unreadable) and message in items[1] and items[1].startswith("instances[1]")
+
+
+def test_parse_json_refuses_garbage_and_deep_nesting():
+    with pytest.raises(P.BadRequest, match="not valid JSON"):
+        P.parse_json(b"{nope")
+    with pytest.raises(P.BadRequest, match="not valid JSON"):
+        P.parse_json(b"\xff\xfe")
+    with pytest.raises(P.BadRequest, match="nested too deeply|not valid JSON"):
+        P.parse_json(b"[" * 100_000)
+
+
+def _v2(**t):
+    tensor = {"name": "image", "datatype": "BYTES", "shape": [1], "data": [GOOD], **t}
+    return {"inputs": [tensor]}
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"inputs": []}, "list of one tensor"),
+    (_v2(datatype="FP32"), 'datatype "BYTES"'),
+    (_v2(shape=[3]), "does not fit 1 data items"),
+    ({"inputs": [{"name": "image"}]}, "lacks 'shape', 'datatype', 'data'"),
+    ({**_v2(), "outputs": [{"name": "nope"}]}, "unknown output"),
+    ({**_v2(), "id": 7}, '"id" must be a string'),
+])
+def test_v2_requests_that_cannot_be_served(body, message):
+    with pytest.raises(P.BadRequest, match=message):
+        P.parse_v2(body, ["label", "score"])
+
+
+def test_v2_outputs_are_typed_tensors():
+    schema = pa.schema([("label", pa.string()), ("score", pa.float32()), ("topk_scores", pa.list_(pa.float32()))])
+    outs = P.v2_outputs([{"label": "a", "score": 0.5, "topk_scores": [0.5, 0.25]},
+                         {"error": "x", "stage": "decode"}], schema, ["label", "score", "topk_scores"])
+    assert outs == [
+        {"name": "label", "datatype": "BYTES", "shape": [2], "data": ["a", None]},
+        {"name": "score", "datatype": "FP32", "shape": [2], "data": [0.5, None]},
+        {"name": "topk_scores", "datatype": "FP32", "shape": [2, 2], "data": [0.5, 0.25, None, None]},
+        {"name": "error", "datatype": "BYTES", "shape": [2], "data": [None, "x"]}]
+
+
+def test_the_engine_shares_the_edge_runner_s_onnxruntime_session(tmp_path):
+    from beamzoo.transforms.inference import OnnxInference
+    card = tiny_card(tiny_colour_model(tmp_path / "tiny.onnx"))
+    engine = Engine(Servable.from_model(card, max_batch=16).plan)
+    served = [op for ops in engine.ops.values() for op in ops if op.op_name == "onnx_infer"]
+    assert len(served) == 1
+    batch_side = OnnxInference(card, batch_size=4)  # as the batch pipeline's Classify makes it
+    batch_side.setup()
+    assert batch_side._session is served[0]._session
+
+
+def test_the_engine_runs_a_cascade_s_route_and_merge(tmp_path):
+    from beamzoo.pipeline import Cascade, Pipeline
+    from beamzoo.transforms.io import ReadFiles
+    from beamzoo.transforms.preprocess import DecodeImage, ResizeCrop
+    from beamzoo.transforms.sinks import WriteParquet
+    from beamzoo.transforms.sources import Files
+    path = tiny_colour_model(tmp_path / "tiny.onnx")
+    fast, strong = tiny_card(path), tiny_card(path, name="tiny_strong")
+    p = Pipeline()
+    pixels = p | Files(str(tmp_path / "*.png")) | ReadFiles() | DecodeImage() | ResizeCrop.for_input(
+        fast.input, resize=fast.resize)
+    pixels | Cascade(fast, strong, below=0.99, topk=3) | WriteParquet(str(tmp_path / "out"))
+    engine = Engine(Servable.of(p.graph, fast).plan)
+    sure = open(write_colour_image(tmp_path / "sure.png", (230, 20, 20)), "rb").read()
+    unsure = open(write_colour_image(tmp_path / "unsure.png", (150, 110, 100)), "rb").read()
+    batch = pa.record_batch([pa.array(["s", "u"]), pa.array(["s", "u"]), pa.array([sure, unsure])],
+                            schema=pa.schema([("id", pa.string(), False), ("path", pa.string(), False),
+                                              ("data", pa.binary())]))
+    answer = engine.run(batch)
+    assert answer.errors == {}
+    assert answer.rows["s"]["label"] == "red" and answer.rows["s"]["escalated_label"] is None
+    assert answer.rows["u"]["escalated_label"] == "red" and answer.rows["u"]["escalated_model"] == "tiny_strong:1"
