@@ -46,6 +46,15 @@ def test_build_matches_card_pin(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_card_metrics_say_where_they_come_from(name):
+    c = card(name)
+    top1 = {"efficientnet_lite0": 0.751, "efficientnet_lite1": 0.767, "efficientnet_lite2": 0.776}
+    assert c.metric("imagenet_top1") == top1.get(name)  # int8: no reference figure of its own
+    assert c.metric("ms_per_image") > 0 and "bench/models.py" in c.metrics["ms_per_image"]["source"]
+    assert ("int8" in c.tags) == name.endswith("_int8") == (c.metric("fp32_top1_agreement") is not None)
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_card_gflops_is_the_graph_count(name):
     from beamzoo.zoo.flops import count_flops
     assert round(count_flops(built(name)) / 1e9, 2) == card(name).metric("gflops")
