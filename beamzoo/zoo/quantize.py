@@ -2,9 +2,11 @@
 
 The format was chosen by measurement on an AVX-512 VNNI Xeon (EfficientNet-Lite0,
 batch 8, one thread): QDQ with uint8 activations and per-channel int8 weights.
-Per-tensor weights ran as fast but kept only about half of the fp32 top-1s
-(per-channel: 87 %); QOperator ran within a few per cent of QDQ; int8
-activations were 1.7 x slower.
+Per-tensor weights ran as fast but kept only about half of the fp32 top-1s on
+the benchmark images (per-channel: 87 %); QOperator ran within a few per cent
+of QDQ; int8 activations were 1.7 x slower. Nodes named in ``keep_float``
+stay fp32: for EfficientNet-Lite the stem and first block, which cost little
+time and hold most of the top-1 changes (bench/README.md, "Built-in models").
 
 Calibration runs the fp32 model on the package-shipped photographs
 (``beamzoo.samples.sample_files()``, in that order), preprocessed as a beamzoo
@@ -52,14 +54,31 @@ def _round_ranges(ranges):
     return TensorsData(ranges.calibration_method, data)
 
 
-def quantize(fp32: bytes, inputs: list[np.ndarray], input_name: str = "images") -> bytes:
+def _float_nodes(fp32: bytes, prefixes) -> list[str]:
+    """Names of the nodes that are, or start with, one of ``prefixes`` + "."."""
+    import onnx
+    names = [n.name for n in onnx.load_from_string(fp32).graph.node]
+    out = [n for n in names if any(n == p or n.startswith(p + ".") for p in prefixes)]
+    missing = [p for p in prefixes if not any(n == p or n.startswith(p + ".") for n in names)]
+    if missing:
+        raise ValueError(f"keep_float names nodes the model does not have: {', '.join(missing)}")
+    return out
+
+
+def quantize(fp32: bytes, inputs: list[np.ndarray], input_name: str = "images",
+             keep_float: tuple[str, ...] = ()) -> bytes:
     """The int8 (QDQ) model made from the ``fp32`` model's bytes, calibrated on ``inputs``
-    (each one batch, in order). Everything is written to a temporary folder that no
+    (each one batch, in order); nodes named by ``keep_float`` (a name or the prefix
+    before its ".") stay fp32. Everything is written to a temporary folder that no
     name in the model refers to."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, create_calibrator, quantize_static)
     from onnxruntime.quantization.calibrate import save_tensors_data
+
+    keep = _float_nodes(fp32, keep_float)
+    if not inputs:
+        raise ValueError("no calibration inputs")
 
     class Reader(CalibrationDataReader):
         def __init__(self):
@@ -82,7 +101,8 @@ def quantize(fp32: bytes, inputs: list[np.ndarray], input_name: str = "images") 
         quantize_static(str(src), str(out), None, calibration_cache_path=str(cache),
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax)
+                        calibrate_method=CalibrationMethod.MinMax,
+                        nodes_to_exclude=keep)
         model = onnx.load(str(out))
     onnx.checker.check_model(model)
     return model.SerializeToString()
