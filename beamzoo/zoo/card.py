@@ -284,10 +284,11 @@ def _version(d: dict, where: str) -> str:
 
 def _file(d, where, base, name, version, build) -> str:
     rel = _text(d, "file", where)
-    if build is not None:  # a built-in model is built into the cache
+    if build is not None:  # a built-in model is built into the cache, in a folder of its pin
         if "/" in rel or "\\" in rel:
             raise CardError(where, "file", f"a built file is a plain name, got {rel!r}")
-        return str(cache_dir() / "models" / name / version / rel)
+        pin = str(d.get("sha256", ""))[:16]
+        return str(cache_dir() / "models" / name / version / pin / rel)
     path = Path(rel)
     if base is None:  # a card inside a graph: its file is checked when the model is loaded
         return rel
