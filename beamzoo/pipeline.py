@@ -40,16 +40,17 @@ class Classify(Composite):
     the resize allows), resize and crop as the card says, infer, top-k.
 
     ``knobs``: ``batch_size``, ``intra_op_threads``, ``max_pixels``, ``max_bytes``,
-    ``shrink``, ``reduced_decode``, ``prefix`` (of the prediction columns).
+    ``shrink``, ``reduced_decode``, ``prefix`` (of the prediction columns); ``limits``:
+    the decode step's ``time_limit``, ``memory_limit`` and ``isolate``.
     """
 
     def __init__(self, model: ModelCard | str = "efficientnet_lite0", topk: int = 5, batch_size: int = 4,
                  intra_op_threads: int = 1, max_pixels: int = 100_000_000, max_bytes: int = 256 << 20,
-                 shrink: str = "area", reduced_decode: bool = True, prefix: str = ""):
+                 shrink: str = "area", reduced_decode: bool = True, prefix: str = "", **limits):
         self.card = ModelCard.from_param(model)
         self.resize = ResizeCrop.for_input(self.card.input, resize=self.card.resize, shrink=shrink)
         self.decode = DecodeImage(max_pixels=max_pixels, channels=self.card.input.channels,
-                                  min_side=self.resize.resize if reduced_decode else None)
+                                  min_side=self.resize.resize if reduced_decode else None, **limits)
         self.read = ReadFiles(max_bytes=max_bytes)
         self.infer = OnnxInference(self.card, batch_size=batch_size, intra_op_threads=intra_op_threads)
         self.topk = TopK(self.card, k=topk, prefix=prefix)
@@ -151,17 +152,18 @@ def _locked(directories: list[str]):
 def score_images(pattern: str, output: str, card: ModelCard | str = "efficientnet_lite0", k: int = 5,
                  batch_size: int = 4, max_pixels: int = 100_000_000, max_bytes: int = 256 << 20,
                  intra_op_threads: int = 1, reduced_decode: bool = True, shrink: str = "area",
-                 derived_only: bool = False) -> Graph:
+                 derived_only: bool = False, **limits) -> Graph:
     """files -> classify -> ``output/predictions``, dead letters -> ``output/dead_letter``.
 
     The defaults suit a CPU: each worker thread runs the whole chain on its
     own small batch with a one-thread onnxruntime session, so decoding and
-    inference keep every core busy without fighting over them.
+    inference keep every core busy without fighting over them. ``limits``: the decode
+    step's ``time_limit``, ``memory_limit`` and ``isolate``.
     """
     p = Pipeline()
     preds = p | Files(pattern) | Classify(card, topk=k, batch_size=batch_size, intra_op_threads=intra_op_threads,
                                           max_pixels=max_pixels, max_bytes=max_bytes, shrink=shrink,
-                                          reduced_decode=reduced_decode)
+                                          reduced_decode=reduced_decode, **limits)
     preds | WriteParquet(os.path.join(output, "predictions"), derived_only=derived_only)
     p.dead_letters | WriteParquet(os.path.join(output, "dead_letter"), id="write_dead_letters")
     return p.graph
