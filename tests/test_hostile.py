@@ -243,3 +243,30 @@ def test_mutated_image_bytes_never_crash_or_hang(blobs):
     assert not t.is_alive(), "decoding hung"
     seen = result["rows"] + result["dead"]
     assert sorted(seen) == sorted(paths)
+
+
+def test_more_than_2_gib_of_files_in_one_chunk_and_on_resume(tmp_path, tiny_model):
+    """15 files of 150 MB (a red JPEG, then a sparse hole) in one 16-row chunk: 2.25 GB, over
+    Arrow's 2 GiB binary limit. They are read in pieces of at most batch_bytes, so the run (and
+    its resume, with two more) ends, and little more than a file or two is in memory at once."""
+    from beamzoo.runners import EdgeRunner
+    d = tmp_path / "big"
+    d.mkdir()
+    red = cv2.imencode(".jpg", np.full((48, 64, 3), (0, 0, 200), np.uint8))[1].tobytes()
+
+    def big(name):
+        with open(d / name, "wb") as f:
+            f.write(red)
+            f.truncate(150 << 20)
+
+    for i in range(15):
+        big(f"{i:02d}.jpg")
+    graph = score_images(str(d / "*.jpg"), str(tmp_path / "out"), tiny_model, k=3, max_bytes=200 << 20)
+    edge = EdgeRunner(workers=1, chunk_size=16, progress=False)
+    stats = run_graph(graph, edge=edge)
+    assert (stats.inputs, stats.scored, stats.failed) == (15, 15, 0)
+    big("15.jpg"), big("16.jpg")
+    stats = run_graph(graph, edge=edge, resume=True)
+    assert (stats.scored, stats.failed, stats.skipped) == (2, 0, 15)
+    rows = read(tmp_path / "out")
+    assert len(rows) == 17 and {r["label"] for r in rows} == {"red"}

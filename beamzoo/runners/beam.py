@@ -81,20 +81,25 @@ class _StageFn(beam.DoFn):
         self.ops = _ops(self.steps_json)
 
     def process(self, batch):
-        for op in self.ops:
-            if batch.num_rows == 0:
-                return
-            n = batch.num_rows
-            batch, dead = op.process(batch)
-            ok, failed = self.counters[op.id]
-            ok.inc(batch.num_rows)
+        yield from self._steps(self.ops, batch)
+
+    def _steps(self, ops, batch):
+        """As the edge runner's: a step's pieces each go through the rest before the next is made."""
+        if not ops or batch.num_rows == 0:
+            if batch.num_rows:
+                yield batch
+            return
+        n = batch.num_rows
+        for piece, dead in ops[0].process_pieces(batch):
+            ok, failed = self.counters[ops[0].id]
+            ok.inc(piece.num_rows)
             if dead.num_rows:
                 failed.inc(dead.num_rows)
                 yield beam.pvalue.TaggedOutput(DEAD_TAG, dead)
-            if n - batch.num_rows - dead.num_rows:
-                self.skipped.inc(n - batch.num_rows - dead.num_rows)
-        if batch.num_rows:
-            yield batch
+            n -= piece.num_rows + dead.num_rows
+            yield from self._steps(ops[1:], piece)
+        if n:
+            self.skipped.inc(n)
 
 
 class _PortsFn(beam.DoFn):
