@@ -14,6 +14,7 @@ with them in their environment.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import ctypes
 import io
@@ -117,7 +118,10 @@ def _serve(fn, conn, alive, limits: Limits) -> None:
         with open("/proc/self/status") as f:
             warm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
         _set_soft(resource.RLIMIT_AS, warm + limits.memory_bytes)
-    conn.send_bytes(b"ready")
+    try:
+        conn.send_bytes(b"ready")
+    except OSError:
+        return  # the parent is gone
     while True:
         try:
             item = _recv(conn)
@@ -132,9 +136,14 @@ def _serve(fn, conn, alive, limits: Limits) -> None:
             memory = isinstance(exc, MemoryError) or any(h in str(exc) for h in _MEMORY_HINTS)
             out = ("memory" if memory else "error", f"{type(exc).__name__}: {str(exc).strip()}".rstrip(": "))
         try:
-            _send(conn, out)
-        except Exception as exc:  # noqa: BLE001 - a result pickle cannot take
-            _send(conn, ("error", f"the result could not be sent: {type(exc).__name__}: {exc}"))
+            try:
+                _send(conn, out)
+            except OSError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a result pickle cannot take
+                _send(conn, ("error", f"the result could not be sent: {type(exc).__name__}: {exc}"))
+        except OSError:
+            return  # the parent is gone
 
 
 _SERVERS: dict[tuple, multiprocessing.forkserver.ForkServer] = {}  # env -> its fork server
@@ -215,6 +224,7 @@ class IsolatedPool:
                          for i in range(workers)]
         for t in self._threads:
             t.start()
+        atexit.register(self.close)  # before multiprocessing's own exit handler, which would race the slots
 
     def map(self, items) -> list:
         items = list(items)
@@ -236,6 +246,7 @@ class IsolatedPool:
             if self._closed:
                 return
             self._closed = True
+            atexit.unregister(self.close)
             for p in self._procs.values():
                 p.kill()
         for _ in self._threads:

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
+from typing import NoReturn
 
 from beamzoo.core import KnobError
 from beamzoo.graph import DEAD, Composite, Graph, GraphError, Stream
 from beamzoo.outdir import OutputLocked, lock_output
-from beamzoo.resume import CorruptOutput, check_outputs, run_id, sink_dirs, with_keys
+from beamzoo.resume import CorruptOutput, OutputNotEmpty, check_outputs, run_id, sink_dirs, with_keys
 from beamzoo.runners import EdgeRunner, RunStats, is_edge
 from beamzoo.runners.options import OptionError, check_runner, runner_of
 from beamzoo.runners.sinks import remove_stale_temporaries
@@ -33,6 +35,10 @@ from beamzoo.transforms.preprocess import DecodeImage, ResizeCrop
 from beamzoo.transforms.sinks import WriteParquet
 from beamzoo.transforms.sources import Files
 from beamzoo.zoo import ModelCard, ModelIntegrityError, UnknownModel
+
+
+class NoInputs(FileNotFoundError):
+    """Nothing matches an input pattern."""
 
 
 class Classify(Composite):
@@ -120,7 +126,7 @@ def run(graph: Graph | None, runner: str = "DirectRunner", beam_args: list[str] 
     runner = check_runner(runner)
     for s in graph.steps:
         if s.op == "files" and not any_file(s.params["pattern"]):
-            raise FileNotFoundError(
+            raise NoInputs(
                 f"no files match {s.params['pattern']!r}; check the pattern, and quote it so the shell "
                 "does not expand it (e.g. --input 'photos/**/*.jpg')")
     with _locked(sink_dirs(graph)):
@@ -169,7 +175,19 @@ def score_images(pattern: str, output: str, card: ModelCard | str = "efficientne
     return p.graph
 
 
+def interrupted() -> NoReturn:
+    """Ctrl-C in a command: one line, exit 130, now. Not through the interpreter's exit:
+    Beam's gRPC and onnxruntime threads may still run, and a C++ thread that outlives
+    the interpreter aborts the process (SIGABRT). The run has already let go of its
+    outputs (lock released, nothing under final names)."""
+    print("interrupted", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Mistakes a user can fix: command-line tools print these as ``error:`` lines, exit 2."""
-    return (FileNotFoundError, FileExistsError, SchemaMismatchError, ModelSignatureError, ModelIntegrityError,
+    """Mistakes a user can fix: command-line tools print these as ``error:`` lines, exit 2.
+    Anything else is a failure of the program or its surroundings: a traceback, exit 1."""
+    return (NoInputs, OutputNotEmpty, SchemaMismatchError, ModelSignatureError, ModelIntegrityError,
             UnknownModel, GraphError, OptionError, CorruptOutput, OutputLocked, KnobError)

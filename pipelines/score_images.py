@@ -18,7 +18,7 @@ import os
 import sys
 
 from beamzoo import zoo
-from beamzoo.pipeline import run, score_images, user_errors
+from beamzoo.pipeline import interrupted, run, score_images, user_errors
 from beamzoo.runners import EdgeRunner, is_edge
 from beamzoo.runners.options import OptionError, check_runner
 from beamzoo.transforms.preprocess import SHRINK_FILTERS
@@ -158,8 +158,7 @@ def main(argv=None) -> int:
         edge = EdgeRunner(workers=args.workers, progress=not args.no_progress)
         stats = run(graph, args.runner, beam_args, edge=edge, resume=args.resume, progress=not args.no_progress)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        interrupted()
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -280,9 +280,25 @@ def run(graph: Graph, argv: list[str], run_name: str, progress: bool = True):
     with beam_options(argv) as options, _bar(progress):
         pipeline = beam.Pipeline(options=options)
         translate(graph, pipeline, run_name)
-        result = pipeline.run()
-        result.wait_until_finish()
+        try:
+            result = pipeline.run()
+            result.wait_until_finish()
+        except KeyboardInterrupt:
+            _quiet_job_reader()
+            raise
         return _Metrics(result)
+
+
+def _quiet_job_reader() -> None:
+    """After Ctrl-C: Beam's thread that reads the job's messages fails (and would print a
+    traceback) when the job server stops; nothing is lost, the run is being abandoned."""
+    previous = threading.excepthook
+
+    def hook(args):
+        if args.thread is None or args.thread.name != "wait_until_finish_read":
+            previous(args)
+
+    threading.excepthook = hook
 
 
 @contextlib.contextmanager
