@@ -40,6 +40,15 @@ def magic_format(data: bytes) -> str | None:
     return next((fmt for magic, fmt in _MAGIC if data.startswith(magic)), None)
 
 
+def known_format(data: bytes) -> str:
+    """``magic_format(data)``; raises ValueError for bytes in no format beamzoo reads."""
+    fmt = magic_format(data)
+    if fmt is None:
+        raise ValueError(f"not an image in a known format: beamzoo reads {', '.join(FORMATS)} "
+                         f"(starts with {bytes(data[:16])!r})")
+    return fmt
+
+
 def read_header(data: bytes) -> tuple[str, int, int]:
     """(format, width, height), the header read by Pillow's plugin for the format the
     magic bytes name (and no other, so that the two cannot disagree on what the file is).
@@ -47,10 +56,7 @@ def read_header(data: bytes) -> tuple[str, int, int]:
     Not ``Image.open``: its own bomb check (a process-wide setting) would
     override the caller's ``max_pixels``.
     """
-    fmt = magic_format(data)
-    if fmt is None:
-        raise ValueError(f"not an image in a known format: beamzoo reads {', '.join(FORMATS)} "
-                         f"(starts with {bytes(data[:16])!r})")
+    fmt = known_format(data)
     Image.init()
     factory, _ = Image.OPEN[fmt]
     try:
