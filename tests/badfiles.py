@@ -76,7 +76,8 @@ def jpeg_many_scans(scans: int, size=(4000, 3000)) -> bytes:
     Image.new("L", size, 128).save(buf, "JPEG", progressive=True, quality=90)
     data = buf.getvalue()
     blocks = -(-size[0] // 8) * -(-size[1] // 8)
-    dht = b"\xff\xc4" + struct.pack(">H", 2 + 17 + 1) + b"\x11" + b"\x01" + b"\x00" * 15 + b"\xe0"  # AC table 1: EOB14 = "0"
+    # AC table 1 with one code, "0", for EOB14 (a run of 2^14 + 14 more bits of empty blocks)
+    dht = b"\xff\xc4" + struct.pack(">H", 2 + 17 + 1) + b"\x11" + b"\x01" + b"\x00" * 15 + b"\xe0"
     bits = ("0" + format(32767 - (1 << 14), "014b")) * -(-blocks // 32767)  # runs of 32767 (the last may overshoot)
     bits += "1" * (-len(bits) % 8)
     body = bytes(int(bits[i:i + 8], 2) for i in range(0, len(bits), 8)).replace(b"\xff", b"\xff\x00")
