@@ -55,12 +55,14 @@ def parser() -> argparse.ArgumentParser:
 
 def _run(args) -> int:
     from beamzoo.bundle import BundleError, load
-    from beamzoo.pipeline import run, user_errors
+    from beamzoo.pipeline import interrupted, run, user_errors
     from beamzoo.runners.edge import EdgeRunner
     try:
         graph = load(args.bundle, args.input, args.output, derived_only=args.derived_only)
         stats = run(graph, "EdgeRunner", edge=EdgeRunner(workers=args.workers, progress=not args.no_progress),
                     resume=args.resume)
+    except KeyboardInterrupt:
+        interrupted()
     except (BundleError, *user_errors()) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import traceback
 from dataclasses import dataclass
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import pyarrow as pa
@@ -52,7 +53,11 @@ def dead_letters(batch: pa.RecordBatch, rows: list[int], stage: str, errors: lis
 
 
 def error_text(exc: BaseException) -> str:
-    """A one-line reason for a dead letter: the exception type and message."""
+    """A one-line reason for a dead letter: the exception type and message (or the
+    ``dead_letter_reason`` an exception carries, as is)."""
+    reason = getattr(exc, "dead_letter_reason", None)
+    if isinstance(reason, str):
+        return reason
     msg = str(exc).strip() or traceback.format_exception_only(type(exc), exc)[-1].strip()
     return f"{type(exc).__name__}: {msg}"
 
@@ -92,10 +97,14 @@ class Knob:
         if self.choices is not None and value not in self.choices:
             raise KnobError(f"{op}: {name} must be one of {list(self.choices)}, got {value!r}")
         if self.low is not None and value < self.low:
-            raise KnobError(f"{op}: {name} must be >= {self.low:g}, got {value!r}")
+            raise KnobError(f"{op}: {name} must be >= {_number(self.low)}, got {value!r}")
         if self.high is not None and value > self.high:
-            raise KnobError(f"{op}: {name} must be <= {self.high:g}, got {value!r}")
+            raise KnobError(f"{op}: {name} must be <= {_number(self.high)}, got {value!r}")
         return value
+
+
+def _number(v: float) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 OPS: dict[str, type[Operator]] = {}
@@ -183,6 +192,11 @@ class Operator:
     def process(self, batch: pa.RecordBatch) -> Result:
         raise NotImplementedError
 
+    def process_pieces(self, batch: pa.RecordBatch) -> Iterator[Result]:
+        """``process`` in pieces, made one at a time (a step whose output could be too big
+        for one batch splits it); by default one piece."""
+        yield self.process(batch)
+
     def __rrshift__(self, label: str) -> Operator:
         """``"name" >> Op(...)`` names the step, as in Beam."""
         if not isinstance(label, str):
@@ -209,17 +223,35 @@ class RowOperator(Operator):
     def process_row(self, row: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
-    def process(self, batch: pa.RecordBatch) -> Result:
-        keep, produced, bad, errors, stages = [], [], [], [], []
-        columns = {f.name: batch.column(f.name).to_pylist() for f in self.requires}
-        for i in range(batch.num_rows):
+    def process_rows(self, rows: list[dict[str, Any]]) -> list:
+        """Each row's ``process_row`` result, or the exception it raised."""
+        out = []
+        for row in rows:
             try:
-                produced.append(self.process_row({n: c[i] for n, c in columns.items()}))
-                keep.append(i)
+                out.append(self.process_row(row))
             except Exception as exc:  # a bad record must not kill the run
+                out.append(exc)
+        return out
+
+    def rows(self, batch: pa.RecordBatch) -> list[dict[str, Any]]:
+        """The rows of ``batch``, the required fields of each."""
+        columns = {f.name: batch.column(f.name).to_pylist() for f in self.requires}
+        return [{n: c[i] for n, c in columns.items()} for i in range(batch.num_rows)]
+
+    def process(self, batch: pa.RecordBatch) -> Result:
+        return self.result(batch, self.process_rows(self.rows(batch)))
+
+    def result(self, batch: pa.RecordBatch, outs: list) -> Result:
+        """The Result of ``batch`` for ``outs``, each row's produced values or exception."""
+        keep, produced, bad, errors, stages = [], [], [], [], []
+        for i, out in enumerate(outs):
+            if isinstance(out, Exception):
                 bad.append(i)
-                errors.append(error_text(exc))
-                stages.append(getattr(exc, "stage", self.id))  # a fused step names the part that failed
+                errors.append(error_text(out))
+                stages.append(getattr(out, "stage", self.id))  # a fused step names the part that failed
+            else:
+                produced.append(out)
+                keep.append(i)
         out = self._assemble(batch, keep, produced)
         if len(set(stages)) <= 1:
             return Result(out, dead_letters(batch, bad, stages[0] if stages else self.id, errors))

@@ -8,13 +8,20 @@ space plus ``memory_bytes``). Workers are persistent forks of multiprocessing's
 fork server, which imports their modules once; one round trip per item, results
 as pickle protocol 5 with numpy buffers out of band. Workers die with the parent:
 they watch a pipe only it writes to, and PR_SET_PDEATHSIG covers the fork server.
+``env``: variables the workers' libraries read once, when they load (OpenCV's
+pixel limit): pools with different ones have their own fork servers, started
+with them in their environment.
 """
 from __future__ import annotations
 
+import atexit
+import contextlib
 import ctypes
+import io
 import math
 import multiprocessing
 import multiprocessing.forkserver
+import multiprocessing.popen_forkserver
 import os
 import pickle
 import queue
@@ -111,7 +118,10 @@ def _serve(fn, conn, alive, limits: Limits) -> None:
         with open("/proc/self/status") as f:
             warm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
         _set_soft(resource.RLIMIT_AS, warm + limits.memory_bytes)
-    conn.send_bytes(b"ready")
+    try:
+        conn.send_bytes(b"ready")
+    except OSError:
+        return  # the parent is gone
     while True:
         try:
             item = _recv(conn)
@@ -126,9 +136,72 @@ def _serve(fn, conn, alive, limits: Limits) -> None:
             memory = isinstance(exc, MemoryError) or any(h in str(exc) for h in _MEMORY_HINTS)
             out = ("memory" if memory else "error", f"{type(exc).__name__}: {str(exc).strip()}".rstrip(": "))
         try:
-            _send(conn, out)
-        except Exception as exc:  # noqa: BLE001 - a result pickle cannot take
-            _send(conn, ("error", f"the result could not be sent: {type(exc).__name__}: {exc}"))
+            try:
+                _send(conn, out)
+            except OSError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a result pickle cannot take
+                _send(conn, ("error", f"the result could not be sent: {type(exc).__name__}: {exc}"))
+        except OSError:
+            return  # the parent is gone
+
+
+_SERVERS: dict[tuple, multiprocessing.forkserver.ForkServer] = {}  # env -> its fork server
+
+
+def _server(env: tuple, preload: list[str]) -> multiprocessing.forkserver.ForkServer:
+    """The running fork server for ``env`` (it has ``env`` in its environment and imported
+    ``preload`` when it started); call under _START_LOCK."""
+    server = _SERVERS.get(env)
+    if server is None:
+        server = _SERVERS[env] = multiprocessing.forkserver.ForkServer()
+        server.set_forkserver_preload(preload)
+    with _environ(dict(env)):
+        server.ensure_running()  # (re)starts it if it is not running
+    return server
+
+
+@contextlib.contextmanager
+def _environ(env: dict[str, str]):
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+class _Popen(multiprocessing.popen_forkserver.Popen):
+    """multiprocessing's fork-server Popen, asking the fork server of the process's env."""
+
+    def _launch(self, process_obj):
+        from multiprocessing import reduction, spawn, util
+        from multiprocessing.context import set_spawning_popen
+        prep_data = spawn.get_preparation_data(process_obj._name)
+        buf = io.BytesIO()
+        set_spawning_popen(self)
+        try:
+            reduction.dump(prep_data, buf)
+            reduction.dump(process_obj, buf)
+        finally:
+            set_spawning_popen(None)
+        self.sentinel, w = _SERVERS[process_obj.env].connect_to_new_process(self._fds)
+        _parent_w = os.dup(w)
+        self.finalizer = util.Finalize(self, util.close_fds, (_parent_w, self.sentinel))
+        with open(w, "wb", closefd=True) as f:
+            f.write(buf.getbuffer())
+        self.pid = multiprocessing.forkserver.read_signed(self.sentinel)
+
+
+class _Process(multiprocessing.context.ForkServerProcess):
+    env: tuple = ()
+
+    def _Popen(self, process_obj):  # noqa: N802 - multiprocessing's name
+        return _Popen(process_obj)
 
 
 class IsolatedPool:
@@ -138,15 +211,12 @@ class IsolatedPool:
     Thread-safe: the items of concurrent calls share the workers, first come first served.
     """
 
-    def __init__(self, fn, workers: int, limits: Limits = Limits()):
+    def __init__(self, fn, workers: int, limits: Limits = Limits(), env: dict[str, str] | None = None):
         if workers < 1:
             raise ValueError(f"workers must be >= 1, got {workers}")
-        self.fn, self.workers, self.limits = fn, workers, limits
+        self.fn, self.workers, self.limits, self.env = fn, workers, limits, dict(env or {})
         self._ctx = multiprocessing.get_context("forkserver")
-        preload = list(getattr(multiprocessing.forkserver._forkserver, "_preload_modules", None) or [])
-        # imported once, in the fork server (if it is not running yet)
-        self._ctx.set_forkserver_preload(preload + [m for m in ("__main__", __name__, fn.__module__)
-                                                    if m not in preload])
+        self._env = tuple(sorted(self.env.items()))
         self._alive_r, self._alive_w = self._ctx.Pipe(duplex=False)
         self._tasks: queue.SimpleQueue = queue.SimpleQueue()
         self._lock, self._closed, self._procs = threading.Lock(), False, {}
@@ -154,6 +224,7 @@ class IsolatedPool:
                          for i in range(workers)]
         for t in self._threads:
             t.start()
+        atexit.register(self.close)  # before multiprocessing's own exit handler, which would race the slots
 
     def map(self, items) -> list:
         items = list(items)
@@ -175,6 +246,7 @@ class IsolatedPool:
             if self._closed:
                 return
             self._closed = True
+            atexit.unregister(self.close)
             for p in self._procs.values():
                 p.kill()
         for _ in self._threads:
@@ -196,10 +268,12 @@ class IsolatedPool:
         for c in (here, there):  # a 600 KB result in fewer trips through the kernel (capped by wmem_max)
             with socket.socket(fileno=os.dup(c.fileno())) as sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-        proc = self._ctx.Process(target=_serve, args=(self.fn, there, self._alive_r, self.limits), daemon=True)
+        proc = _Process(target=_serve, args=(self.fn, there, self._alive_r, self.limits), daemon=True)
+        proc.env = self._env
         with self._lock, _START_LOCK:
             if self._closed:
                 return IsolationFailure("error", _CLOSED)
+            _server(self._env, ["__main__", __name__, self.fn.__module__])  # imported once, there
             proc.start()
             self._procs[proc.pid] = proc
         there.close()

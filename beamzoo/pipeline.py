@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import time
+from typing import NoReturn
 
 from beamzoo.core import KnobError
 from beamzoo.graph import DEAD, Composite, Graph, GraphError, Stream
 from beamzoo.outdir import OutputLocked, lock_output
-from beamzoo.resume import CorruptOutput, check_outputs, run_id, sink_dirs, with_keys
+from beamzoo.resume import CorruptOutput, OutputNotEmpty, check_outputs, run_id, sink_dirs, with_keys
 from beamzoo.runners import EdgeRunner, RunStats, is_edge
 from beamzoo.runners.options import OptionError, check_runner, runner_of
 from beamzoo.runners.sinks import remove_stale_temporaries
@@ -46,24 +48,29 @@ def classifier_problem(card: ModelCard) -> str | None:
     return None
 
 
+class NoInputs(FileNotFoundError):
+    """Nothing matches an input pattern."""
+
+
 class Classify(Composite):
     """paths -> predictions for an image classifier: read, decode (at reduced size where
     the resize allows), resize and crop as the card says, infer, top-k.
 
     ``knobs``: ``batch_size``, ``intra_op_threads``, ``max_pixels``, ``max_bytes``,
-    ``shrink``, ``reduced_decode``, ``prefix`` (of the prediction columns).
+    ``shrink``, ``reduced_decode``, ``prefix`` (of the prediction columns); ``limits``:
+    the decode step's ``time_limit``, ``memory_limit`` and ``isolate``.
     """
 
     def __init__(self, model: ModelCard | str = "efficientnet_lite0", topk: int = 5, batch_size: int = 4,
                  intra_op_threads: int = 1, max_pixels: int = 100_000_000, max_bytes: int = 256 << 20,
-                 shrink: str = "area", reduced_decode: bool = True, prefix: str = ""):
+                 shrink: str = "area", reduced_decode: bool = True, prefix: str = "", **limits):
         self.card = ModelCard.from_param(model)
         problem = classifier_problem(self.card)
         if problem:
             raise KnobError(f"Classify: {self.card.ref} {problem}")
         self.resize = ResizeCrop.for_input(self.card.input, resize=self.card.resize, shrink=shrink)
         self.decode = DecodeImage(max_pixels=max_pixels, channels=self.card.input.channels,
-                                  min_side=self.resize.resize if reduced_decode else None)
+                                  min_side=self.resize.resize if reduced_decode else None, **limits)
         self.read = ReadFiles(max_bytes=max_bytes)
         self.infer = OnnxInference(self.card, batch_size=batch_size, intra_op_threads=intra_op_threads)
         self.topk = TopK(self.card, k=topk, prefix=prefix)
@@ -133,7 +140,7 @@ def run(graph: Graph | None, runner: str = "DirectRunner", beam_args: list[str] 
     runner = check_runner(runner)
     for s in graph.steps:
         if s.op == "files" and not any_file(s.params["pattern"]):
-            raise FileNotFoundError(
+            raise NoInputs(
                 f"no files match {s.params['pattern']!r}; check the pattern, and quote it so the shell "
                 "does not expand it (e.g. --input 'photos/**/*.jpg')")
     with _locked(sink_dirs(graph)):
@@ -165,23 +172,36 @@ def _locked(directories: list[str]):
 def score_images(pattern: str, output: str, card: ModelCard | str = "efficientnet_lite0", k: int = 5,
                  batch_size: int = 4, max_pixels: int = 100_000_000, max_bytes: int = 256 << 20,
                  intra_op_threads: int = 1, reduced_decode: bool = True, shrink: str = "area",
-                 derived_only: bool = False) -> Graph:
+                 derived_only: bool = False, **limits) -> Graph:
     """files -> classify -> ``output/predictions``, dead letters -> ``output/dead_letter``.
 
     The defaults suit a CPU: each worker thread runs the whole chain on its
     own small batch with a one-thread onnxruntime session, so decoding and
-    inference keep every core busy without fighting over them.
+    inference keep every core busy without fighting over them. ``limits``: the decode
+    step's ``time_limit``, ``memory_limit`` and ``isolate``.
     """
     p = Pipeline()
     preds = p | Files(pattern) | Classify(card, topk=k, batch_size=batch_size, intra_op_threads=intra_op_threads,
                                           max_pixels=max_pixels, max_bytes=max_bytes, shrink=shrink,
-                                          reduced_decode=reduced_decode)
+                                          reduced_decode=reduced_decode, **limits)
     preds | WriteParquet(os.path.join(output, "predictions"), derived_only=derived_only)
     p.dead_letters | WriteParquet(os.path.join(output, "dead_letter"), id="write_dead_letters")
     return p.graph
 
 
+def interrupted() -> NoReturn:
+    """Ctrl-C in a command: one line, exit 130, now. Not through the interpreter's exit:
+    Beam's gRPC and onnxruntime threads may still run, and a C++ thread that outlives
+    the interpreter aborts the process (SIGABRT). The run has already let go of its
+    outputs (lock released, nothing under final names)."""
+    print("interrupted", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)
+
+
 def user_errors() -> tuple[type[BaseException], ...]:
-    """Mistakes a user can fix: command-line tools print these as ``error:`` lines, exit 2."""
-    return (FileNotFoundError, FileExistsError, SchemaMismatchError, CardError, ModelIntegrityError,
-            SelectorError, UnknownModel, GraphError, OptionError, CorruptOutput, OutputLocked, KnobError)
+    """Mistakes a user can fix: command-line tools print these as ``error:`` lines, exit 2.
+    Anything else is a failure of the program or its surroundings: a traceback, exit 1."""
+    return (NoInputs, OutputNotEmpty, SchemaMismatchError, CardError, ModelIntegrityError, SelectorError,
+            UnknownModel, GraphError, OptionError, CorruptOutput, OutputLocked, KnobError)

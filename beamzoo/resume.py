@@ -47,10 +47,14 @@ def output_files(directories: list[str]) -> list[str]:
     return sorted(f for d in directories for f in glob.glob(os.path.join(glob.escape(d), "*.parquet")))
 
 
+class OutputNotEmpty(FileExistsError):
+    """The output already holds results, and the run is not a resume."""
+
+
 def check_outputs(graph: Graph, resume: bool) -> None:
     if output_files(sink_dirs(graph)) and not resume:
         where = ", ".join(d for d in sink_dirs(graph) if output_files([d]))
-        raise FileExistsError(f"{where} already holds results of an earlier run; pass --resume to "
+        raise OutputNotEmpty(f"{where} already holds results of an earlier run; pass --resume to "
                               "continue it (inputs already done are skipped), or choose an empty output")
 
 

@@ -108,7 +108,7 @@ def main(argv=None) -> int:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             graph = score_images(os.path.join(directory, "*.jpg"), os.path.join(tmp, "out"),
-                                 EFFICIENTNET_LITE0)
+                                 zoo.get("efficientnet_lite0"))
             c0, t0 = time.process_time(), time.perf_counter()
             stats = run(graph, "EdgeRunner", edge=edge)
             total_cpu, wall = time.process_time() - c0, time.perf_counter() - t0

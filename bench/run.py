@@ -23,9 +23,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["limit", "reference", "beam_stock", "beamzoo_edge", "beamzoo_direct", "beamzoo_flink"]
+ORDER = ["limit", "reference", "beam_stock", "beamzoo_edge", "beamzoo_edge_inproc", "beamzoo_direct",
+         "beamzoo_flink"]
 TITLES = {"limit": "limit (stages alone)", "reference": "reference loop (ORT+OpenCV)",
           "beam_stock": "Beam stock RunInference", "beamzoo_edge": "beamzoo EdgeRunner",
+          "beamzoo_edge_inproc": "EdgeRunner, no isolation",
           "beamzoo_direct": "beamzoo DirectRunner", "beamzoo_flink": "beamzoo FlinkRunner"}
 DROP_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
@@ -157,6 +159,8 @@ def targets(results: dict, rss: dict | None) -> list[dict]:
                        "pass": None if value is None else value >= goal})
 
     check("edge / limit", ips("beamzoo_edge"), ips("limit"), 0.85)
+    check("edge, no isolation / limit", ips("beamzoo_edge_inproc"), ips("limit"), 0.85)
+    check("edge / edge, no isolation", ips("beamzoo_edge"), ips("beamzoo_edge_inproc"), 0.9)
     check("edge / reference", ips("beamzoo_edge"), ips("reference"), 1.0)
     check("beamzoo DirectRunner / Beam stock", ips("beamzoo_direct"), ips("beam_stock"), 2.0)
     check("beamzoo FlinkRunner / limit", ips("beamzoo_flink"), ips("limit"), 0.5)

@@ -18,7 +18,7 @@ import os
 import sys
 
 from beamzoo import zoo
-from beamzoo.pipeline import classifier_problem, run, score_images, user_errors
+from beamzoo.pipeline import classifier_problem, interrupted, run, score_images, user_errors
 from beamzoo.runners import EdgeRunner, is_edge
 from beamzoo.runners.options import OptionError, check_runner
 from beamzoo.transforms.preprocess import SHRINK_FILTERS
@@ -34,6 +34,28 @@ def at_least(low: int):
             raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
         return value
     return check
+
+
+def seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value >= 0.01 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be at least 0.01 seconds, got {text}")
+    return value
+
+
+def size(text: str) -> int:
+    """Bytes, or a number with K, M or G (powers of 1024)."""
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
+    try:
+        value = int(float(text[:-1] if scale > 1 else text) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (bytes, or e.g. 512M, 2G)") from None
+    if value < 64 << 20:
+        raise argparse.ArgumentTypeError(f"must be at least 64M, got {text}")
+    return value
 
 
 def parser() -> argparse.ArgumentParser:
@@ -60,6 +82,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max_pixels", type=at_least(1), default=100_000_000,
                    help="refuse images with more pixels than this (decompression bombs)")
     p.add_argument("--max_bytes", type=at_least(1), default=256 << 20, help="refuse larger files")
+    p.add_argument("--time_limit", type=seconds, default=None,
+                   help="seconds (wall and CPU) one image may take to sniff and decode; over it, it is a "
+                        "dead letter (default 5)")
+    p.add_argument("--memory_limit", type=size, default=None,
+                   help="memory one image may take to decode, e.g. 512M or 2G; over it, it is a dead "
+                        "letter (default 2G, less on a machine with under 4G per core)")
+    p.add_argument("--no_isolation", action="store_true",
+                   help="decode in the runner's own process, without the time and memory limits")
     p.add_argument("--threads", type=at_least(0), default=1,
                    help="onnxruntime intra-op threads per session (1: workers run inference side by "
                         "side; 0: all cores for each call)")
@@ -99,6 +129,8 @@ def parse(argv: list[str]):
     card = pick_model(p, args)
     if args.topk > len(card.labels):
         p.error(f"--topk must be between 1 and {len(card.labels)} (the labels of {card.ref}), got {args.topk}")
+    if args.no_isolation and (args.time_limit or args.memory_limit):
+        p.error("--no_isolation turns the limits off: give it or --time_limit/--memory_limit, not both")
     return args, rest, card
 
 
@@ -122,6 +154,12 @@ def pick_model(p: argparse.ArgumentParser, args) -> zoo.ModelCard:
     return card
 
 
+def limits(args) -> dict:
+    """The decode step's limits the command line sets."""
+    given = {"time_limit": args.time_limit, "memory_limit": args.memory_limit}
+    return {"isolate": False} if args.no_isolation else {k: v for k, v in given.items() if v is not None}
+
+
 def main(argv=None) -> int:
     args, beam_args, card = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.ERROR)
@@ -134,7 +172,8 @@ def main(argv=None) -> int:
             print(f"no --input given: scoring the sample photographs copied to {args.input}")
         graph = score_images(args.input, args.output or "", card, k=args.topk, batch_size=args.batch_size,
                              max_pixels=args.max_pixels, max_bytes=args.max_bytes,
-                             intra_op_threads=args.threads, shrink=args.shrink, derived_only=args.derived_only)
+                             intra_op_threads=args.threads, shrink=args.shrink, derived_only=args.derived_only,
+                             **limits(args))
         if args.export:
             from beamzoo.bundle import export
             print(f"bundle written to {export(graph, args.export)}; run it with: "
@@ -143,8 +182,7 @@ def main(argv=None) -> int:
         edge = EdgeRunner(workers=args.workers, progress=not args.no_progress)
         stats = run(graph, args.runner, beam_args, edge=edge, resume=args.resume, progress=not args.no_progress)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        interrupted()
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -5,6 +5,7 @@ must be scored ("ok") or dead-lettered (the stage that refuses it).
 """
 from __future__ import annotations
 
+import io
 import struct
 import zlib
 from pathlib import Path
@@ -66,3 +67,34 @@ EXPECTED = {
     "empty.jpg": "read", "text.jpg": "decode", "truncated.jpg": "decode",
     "truncated.png": "decode", "bomb.png": "decode",
 }
+
+
+def jpeg_many_scans(scans: int, size=(4000, 3000)) -> bytes:
+    """A progressive grey JPEG followed by ``scans`` extra AC scans that only say "every
+    block is empty": a few bytes each, yet the decoder walks every block for each one."""
+    buf = io.BytesIO()
+    Image.new("L", size, 128).save(buf, "JPEG", progressive=True, quality=90)
+    data = buf.getvalue()
+    blocks = -(-size[0] // 8) * -(-size[1] // 8)
+    # AC table 1 with one code, "0", for EOB14 (a run of 2^14 + 14 more bits of empty blocks)
+    dht = b"\xff\xc4" + struct.pack(">H", 2 + 17 + 1) + b"\x11" + b"\x01" + b"\x00" * 15 + b"\xe0"
+    bits = ("0" + format(32767 - (1 << 14), "014b")) * -(-blocks // 32767)  # runs of 32767 (the last may overshoot)
+    bits += "1" * (-len(bits) % 8)
+    body = bytes(int(bits[i:i + 8], 2) for i in range(0, len(bits), 8)).replace(b"\xff", b"\xff\x00")
+    sos = b"\xff\xda" + struct.pack(">HBBBBBB", 8, 1, 1, 0x01, 1, 63, 0x00)
+    end = data.rindex(b"\xff\xd9")
+    return data[:end] + dht + (sos + body) * scans + data[end:]
+
+
+def tiff_lying_size(width: int, height: int, fake_width: int, fake_height: int) -> bytes:
+    """An RGB TIFF of width x height (one deflated strip) whose width and height tags come
+    twice: Pillow keeps the second pair (fake), libtiff the first (real)."""
+    strip = zlib.compress(b"\0" * (width * 3 * height), 9)
+    tags = [(256, 4, width), (256, 4, fake_width), (257, 4, height), (257, 4, fake_height), (258, 3, 8),
+            (259, 3, 8), (262, 3, 2), (273, 4, 0), (277, 3, 3), (278, 4, height), (279, 4, len(strip))]
+    start = 8 + 2 + 12 * len(tags) + 4  # the strip follows the one directory
+    out = b"II*\x00" + struct.pack("<IH", 8, len(tags))
+    for tag, kind, value in tags:
+        value = start if tag == 273 else value
+        out += struct.pack("<HHIHH" if kind == 3 else "<HHII", tag, kind, 1, *((value, 0) if kind == 3 else (value,)))
+    return out + struct.pack("<I", 0) + strip

@@ -99,7 +99,7 @@ def test_a_missing_step_and_an_unknown_option_are_clear_at_once(tiny_model):
         Graph.source(Files("/x")) | ReadFiles() | OnnxInference(tiny_model)
     with pytest.raises(TypeError, match="unexpected keyword argument 'max_size'"):
         ReadFiles(max_size=3)
-    with pytest.raises(KnobError, match="ReadFiles has no option 'max_size'; its options: max_bytes"):
+    with pytest.raises(KnobError, match="ReadFiles has no option 'max_size'; its options: batch_bytes, max_bytes"):
         ReadFiles.from_params({"max_size": 3})  # as a graph read from JSON gives it
     with pytest.raises(KnobError, match="batch_size must be >= 1, got 0"):
         OnnxInference(tiny_model, batch_size=0)

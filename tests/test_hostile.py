@@ -15,6 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import badfiles
 from badfiles import photo
 from beamzoo.pipeline import score_images
 from beamzoo.transforms.io import ReadFiles, list_files
@@ -184,13 +185,25 @@ def test_a_directory_with_100000_entries(tmp_path, tiny_model):
 
 SEED_JPEG = cv2.imencode(".jpg", cv2.resize(photo(), (64, 48)), [cv2.IMWRITE_JPEG_QUALITY, 80])[1].tobytes()
 SEED_PNG = cv2.imencode(".png", cv2.resize(photo(), (40, 30)))[1].tobytes()
-SEEDS = [SEED_JPEG, SEED_PNG] + [cv2.imencode(ext, cv2.resize(photo(), (40, 30)))[1].tobytes()
-                                 for ext in (".webp", ".tiff", ".bmp")]
+
+
+def _pil(fmt: str, **kw) -> bytes:
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(cv2.cvtColor(cv2.resize(photo(), (40, 30)), cv2.COLOR_BGR2RGB)).save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+# every format beamzoo accepts (JPEG baseline and progressive), and files made to cost time or memory
+SEEDS = [SEED_JPEG, SEED_PNG, _pil("JPEG", progressive=True), _pil("GIF"), _pil("TIFF", compression="tiff_lzw")]
+SEEDS += [cv2.imencode(ext, cv2.resize(photo(), (40, 30)))[1].tobytes() for ext in (".webp", ".tiff", ".bmp")]
+BOMBS = [badfiles.png_bomb(6000, 5000), badfiles.jpeg_many_scans(3000), badfiles.tiff_lying_size(3000, 3000, 10, 10)]
+FUZZ_LIMITS = dict(max_pixels=30_000_000, time_limit=1.0, memory_limit=64 << 20)
 
 
 @st.composite
 def mutated(draw):
-    data = bytearray(draw(st.sampled_from(SEEDS)))
+    data = bytearray(draw(st.sampled_from(SEEDS * 10 + BOMBS)))  # now and then a bomb
     for _ in range(draw(st.integers(1, 8))):
         kind = draw(st.sampled_from(["flip", "cut", "insert", "header"]))
         pos = draw(st.integers(0, len(data) - 1)) if data else 0
@@ -220,26 +233,70 @@ def test_png_chunk_declaring_more_bytes_than_the_file_is_refused_before_decoding
     assert int(out[1]) < 500  # MiB: OpenCV would have reserved what the chunk declares
 
 
+def test_the_fuzz_seeds_cover_every_accepted_format_and_both_limits():
+    from beamzoo.transforms.preprocess import FORMATS, magic_format
+    assert {magic_format(s) for s in SEEDS} == set(FORMATS)
+    batch = _fuzz_batch(BOMBS)
+    _, dl = DecodeImage(min_side=32, **FUZZ_LIMITS).process(batch)
+    reasons = dl.column("error").to_pylist()
+    assert reasons[0].startswith("memory: ") and reasons[1].startswith("timeout: "), reasons  # the limits fire
+    assert dl.column("stage").to_pylist() == ["decode"] * 3  # the lying TIFF too (tests/test_limits.py)
+
+
+def _fuzz_batch(blobs):
+    paths = [f"fuzz{i}" for i in range(len(blobs))]
+    schema = pa.schema([pa.field("id", pa.string()), pa.field("path", pa.string()), pa.field("data", pa.binary())])
+    return pa.record_batch([pa.array(paths), pa.array(paths), pa.array(blobs, pa.binary())], schema=schema)
+
+
 @pytest.mark.filterwarnings("ignore:Corrupt EXIF data:UserWarning", "ignore:Truncated File Read:UserWarning")
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(mutated(), min_size=1, max_size=4))
 def test_mutated_image_bytes_never_crash_or_hang(blobs):
-    paths = [f"fuzz{i}" for i in range(len(blobs))]
-    schema = pa.schema([pa.field("id", pa.string()), pa.field("path", pa.string()), pa.field("data", pa.binary())])
-    batch = pa.record_batch([pa.array(paths), pa.array(paths), pa.array(blobs, pa.binary())], schema=schema)
-    seen = []
+    """Each example is decoded under the time and memory limits (in worker processes): it
+    ends as an image or a dead letter, and the run goes on."""
+    batch = _fuzz_batch(blobs)
+    paths = batch.column("path").to_pylist()
     result = {}
 
     def work():
         rows, dead = batch, []
-        for step in (DecodeImage(max_pixels=4_000_000, min_side=32), ResizeCrop(resize=36, crop=32)):
+        for step in (DecodeImage(min_side=32, **FUZZ_LIMITS), ResizeCrop(resize=36, crop=32)):
             rows, dl = step.process(rows)
             dead += dl.column("source").to_pylist()
+            assert all(dl.column("error").to_pylist())
         result["rows"], result["dead"] = rows.column("path").to_pylist(), dead
 
     t = threading.Thread(target=work, daemon=True)
     t.start()
-    t.join(10)
+    t.join(60)  # a hang detector: 4 inputs at 1 s each, and their workers replaced
     assert not t.is_alive(), "decoding hung"
     seen = result["rows"] + result["dead"]
     assert sorted(seen) == sorted(paths)
+
+
+def test_more_than_2_gib_of_files_in_one_chunk_and_on_resume(tmp_path, tiny_model):
+    """15 files of 150 MB (a red JPEG, then a sparse hole) in one 16-row chunk: 2.25 GB, over
+    Arrow's 2 GiB binary limit. They are read in pieces of at most batch_bytes, so the run (and
+    its resume, with two more) ends, and little more than a file or two is in memory at once."""
+    from beamzoo.runners import EdgeRunner
+    d = tmp_path / "big"
+    d.mkdir()
+    red = cv2.imencode(".jpg", np.full((48, 64, 3), (0, 0, 200), np.uint8))[1].tobytes()
+
+    def big(name):
+        with open(d / name, "wb") as f:
+            f.write(red)
+            f.truncate(150 << 20)
+
+    for i in range(15):
+        big(f"{i:02d}.jpg")
+    graph = score_images(str(d / "*.jpg"), str(tmp_path / "out"), tiny_model, k=3, max_bytes=200 << 20)
+    edge = EdgeRunner(workers=1, chunk_size=16, progress=False)
+    stats = run_graph(graph, edge=edge)
+    assert (stats.inputs, stats.scored, stats.failed) == (15, 15, 0)
+    big("15.jpg"), big("16.jpg")
+    stats = run_graph(graph, edge=edge, resume=True)
+    assert (stats.scored, stats.failed, stats.skipped) == (2, 0, 15)
+    rows = read(tmp_path / "out")
+    assert len(rows) == 17 and {r["label"] for r in rows} == {"red"}

@@ -225,3 +225,24 @@ def test_resume_removes_only_beamzoos_own_temporaries(tmp_path, colour_dir, tiny
     stale.write_text("a killed run's")
     run_graph(graph, resume=True)
     assert mine.exists() and not stale.exists()
+
+
+def test_edge_channels_are_bounded_in_bytes_as_well_as_batches():
+    import threading
+    from beamzoo.runners.edge import Channel
+    ch = Channel(maxsize=100, producers=1, max_bytes=1 << 20)
+    big = pa.record_batch([pa.array([b"x" * (700 << 10)], pa.binary())], names=["data"])
+    ch.put((0, big))  # 700 KiB: fits
+    second = threading.Thread(target=ch.put, args=((0, big),), daemon=True)
+    second.start()
+    second.join(0.5)
+    assert second.is_alive() and ch.bytes == big.nbytes  # 1.4 MiB would be over the 1 MiB bound: it waits
+    assert ch.get()[1] is big
+    second.join(5)
+    assert not second.is_alive() and ch.bytes == big.nbytes
+    ch.get()
+    huge = pa.record_batch([pa.array([b"x" * (3 << 20)], pa.binary())], names=["data"])
+    ch.put((0, huge))  # bigger than the bound: an empty channel takes it alone
+    assert ch.bytes == huge.nbytes
+    with pytest.raises(ValueError, match="queue_bytes must be an integer >= 1"):
+        EdgeRunner(queue_bytes=0)

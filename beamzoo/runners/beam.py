@@ -81,20 +81,25 @@ class _StageFn(beam.DoFn):
         self.ops = _ops(self.steps_json)
 
     def process(self, batch):
-        for op in self.ops:
-            if batch.num_rows == 0:
-                return
-            n = batch.num_rows
-            batch, dead = op.process(batch)
-            ok, failed = self.counters[op.id]
-            ok.inc(batch.num_rows)
+        yield from self._steps(self.ops, batch)
+
+    def _steps(self, ops, batch):
+        """As the edge runner's: a step's pieces each go through the rest before the next is made."""
+        if not ops or batch.num_rows == 0:
+            if batch.num_rows:
+                yield batch
+            return
+        n = batch.num_rows
+        for piece, dead in ops[0].process_pieces(batch):
+            ok, failed = self.counters[ops[0].id]
+            ok.inc(piece.num_rows)
             if dead.num_rows:
                 failed.inc(dead.num_rows)
                 yield beam.pvalue.TaggedOutput(DEAD_TAG, dead)
-            if n - batch.num_rows - dead.num_rows:
-                self.skipped.inc(n - batch.num_rows - dead.num_rows)
-        if batch.num_rows:
-            yield batch
+            n -= piece.num_rows + dead.num_rows
+            yield from self._steps(ops[1:], piece)
+        if n:
+            self.skipped.inc(n)
 
 
 class _PortsFn(beam.DoFn):
@@ -275,9 +280,25 @@ def run(graph: Graph, argv: list[str], run_name: str, progress: bool = True):
     with beam_options(argv) as options, _bar(progress):
         pipeline = beam.Pipeline(options=options)
         translate(graph, pipeline, run_name)
-        result = pipeline.run()
-        result.wait_until_finish()
+        try:
+            result = pipeline.run()
+            result.wait_until_finish()
+        except KeyboardInterrupt:
+            _quiet_job_reader()
+            raise
         return _Metrics(result)
+
+
+def _quiet_job_reader() -> None:
+    """After Ctrl-C: Beam's thread that reads the job's messages fails (and would print a
+    traceback) when the job server stops; nothing is lost, the run is being abandoned."""
+    previous = threading.excepthook
+
+    def hook(args):
+        if args.thread is None or args.thread.name != "wait_until_finish_read":
+            previous(args)
+
+    threading.excepthook = hook
 
 
 @contextlib.contextmanager

@@ -46,20 +46,30 @@ class Aborted(Exception):
 
 
 class Channel:
-    """A queue with ``producers`` writers; ``get`` returns None once all closed and it is empty."""
+    """A queue of (tag, batch) with ``producers`` writers, holding at most ``maxsize`` items
+    and ``max_bytes`` bytes of batches (an item bigger than that enters an empty channel
+    alone); ``get`` returns None once all writers closed and it is empty."""
 
-    def __init__(self, maxsize: int, producers: int):
+    def __init__(self, maxsize: int, producers: int, max_bytes: int = 0):
         self.items, self.maxsize, self.open = deque(), maxsize, producers
+        self.max_bytes, self.bytes = max_bytes, 0
         self.cv = threading.Condition()
         self.aborted = False
 
+    def _full(self, size: int) -> bool:
+        if self.maxsize and len(self.items) >= self.maxsize:
+            return True
+        return bool(self.max_bytes and self.items and self.bytes + size > self.max_bytes)
+
     def put(self, item) -> None:
+        size = _nbytes(item)
         with self.cv:
-            while self.maxsize and len(self.items) >= self.maxsize and not self.aborted:
+            while self._full(size) and not self.aborted:
                 self.cv.wait()
             if self.aborted:
                 raise Aborted
-            self.items.append(item)
+            self.items.append((item, size))
+            self.bytes += size
             self.cv.notify_all()
 
     def get(self):
@@ -70,7 +80,8 @@ class Channel:
                 raise Aborted
             if not self.items:
                 return None
-            item = self.items.popleft()
+            item, size = self.items.popleft()
+            self.bytes -= size
             self.cv.notify_all()
             return item
 
@@ -85,11 +96,18 @@ class Channel:
             self.cv.notify_all()
 
 
+def _nbytes(item) -> int:
+    batch = item[1] if isinstance(item, tuple) and len(item) == 2 else None
+    return batch.nbytes if isinstance(batch, pa.RecordBatch) else 0
+
+
 class EdgeRunner:
     """Runs a graph in this process.
 
     ``workers``: threads for each row-parallel stage (default: CPU count).
-    ``chunk_size``: rows per task. ``queue_depth``: batches waiting on each edge.
+    ``chunk_size``: rows per task. ``queue_depth``: batches waiting on each edge, and
+    ``queue_bytes`` the bytes they may hold (one bigger batch passes alone); with the
+    file reader's ``batch_bytes``, what is in memory is bounded in bytes, not only rows.
     ``rows_per_file``/``seconds_per_file``: how often output files are committed
     (what a killed run keeps). ``progress``: a bar on a terminal (never in logs).
     """
@@ -97,14 +115,16 @@ class EdgeRunner:
     name = "EdgeRunner"
 
     def __init__(self, workers: int | None = None, chunk_size: int = 16, queue_depth: int | None = None,
-                 progress: bool = True, rows_per_file: int = 10_000, seconds_per_file: float = 60.0):
-        for what, v in (("workers", workers), ("chunk_size", chunk_size), ("queue_depth", queue_depth)):
+                 progress: bool = True, rows_per_file: int = 10_000, seconds_per_file: float = 60.0,
+                 queue_bytes: int = 256 << 20):
+        for what, v in (("workers", workers), ("chunk_size", chunk_size), ("queue_depth", queue_depth),
+                        ("queue_bytes", queue_bytes)):
             if v is not None and (not isinstance(v, int) or v < 1):
                 raise ValueError(f"EdgeRunner: {what} must be an integer >= 1, got {v!r}")
         self.workers = workers or os.cpu_count() or 1
         self.chunk_size = chunk_size
         self.queue_depth = queue_depth or 4 * self.workers
-        self.progress = progress
+        self.progress, self.queue_bytes = progress, queue_bytes
         self.rows_per_file, self.seconds_per_file = rows_per_file, seconds_per_file
 
     def run(self, graph: Graph, run: str | None = None) -> RunStats:
@@ -128,7 +148,7 @@ class _Run:
         self.error: BaseException | None = None
         self.start = time.perf_counter()
         self.threads_of = {s.id: self._threads(s) for s in plan.stages}
-        self.inbox = {s.id: Channel(runner.queue_depth, self._feeds(s)) for s in plan.stages
+        self.inbox = {s.id: Channel(runner.queue_depth, self._feeds(s), runner.queue_bytes) for s in plan.stages
                       if s.kind != "source"}
         self.dead = Channel(0, sum(self.threads_of[s.id] for s in plan.stages if s.kind != "sink"))
         self.left = {s.id: self.threads_of[s.id] for s in plan.stages}
@@ -285,18 +305,22 @@ def _source(run: _Run, stage: Stage) -> None:
         flush()
 
 
-def _steps(ops, batch: pa.RecordBatch, run: _Run) -> pa.RecordBatch:
-    """Fused maps in order; dead letters to the hub; rows a step drops (resume) counted."""
-    for op in ops:
-        if batch.num_rows == 0:
-            break
-        n = batch.num_rows
-        batch, dead = op.process(batch)
+def _steps(ops, batch: pa.RecordBatch, run: _Run):
+    """Fused maps in order, yielding what comes out (a step may hand on its output in
+    pieces, each through the rest before the next is made); dead letters to the hub;
+    rows a step drops (resume) counted."""
+    if not ops or batch.num_rows == 0:
+        if batch.num_rows:
+            yield batch
+        return
+    n = batch.num_rows
+    for ok, dead in ops[0].process_pieces(batch):
         run.emit_dead(dead)
-        if n - batch.num_rows - dead.num_rows:
-            run.count(skipped=n - batch.num_rows - dead.num_rows)
-            run.bar.update(n - batch.num_rows - dead.num_rows)
-    return batch
+        n -= ok.num_rows + dead.num_rows
+        yield from _steps(ops[1:], ok, run)
+    if n:
+        run.count(skipped=n)
+        run.bar.update(n)
 
 
 @_plans("map")
@@ -306,7 +330,8 @@ def _map(run: _Run, stage: Stage) -> None:
         op.setup()
     inbox = run.inbox[stage.id]
     while (item := inbox.get()) is not None:
-        run.emit(stage, "out", _steps(ops, item[1], run))
+        for out in _steps(ops, item[1], run):
+            run.emit(stage, "out", out)
 
 
 @_plans("route")

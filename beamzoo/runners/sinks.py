@@ -10,6 +10,7 @@ would make files twice the size and several times slower to read.
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
@@ -43,9 +44,9 @@ class FileSink:
         return self
 
     def _open(self):
-        self._tmp = os.path.join(self.directory, f"{TMP_PREFIX}{uuid.uuid4().hex}.tmp")
-        self._opened, self._pending = time.monotonic(), 0
-        self.open_file(self._tmp)
+        tmp = os.path.join(self.directory, f"{TMP_PREFIX}{uuid.uuid4().hex}.tmp")
+        self.open_file(tmp)  # only an opened file is ours to close
+        self._tmp, self._opened, self._pending = tmp, time.monotonic(), 0
 
     def write(self, batch: pa.RecordBatch) -> None:
         if not batch.num_rows:
@@ -72,7 +73,8 @@ class FileSink:
     def discard(self) -> None:
         if self._tmp is not None:
             self.close_file()
-            os.unlink(self._tmp)
+            with contextlib.suppress(FileNotFoundError):  # its folder may be gone
+                os.unlink(self._tmp)
             self._tmp = None
 
     def __exit__(self, exc_type, exc, tb):

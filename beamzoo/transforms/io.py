@@ -120,18 +120,40 @@ def read_bytes(path: str, max_bytes: int) -> bytes:
         os.close(fd)
 
 
+BINARY_LIMIT = (2 << 30) - 1  # the bytes one Arrow binary array can hold
+
+
 @register("read_files")
 class ReadFiles(RowOperator):
     """path -> data (the file's bytes). Refuses empty files, files over ``max_bytes``
-    and anything that is not a regular file."""
+    and anything that is not a regular file.
+
+    A batch is read in pieces of at most ``batch_bytes`` of file bytes (a bigger
+    file is a piece alone), one piece at a time, so that what is in memory is
+    bounded in bytes and no batch reaches Arrow's 2 GiB binary limit.
+    """
 
     default_id = "read"
-    knobs = {"max_bytes": Knob(256 << 20, int, low=1, doc="refuse files larger than this")}
+    knobs = {"max_bytes": Knob(256 << 20, int, low=1, high=BINARY_LIMIT - 1, doc="refuse files larger than this"),
+             "batch_bytes": Knob(256 << 20, int, low=1, high=BINARY_LIMIT, results=False,
+                                 doc="file bytes a batch holds at most (a larger file goes alone)")}
     requires = pa.schema([PATH])
     produces = pa.schema([pa.field("data", pa.binary())])
 
-    def __init__(self, max_bytes: int = 256 << 20, id: str | None = None):
-        super().__init__(id, max_bytes=max_bytes)
+    def __init__(self, max_bytes: int = 256 << 20, batch_bytes: int = 256 << 20, id: str | None = None):
+        super().__init__(id, max_bytes=max_bytes, batch_bytes=batch_bytes)
+
+    def process_pieces(self, batch):
+        rows, budget = self.rows(batch), self.params["batch_bytes"]
+        start, outs, size = 0, [], 0
+        for i, out in enumerate(self.process_rows([row])[0] for row in rows):  # read lazily
+            n = len(out["data"]) if isinstance(out, dict) else 0
+            if outs and size + n > budget:
+                yield self.result(batch.slice(start, len(outs)), outs)
+                start, outs, size = i, [], 0
+            outs.append(out)
+            size += n
+        yield self.result(batch.slice(start, len(outs)), outs)
 
     def process_row(self, row):
         limit = self.params["max_bytes"]

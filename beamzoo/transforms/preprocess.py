@@ -16,6 +16,7 @@ from PIL import Image
 
 from beamzoo.core import Knob, RowOperator, register
 from beamzoo.schemas import TensorSpec, tensor_array
+from beamzoo.transforms import isolated
 from beamzoo.transforms.jpeg import jpeg_end
 
 _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
@@ -39,6 +40,15 @@ def magic_format(data: bytes) -> str | None:
     return next((fmt for magic, fmt in _MAGIC if data.startswith(magic)), None)
 
 
+def known_format(data: bytes) -> str:
+    """``magic_format(data)``; raises ValueError for bytes in no format beamzoo reads."""
+    fmt = magic_format(data)
+    if fmt is None:
+        raise ValueError(f"not an image in a known format: beamzoo reads {', '.join(FORMATS)} "
+                         f"(starts with {bytes(data[:16])!r})")
+    return fmt
+
+
 def read_header(data: bytes) -> tuple[str, int, int]:
     """(format, width, height), the header read by Pillow's plugin for the format the
     magic bytes name (and no other, so that the two cannot disagree on what the file is).
@@ -46,10 +56,7 @@ def read_header(data: bytes) -> tuple[str, int, int]:
     Not ``Image.open``: its own bomb check (a process-wide setting) would
     override the caller's ``max_pixels``.
     """
-    fmt = magic_format(data)
-    if fmt is None:
-        raise ValueError(f"not an image in a known format: beamzoo reads {', '.join(FORMATS)} "
-                         f"(starts with {data[:16]!r})")
+    fmt = known_format(data)
     Image.init()
     factory, _ = Image.OPEN[fmt]
     try:
@@ -109,13 +116,16 @@ def decode(data: bytes, max_pixels: int, min_side: int | None = None, channels: 
         raise ValueError("truncated JPEG (the data ends before its end-of-image marker)")
     if fmt == "PNG":
         check_png_chunks(data)
-    flags = cv2.IMREAD_COLOR
+    flags, factor = cv2.IMREAD_COLOR, 1
     if fmt == "JPEG" and min_side:
         factor = max((f for f in _REDUCED if min(w, h) // f >= min_side), default=1)
         flags = _REDUCED.get(factor, cv2.IMREAD_COLOR)
     img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if img is None:
         raise ValueError(f"could not decode this {fmt} image (corrupt or truncated)")
+    if img.shape[0] * img.shape[1] > -(-w // factor) * -(-h // factor):
+        raise ValueError(f"this {fmt} decoded to {img.shape[1]}x{img.shape[0]}, more pixels than its header's "
+                         f"{w}x{h}: the file is not what its header says")
     if channels == "RGB":
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     return img
@@ -135,22 +145,39 @@ class DecodeImage(RowOperator):
     default_id = "decode"
     knobs = {"max_pixels": Knob(100_000_000, int, low=1, doc="refuse images with more pixels"),
              "min_side": Knob(None, int, low=1, doc="decode JPEGs at 1/2, 1/4, 1/8 scale, not below this"),
-             "channels": Knob("RGB", str, choices=_CHANNELS)}
+             "channels": Knob("RGB", str, choices=_CHANNELS), **isolated.KNOBS}
     requires = pa.schema([pa.field("data", pa.binary())])
     consumes = ("data",)
 
     def __init__(self, max_pixels: int = 100_000_000, min_side: int | None = None,
-                 channels: str = "RGB", id: str | None = None):
-        super().__init__(id, max_pixels=max_pixels, min_side=min_side, channels=channels)
+                 channels: str = "RGB", id: str | None = None, **limits):
+        """``limits``: ``isolate``, ``time_limit``, ``memory_limit`` (``beamzoo.transforms.isolated``)."""
+        super().__init__(id, max_pixels=max_pixels, min_side=min_side, channels=channels, **limits)
 
     def configure(self):
         self.produces = pa.schema([image_spec(self.params["channels"]).field("image")])
 
+    def setup(self):
+        p = self.params
+        if p["isolate"]:  # the workers start now, not with the first input
+            isolated.pool(p["max_pixels"], p["time_limit"], p["memory_limit"])
+
+    def process_rows(self, rows):
+        p = self.params
+        if not p["isolate"]:
+            return super().process_rows(rows)
+        job = (p["max_pixels"], p["min_side"], p["channels"], None)
+        return [_image(r) if isinstance(r, np.ndarray) else r
+                for r in isolated.run(self, [row["data"] for row in rows], job, (self.id, self.id))]
+
     def process_row(self, row):
         p = self.params
-        img = decode(row["data"], p["max_pixels"], p["min_side"], p["channels"])
-        h, w, c = img.shape
-        return {"image": {"data": img.tobytes(), "height": h, "width": w, "channels": c}}
+        return _image(decode(row["data"], p["max_pixels"], p["min_side"], p["channels"]))
+
+
+def _image(img: np.ndarray) -> dict:
+    h, w, c = img.shape
+    return {"image": {"data": img.tobytes(), "height": h, "width": w, "channels": c}}
 
 
 def resize_crop(img: np.ndarray, resize: int, crop: int, shrink: str = "area") -> np.ndarray:
@@ -257,23 +284,36 @@ class DecodeResize(RowOperator):
     knobs = {**_RESIZE_KNOBS, "max_pixels": DecodeImage.knobs["max_pixels"],
              "reduced_decode": Knob(True, bool, doc="decode big JPEGs at reduced size"),
              "report_as": Knob(None, list, results=False,
-                               doc="[decode id, resize id]: the steps failures are reported as")}
+                               doc="[decode id, resize id]: the steps failures are reported as"),
+             **isolated.KNOBS}
     requires = pa.schema([pa.field("data", pa.binary())])
     consumes = ("data",)
 
     def __init__(self, resize_crop: ResizeCrop | None = None, max_pixels: int = 100_000_000,
                  reduced_decode: bool = True, id: str | None = None, report_as: list[str] | None = None,
-                 **resize_params):
-        """``resize_crop``: the ResizeCrop step to fuse, or its parameters as keywords."""
-        params = dict(resize_crop.params if resize_crop is not None else ResizeCrop(**resize_params).params)
+                 **params):
+        """``resize_crop``: the ResizeCrop step to fuse, or its parameters as keywords; the
+        limits (``isolate``, ``time_limit``, ``memory_limit``) as keywords too."""
+        limits = {k: params.pop(k) for k in isolated.KNOBS if k in params}
+        params = dict(resize_crop.params if resize_crop is not None else ResizeCrop(**params).params)
         super().__init__(id, max_pixels=max_pixels, reduced_decode=reduced_decode, report_as=report_as,
-                         **params)
+                         **params, **limits)
 
     def configure(self):
         p = self.params
         self.resize = ResizeCrop.from_params({k: p[k] for k in _RESIZE_KNOBS})
         self.produces = self.resize.produces
         self.stage_ids = tuple(p["report_as"] or (self.id, self.id))  # failures in decoding, resizing
+
+    setup = DecodeImage.setup
+
+    def process_rows(self, rows):
+        r, p = self.resize, self.params
+        if not p["isolate"]:
+            return super().process_rows(rows)
+        job = (p["max_pixels"], r.resize if p["reduced_decode"] else None, r.channels, (r.resize, r.crop, r.shrink))
+        return [{"pixels": r.to_pixels(out)} if isinstance(out, np.ndarray) else out
+                for out in isolated.run(self, [row["data"] for row in rows], job, self.stage_ids)]
 
     def process_row(self, row):
         r, p = self.resize, self.params
@@ -302,4 +342,5 @@ def fuse_decode_resize(decode_op: DecodeImage, resize: ResizeCrop) -> DecodeResi
     if d["channels"] != resize.channels or d["min_side"] not in (None, resize.resize):
         return None
     return DecodeResize(resize, max_pixels=d["max_pixels"], reduced_decode=d["min_side"] is not None,
-                        id=f"{decode_op.id}+{resize.id}", report_as=[decode_op.id, resize.id])
+                        id=f"{decode_op.id}+{resize.id}", report_as=[decode_op.id, resize.id],
+                        **{k: d[k] for k in isolated.KNOBS})

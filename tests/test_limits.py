@@ -1,0 +1,91 @@
+"""Per-input time and memory limits, enforced outside the decoder: real bombs, real worker processes."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import badfiles
+from beamzoo.core import KnobError
+from beamzoo.pipeline import score_images
+from beamzoo.transforms.io import ReadFiles
+from beamzoo.transforms.preprocess import DecodeImage, DecodeResize
+from conftest import read, run_graph, write_colour_image
+from test_preprocess import run_chain
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def outcome(out) -> dict[str, tuple[str, str]]:
+    rows = {os.path.basename(r["path"]): ("ok", r["label"]) for r in read(out)}
+    rows.update({os.path.basename(r["source"]): (r["stage"], r["error"]) for r in read(out, "dead_letter")})
+    return rows
+
+
+@pytest.mark.parametrize("runner", ["EdgeRunner", "DirectRunner"])
+def test_bombs_over_the_limits_are_dead_letters_and_the_run_goes_on(tmp_path, tiny_model, runner):
+    d = tmp_path / "in"
+    d.mkdir()
+    write_colour_image(d / "a_red.png", (200, 0, 0))
+    (d / "b_memory.png").write_bytes(badfiles.png_bomb(20000, 20000))  # 1.2 GB of pixels; the header is honest
+    (d / "c_cpu.jpg").write_bytes(badfiles.jpeg_many_scans(3000))  # tens of KB, seconds of CPU
+    write_colour_image(d / "d_blue.png", (0, 0, 200))
+    graph = score_images(str(d / "*"), str(tmp_path / "out"), tiny_model, k=3, max_pixels=10**9,
+                         time_limit=1.0, memory_limit=512 << 20)
+    stats = run_graph(graph, runner)
+    seen = outcome(tmp_path / "out")
+    assert (stats.inputs, stats.scored, stats.failed) == (4, 2, 2)
+    assert seen["a_red.png"] == ("ok", "red") and seen["d_blue.png"] == ("ok", "blue")
+    stage, reason = seen["b_memory.png"]
+    assert stage == "decode" and reason.startswith("memory: "), reason
+    stage, reason = seen["c_cpu.jpg"]
+    assert stage == "decode" and reason.startswith("timeout: "), reason
+
+
+def test_the_cpu_bomb_decodes_without_limits_so_the_limit_is_what_stopped_it(tmp_path):
+    """The file is a real (slow) JPEG: with the limits off it decodes."""
+    bomb = tmp_path / "cpu.jpg"
+    bomb.write_bytes(badfiles.jpeg_many_scans(30))
+    rows, dead = run_chain([ReadFiles(), DecodeImage(isolate=False)], [str(bomb)])
+    assert rows.num_rows == 1 and dead.num_rows == 0
+
+
+def test_a_tiff_whose_header_lies_is_refused_by_what_decodes(tmp_path):
+    """Pillow reads 10x10 from the duplicate tags, libtiff 4000x4000 (16 MP, over max_pixels):
+    the workers' OpenCV refuses it by its own limit; in-process, the decoded size is checked."""
+    path = tmp_path / "liar.tif"
+    path.write_bytes(badfiles.tiff_lying_size(4000, 4000, 10, 10))
+    for isolate, words in ((True, "pixels <= CV_IO_MAX_IMAGE_PIXELS"),
+                           (False, "ValueError: this TIFF decoded to 4000x4000, more pixels than its header's "
+                                   "10x10: the file is not what its header says")):
+        rows, dead = run_chain([ReadFiles(), DecodeImage(max_pixels=1_000_000, isolate=isolate)], [str(path)])
+        assert rows.num_rows == 0 and dead.column("stage")[0].as_py() == "decode"
+        assert words in dead.column("error")[0].as_py()
+    rows, dead = run_chain([ReadFiles(), DecodeImage(max_pixels=16_000_000)], [str(path)])
+    assert "is not what its header says" in dead.column("error")[0].as_py()  # OpenCV's limit let it through
+
+
+@pytest.mark.parametrize("knobs, words", [({"time_limit": 0}, "time_limit must be >= 0.01"),
+                                          ({"memory_limit": 1 << 20}, "memory_limit must be >= 67108864"),
+                                          ({"isolate": "yes"}, "isolate must be bool")])
+def test_limit_knobs_are_checked(knobs, words):
+    for make in (DecodeImage, DecodeResize):
+        with pytest.raises(KnobError, match=words):
+            make(**knobs)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--time_limit", "0"], "--time_limit: must be at least 0.01 seconds, got 0"),
+    (["--time_limit", "soon"], "--time_limit: 'soon' is not a number of seconds"),
+    (["--memory_limit", "10M"], "--memory_limit: must be at least 64M, got 10M"),
+    (["--memory_limit", "lots"], "--memory_limit: 'lots' is not a size"),
+    (["--no_isolation", "--time_limit", "2"], "--no_isolation turns the limits off"),
+])
+def test_limit_flags_are_checked_with_one_error_line(tmp_path, args, words):
+    out = subprocess.run([sys.executable, "pipelines/score_images.py", "--output", str(tmp_path / "o"), *args],
+                         capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                         timeout=120)
+    assert out.returncode == 2 and words in out.stderr.splitlines()[-1], out.stderr
