@@ -19,29 +19,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
-from beamzoo.pipeline import run, user_errors
-from beamzoo.runners import EdgeRunner, is_edge
-from beamzoo.runners.options import OptionError, check_runner
+from beamzoo.cli_args import check_leftovers, number
+from beamzoo.pipeline import interrupted, run, user_errors
+from beamzoo.runners import EdgeRunner
 from beamzoo.transforms.ocr.pipeline import ocr_images
 
 
-def number(kind, low, high=None):
-    def check(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, got {value}" if high is not None
-                                             else f"must be {low} or more, got {value}")
-        return value
-    return check
-
-
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog=os.path.basename(__file__), description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--input", required=True, help="glob of image files ('**' recurses; quote it) or a directory")
     p.add_argument("--output", required=True, help="folder for the results: OUTPUT/predictions, OUTPUT/dead_letter")
@@ -67,21 +56,7 @@ def parser() -> argparse.ArgumentParser:
 def parse(argv: list[str]):
     p = parser()
     args, rest = p.parse_known_args(argv)
-    try:
-        check_runner(args.runner)
-    except OptionError as exc:
-        p.error(f"--runner: {exc}")
-    unknown = rest
-    if rest and not is_edge(args.runner):
-        from beamzoo.runners.options import unknown_beam_options
-        unknown = unknown_beam_options(rest)
-    options = [a for a in unknown if a.startswith("-")]
-    if options:
-        p.error(f"unknown option {options[0]}" + ("" if is_edge(args.runner) else
-                                                   ": neither ocr_images.py nor Beam knows it"))
-    if unknown:
-        p.error(f"unexpected argument {unknown[0]!r}: if it is one of the files of an --input glob, the shell "
-                "expanded the glob; quote it: --input 'scans/*.png'")
+    check_leftovers(p, args.runner, rest, "'scans/*.png'")
     return args, rest
 
 
@@ -95,8 +70,7 @@ def main(argv=None) -> int:
         edge = EdgeRunner(workers=args.workers, progress=not args.no_progress)
         stats = run(graph, args.runner, beam_args, edge=edge, resume=args.resume, progress=not args.no_progress)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        interrupted()
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

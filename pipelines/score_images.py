@@ -19,21 +19,13 @@ import sys
 
 from beamzoo import zoo
 from beamzoo.pipeline import classifier_problem, interrupted, run, score_images, user_errors
-from beamzoo.runners import EdgeRunner, is_edge
-from beamzoo.runners.options import OptionError, check_runner
+from beamzoo.cli_args import check_leftovers, number
+from beamzoo.runners import EdgeRunner
 from beamzoo.transforms.preprocess import SHRINK_FILTERS
 
 
 def at_least(low: int):
-    def check(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be {low} or more, got {value}")
-        return value
-    return check
+    return number(int, low)
 
 
 def seconds(text: str) -> float:
@@ -59,7 +51,8 @@ def size(text: str) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = argparse.ArgumentParser(prog=os.path.basename(__file__), description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
     p.add_argument("--input", help="glob of image files ('**' recurses; quote it) or a directory; "
                                    "default: a sample set of real photographs")
@@ -108,24 +101,7 @@ def parser() -> argparse.ArgumentParser:
 def parse(argv: list[str]):
     p = parser()
     args, rest = p.parse_known_args(argv)
-    try:
-        check_runner(args.runner)
-    except OptionError as exc:
-        p.error(f"--runner: {exc}")
-    if rest and not is_edge(args.runner):
-        from beamzoo.runners.options import unknown_beam_options
-        rest_unknown = unknown_beam_options(rest)
-    else:
-        rest_unknown = rest
-    options = [a for a in rest_unknown if a.startswith("-")]
-    if options:
-        p.error(f"unknown option {options[0]}" + ("" if is_edge(args.runner) else
-                                                   ": neither score_images.py nor Beam knows it"))
-    if rest_unknown:
-        p.error(f"unexpected argument {rest_unknown[0]!r}"
-                + (f" (and {len(rest_unknown) - 1} more)" if len(rest_unknown) > 1 else "")
-                + ": if it is one of the files of an --input glob, the shell expanded the glob; "
-                  "quote it: --input 'photos/*.jpg'")
+    check_leftovers(p, args.runner, rest, "'photos/*.jpg'")
     card = pick_model(p, args)
     if args.topk > len(card.labels):
         p.error(f"--topk must be between 1 and {len(card.labels)} (the labels of {card.ref}), got {args.topk}")
