@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from beamzoo.core import NO_DEAD_LETTERS, Knob, Operator, Result, RowOperator, dead_letters, error_text, register
+from beamzoo.core import NO_DEAD_LETTERS, Knob, Operator, Result, dead_letters, error_text, register
 from beamzoo.schemas import ID, PARENT_ID, SchemaMismatchError, describe
 from beamzoo.transforms.preprocess import image_spec
 
@@ -145,29 +145,20 @@ class Drop(Operator):
         return Result(batch.drop_columns(list(self.consumes)), NO_DEAD_LETTERS)
 
 
-@register("tiles")
-class Tiles(RowOperator):
-    """One-to-many: an image -> ``rows`` x ``cols`` tiles, one child record each.
+class Explode(Operator):
+    """One-to-many over ``image``: each record becomes the records ``children(image)`` gives.
 
-    A child has the id ``<parent id>#<n>``, its ``parent_id``, its ``tile`` number
-    and its ``image``, and keeps the parent's ``path`` and ``key``. The ``parents``
-    port carries each parent (without the image) and how many ``children`` it has,
-    for a ``Collect`` to gather them back.
+    A child has the id ``<parent id>#<n>``, its ``parent_id``, its number in the
+    ``INDEX`` column and what ``children`` gives, and keeps the parent's ``path``
+    and ``key``. The ``parents`` port carries each parent (without the image) and
+    how many ``children`` it has, for a ``Collect`` to gather them back. A record
+    whose ``children`` raises is a dead letter.
     """
 
     kind = "explode"
-    default_id = "tiles"
-    knobs = {"rows": Knob(2, int, low=1, high=64), "cols": Knob(2, int, low=1, high=64),
-             "channels": Knob("RGB", str, choices=("RGB", "BGR"))}
     consumes = ("image",)
     KEEP = ("path", "key")
-
-    def __init__(self, rows: int = 2, cols: int = 2, channels: str = "RGB", id: str | None = None):
-        super().__init__(id, rows=rows, cols=cols, channels=channels)
-
-    def configure(self):
-        self.requires = pa.schema([image_spec(self.params["channels"]).field("image")])
-        self.produces = pa.schema([PARENT_ID, pa.field("tile", pa.int32()), self.requires.field("image")])
+    INDEX = "child"
 
     @property
     def ports(self):
@@ -179,30 +170,52 @@ class Tiles(RowOperator):
         parents = pa.schema([f for f in schema if f.name != "image"] + [pa.field("children", pa.int32())])
         return {"out": pa.schema([ID, *kept, *self.produces]), "parents": parents}
 
+    def children(self, image: dict) -> list[dict]:
+        raise NotImplementedError
+
     def process(self, batch):
+        self.setup()
         schemas = self.output_schemas([batch.schema])
-        kids, n_kids, bad, errors = [], [], [], []
-        images = batch.column("image").to_pylist()
-        for i, im in enumerate(images):
+        ids = batch.column("id").to_pylist()
+        keep = {n: batch.column(n).to_pylist() for n in self.KEEP if n in batch.schema.names}
+        rows, ok, counts, bad, errors = [], [], [], [], []
+        for i, im in enumerate(batch.column("image").to_pylist()):
             try:
-                tiles = self.split(im)
+                found = self.children(im)
             except Exception as exc:  # noqa: BLE001 - a bad record must not kill the run
                 bad.append(i)
                 errors.append(error_text(exc))
                 continue
-            kids.append((i, tiles))
-            n_kids.append(len(tiles))
-        ok = [i for i, _ in kids]
+            ok.append(i)
+            counts.append(len(found))
+            for n, child in enumerate(found):
+                rows.append({"id": f"{ids[i]}#{n}", **{k: v[i] for k, v in keep.items()},
+                             "parent_id": ids[i], self.INDEX: n, **child})
         parents = batch.take(pa.array(ok, pa.int64())).drop_columns(["image"])
-        parents = parents.append_column(schemas["parents"].field("children"), pa.array(n_kids, pa.int32()))
-        ids = batch.column("id").to_pylist()
-        rows = []
-        for i, tiles in kids:
-            keep = {n: batch.column(n)[i].as_py() for n in self.KEEP if n in batch.schema.names}
-            for t, tile in enumerate(tiles):
-                rows.append({"id": f"{ids[i]}#{t}", **keep, "parent_id": ids[i], "tile": t, "image": tile})
+        parents = parents.append_column(schemas["parents"].field("children"), pa.array(counts, pa.int32()))
         children = pa.RecordBatch.from_pylist(rows, schema=schemas["out"])
         return Result({"out": children, "parents": parents}, dead_letters(batch, bad, self.id, errors))
+
+
+@register("tiles")
+class Tiles(Explode):
+    """One-to-many: an image -> ``rows`` x ``cols`` tiles, one child record each
+    (its ``tile`` number and its ``image``)."""
+
+    default_id = "tiles"
+    knobs = {"rows": Knob(2, int, low=1, high=64), "cols": Knob(2, int, low=1, high=64),
+             "channels": Knob("RGB", str, choices=("RGB", "BGR"))}
+    INDEX = "tile"
+
+    def __init__(self, rows: int = 2, cols: int = 2, channels: str = "RGB", id: str | None = None):
+        super().__init__(id, rows=rows, cols=cols, channels=channels)
+
+    def configure(self):
+        self.requires = pa.schema([image_spec(self.params["channels"]).field("image")])
+        self.produces = pa.schema([PARENT_ID, pa.field("tile", pa.int32()), self.requires.field("image")])
+
+    def children(self, image: dict) -> list[dict]:
+        return [{"image": tile} for tile in self.split(image)]
 
     def split(self, im: dict) -> list[dict]:
         img = np.frombuffer(im["data"], np.uint8).reshape(im["height"], im["width"], im["channels"])

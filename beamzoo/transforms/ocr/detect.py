@@ -12,12 +12,13 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from beamzoo.core import Knob, Operator, Result, dead_letters, error_text, register
-from beamzoo.schemas import ID, PARENT_ID
+from beamzoo.core import Knob, register
+from beamzoo.schemas import PARENT_ID
 from beamzoo.transforms.ocr import db
 from beamzoo.transforms.ocr.crop import crop_size, turned
 from beamzoo.transforms.ocr.geometry import detector_input, fit, order_quad
 from beamzoo.transforms.ocr.images import QUAD, image_struct, pixels
+from beamzoo.transforms.flow import Explode
 from beamzoo.transforms.ocr.models import DETECTOR, card, session
 from beamzoo.transforms.preprocess import image_spec
 
@@ -48,10 +49,9 @@ def pad_ratios(ratios: list[float], group: int) -> list[float]:
 
 
 @register("detect_text")
-class DetectText(Operator):
+class DetectText(Explode):
     """image (BGR) -> text regions, with PP-OCRv4 detection and DB post-processing."""
 
-    kind = "explode"
     default_id = "detect"
     knobs = {"model": Knob(DETECTOR, str, doc="the detection model's card"),
              "thresh": Knob(0.3, float, low=0, high=1, doc="a pixel is text above this probability"),
@@ -63,8 +63,7 @@ class DetectText(Operator):
              "pad_group": Knob(6, int, low=1, high=4096,
                                doc="regions of an image that share a recognition width"),
              "intra_op_threads": Knob(1, int, low=0, high=1024, results=False)}
-    consumes = ("image",)
-    KEEP = ("path", "key")
+    INDEX = "region"
 
     def __init__(self, id: str | None = None, **params):
         super().__init__(id, **params)
@@ -80,16 +79,6 @@ class DetectText(Operator):
 
     def result_params(self):
         return {**super().result_params(), "model": self.card.identity()}
-
-    @property
-    def ports(self):
-        return ("out", "parents")
-
-    def output_schemas(self, inputs):
-        (schema,) = inputs
-        kept = [schema.field(n) for n in self.KEEP if n in schema.names]
-        parents = pa.schema([f for f in schema if f.name != "image"] + [pa.field("children", pa.int32())])
-        return {"out": pa.schema([ID, *kept, *self.produces]), "parents": parents}
 
     def setup(self):
         if self._session is None:
@@ -123,25 +112,5 @@ class DetectText(Operator):
             r["pad_ratio"] = pad
         return out
 
-    def process(self, batch: pa.RecordBatch) -> Result:
-        self.setup()
-        schemas = self.output_schemas([batch.schema])
-        ids = batch.column("id").to_pylist()
-        keep = {n: batch.column(n).to_pylist() for n in self.KEEP if n in batch.schema.names}
-        rows, ok, counts, bad, errors = [], [], [], [], []
-        for i, im in enumerate(batch.column("image").to_pylist()):
-            try:
-                found = self.regions(pixels(im))
-            except Exception as exc:  # noqa: BLE001 - a bad image must not kill the run
-                bad.append(i)
-                errors.append(error_text(exc))
-                continue
-            ok.append(i)
-            counts.append(len(found))
-            for n, region in enumerate(found):
-                rows.append({"id": f"{ids[i]}#{n}", **{k: v[i] for k, v in keep.items()},
-                             "parent_id": ids[i], "region": n, **region})
-        parents = batch.take(pa.array(ok, pa.int64())).drop_columns(["image"])
-        parents = parents.append_column(schemas["parents"].field("children"), pa.array(counts, pa.int32()))
-        children = pa.RecordBatch.from_pylist(rows, schema=schemas["out"])
-        return Result({"out": children, "parents": parents}, dead_letters(batch, bad, self.id, errors))
+    def children(self, image: dict) -> list[dict]:
+        return self.regions(pixels(image))
