@@ -3,7 +3,6 @@
 import collections
 import importlib.resources
 import io
-import math
 import os
 import pickle
 import struct
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 
 from beamzoo.zoo import torchfile
+from test_zoo_models import _reference_forward  # a numpy forward pass of any Lite variant
 
 LABELS = os.path.join(os.path.dirname(torchfile.__file__), "models", "imagenet_labels.txt")
 
@@ -162,42 +162,6 @@ def _preprocess(path):
     top, left = (h - 224) // 2, (w - 224) // 2
     img = img[top:top + 224, left:left + 224].astype(np.float32)
     return (img / 255 * 2 - 1).transpose(2, 0, 1)
-
-
-def _reference_forward(sd, x):
-    """Plain numpy (float64) forward of efficientnet_lite_pytorch's lite0:
-    unfused BN, ZeroPad2d TF-"same" padding then conv."""
-    sd = {k: v.astype(np.float64) for k, v in sd.items()}
-
-    def conv(x, w, s=1, depthwise=False):
-        k, out = w.shape[-1], math.ceil(x.shape[-1] / s)
-        pad = max((out - 1) * s + k - x.shape[-1], 0)
-        x = np.pad(x, ((0, 0), (0, 0), (pad // 2, pad - pad // 2), (pad // 2, pad - pad // 2)))
-        y = 0
-        for i in range(k):
-            for j in range(k):
-                patch = x[:, :, i:i + s * (out - 1) + 1:s, j:j + s * (out - 1) + 1:s]
-                y = y + (patch * w[None, :, 0, i, j, None, None] if depthwise
-                         else np.einsum("nchw,oc->nohw", patch, w[:, :, i, j]))
-        return y
-
-    def bn(x, p):
-        m, v, g, b = (sd[f"{p}.{k}"][:, None, None] for k in
-                      ("running_mean", "running_var", "weight", "bias"))
-        return (x - m) / np.sqrt(v + 1e-3) * g + b
-
-    x = np.clip(bn(conv(x, sd["_conv_stem.weight"], 2), "_bn0"), 0, 6)
-    for i in range(16):
-        p, inp = f"_blocks.{i}.", x
-        if p + "_expand_conv.weight" in sd:
-            x = np.clip(bn(conv(x, sd[p + "_expand_conv.weight"]), p + "_bn0"), 0, 6)
-        s = 2 if i in (1, 3, 5, 11) else 1  # first block of the stride-2 stages
-        x = np.clip(bn(conv(x, sd[p + "_depthwise_conv.weight"], s, True), p + "_bn1"), 0, 6)
-        x = bn(conv(x, sd[p + "_project_conv.weight"]), p + "_bn2")
-        if s == 1 and x.shape == inp.shape:
-            x = x + inp
-    x = np.clip(bn(conv(x, sd["_conv_head.weight"]), "_bn1"), 0, 6)
-    return x.mean((2, 3)) @ sd["_fc.weight"].T + sd["_fc.bias"]
 
 
 @pytest.mark.integration
