@@ -6,30 +6,16 @@ from __future__ import annotations
 import pyarrow as pa
 
 from beamzoo.core import Operator, Result, dead_letters, error_text
-from beamzoo.transforms.ocr.models import card, session
+from beamzoo.transforms.ocr.models import UsesModel
 
 
-class BatchedModel(Operator):
+class BatchedModel(UsesModel, Operator):
     """Subclasses set ``knobs`` (with ``model``, ``batch_size``, ``intra_op_threads``)
     and implement ``prepare(row)``, ``run(prepared) -> [dict]`` and maybe ``batches``.
     ``task``: what the model card must be for."""
 
-    task = ""
-
     def configure(self):
-        self.card = card(self.params["model"], self.task)
-        self.parallel = self.params["intra_op_threads"] == 1
-        self._session = None
-
-    def result_params(self):
-        return {**super().result_params(), "model": self.card.identity()}
-
-    def setup(self):
-        if self._session is None:
-            self._session = session(self.params["model"], self.params["intra_op_threads"])
-
-    def __getstate__(self):
-        return {**self.__dict__, "_session": None}
+        self.use_model()
 
     def prepare(self, row: dict):
         raise NotImplementedError

@@ -19,7 +19,7 @@ from beamzoo.transforms.ocr.crop import crop_size, turned
 from beamzoo.transforms.ocr.geometry import detector_input, fit, order_quad
 from beamzoo.transforms.ocr.images import QUAD, image_struct, pixels
 from beamzoo.transforms.flow import Explode
-from beamzoo.transforms.ocr.models import DETECTOR, card, session
+from beamzoo.transforms.ocr.models import DETECTOR, UsesModel
 from beamzoo.transforms.preprocess import image_spec
 
 MARGIN = 3  # pixels kept around a region's patch: what cubic interpolation reads at its edge
@@ -49,7 +49,7 @@ def pad_ratios(ratios: list[float], group: int) -> list[float]:
 
 
 @register("detect_text")
-class DetectText(Explode):
+class DetectText(UsesModel, Explode):
     """image (BGR) -> text regions, with PP-OCRv4 detection and DB post-processing."""
 
     default_id = "detect"
@@ -64,6 +64,7 @@ class DetectText(Explode):
                                doc="regions of an image that share a recognition width"),
              "intra_op_threads": Knob(1, int, low=0, high=1024, results=False)}
     INDEX = "region"
+    task = "text-detection"
 
     def __init__(self, id: str | None = None, **params):
         super().__init__(id, **params)
@@ -73,19 +74,7 @@ class DetectText(Explode):
         self.produces = pa.schema([PARENT_ID, pa.field("region", pa.int32()), pa.field("box", QUAD),
                                    pa.field("det_score", pa.float32()), image_spec("BGR").field("patch"),
                                    pa.field("quad", QUAD), pa.field("pad_ratio", pa.float64())])
-        self.card = card(self.params["model"], "text-detection")
-        self.parallel = self.params["intra_op_threads"] == 1
-        self._session = None
-
-    def result_params(self):
-        return {**super().result_params(), "model": self.card.identity()}
-
-    def setup(self):
-        if self._session is None:
-            self._session = session(self.params["model"], self.params["intra_op_threads"])
-
-    def __getstate__(self):
-        return {**self.__dict__, "_session": None}
+        self.use_model()
 
     def regions(self, img: np.ndarray) -> list[dict]:
         """The text regions of one BGR image."""

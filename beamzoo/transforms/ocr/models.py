@@ -42,3 +42,26 @@ def characters(sess) -> list[str]:
     if "character" not in meta:
         raise ValueError("the recognition model has no 'character' dictionary in its metadata")
     return ["", *meta["character"].splitlines(), " "]
+
+
+class UsesModel:
+    """For a step with one OCR model (knobs ``model`` and ``intra_op_threads``): its card,
+    checked for ``task``, enters the fingerprint; its session is shared per process."""
+
+    task = ""
+
+    def use_model(self) -> None:
+        """Call from ``configure``."""
+        self.card = card(self.params["model"], self.task)
+        self.parallel = self.params["intra_op_threads"] == 1
+        self._session = None
+
+    def result_params(self):
+        return {**super().result_params(), "model": self.card.identity()}
+
+    def setup(self):
+        if self._session is None:
+            self._session = session(self.params["model"], self.params["intra_op_threads"])
+
+    def __getstate__(self):
+        return {**self.__dict__, "_session": None}
