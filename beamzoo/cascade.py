@@ -138,11 +138,8 @@ class Cascade(Composite):
         unknown = sorted(set(placement) - {"fast", "strong"})
         if unknown:
             raise KnobError(f"Cascade {id!r}: placement is per branch ('fast', 'strong'), got {unknown[0]!r}")
-        if isinstance(strong, Composite):
-            self.strong_branch, self.strong = strong, getattr(strong, "card", None)
-        else:
-            self.strong = ModelCard.from_param(strong)
-            self.strong_branch = ClassifyBytes(self.strong, name="strong", placement=placement.get("strong"), **kw)
+        composite = isinstance(strong, Composite)
+        self.strong = getattr(strong, "card", None) if composite else ModelCard.from_param(strong)
         for role, card in (("fast", self.fast), ("strong", self.strong)):
             problem = card and classifier_problem(card)
             if problem:
@@ -150,6 +147,8 @@ class Cascade(Composite):
         problem = self.strong and label_problem(self.fast, self.strong)
         if problem:
             raise KnobError(f"Cascade {id!r}: the two models must answer with the same labels, but {problem}")
+        self.strong_branch = strong if composite else ClassifyBytes(self.strong, name="strong",
+                                                                    placement=placement.get("strong"), **kw)
         self.read = ReadFiles(max_bytes=max_bytes).placed(**placement.get("fast", {}))
         self.keep_bytes = Rename({"data": BYTES}, copy=True, id="keep_bytes").placed(**placement.get("fast", {}))
         self.fast_branch = ClassifyBytes(self.fast, name="fast", prefix="fast_", placement=placement.get("fast"),

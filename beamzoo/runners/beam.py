@@ -57,7 +57,8 @@ def _plans(kind):
 
 
 def _ops(steps_json: str):
-    ops = [Step(**{**d, "inputs": tuple(d["inputs"])}).operator() for d in json.loads(steps_json)]
+    ops = [Step(**{**d, "inputs": tuple(d["inputs"]), "placement": tuple(map(tuple, d.get("placement", ())))})
+           .operator() for d in json.loads(steps_json)]
     for op in ops:
         op.setup()
     return ops
@@ -65,7 +66,8 @@ def _ops(steps_json: str):
 
 def _steps_json(stage: Stage) -> str:
     return json.dumps([{"id": s.id, "kind": s.kind, "op": s.op, "params_json": s.params_json,
-                        "inputs": list(s.inputs)} for s in stage.steps])
+                        "inputs": list(s.inputs), "placement": [list(h) for h in s.placement]}
+                       for s in stage.steps])
 
 
 class _StageFn(beam.DoFn):
