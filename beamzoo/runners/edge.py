@@ -217,6 +217,7 @@ class _Run:
             self.bar.close()
         if self.error is not None:
             raise self.error
+        self.stats.stopped = stop_reason()  # set even when every input had been read by then
         self.stats.seconds = time.perf_counter() - self.start
         return self.stats
 
@@ -286,7 +287,6 @@ def _source(run: _Run, stage: Stage) -> None:
         if len(chunk) >= run.r.chunk_size:
             flush()
             if stop_reason():  # a gate stopped the run: read no more, finish what was read
-                run.stats.stopped = stop_reason()
                 return
     if chunk:
         flush()
