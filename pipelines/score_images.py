@@ -17,6 +17,8 @@ import logging
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # this checkout's beamzoo
+
 from beamzoo import zoo
 from beamzoo.core import KnobError
 from beamzoo.pipeline import classifier_problem, run, score_images, user_errors
