@@ -239,7 +239,10 @@ def cascade_and_gates(args, card) -> tuple[float, list[dict]]:
     if args.escalate_card is not None and args.escalate_agreement is not None:
         from beamzoo.cascade import choose_threshold
         from beamzoo.transforms.io import list_files
-        choice = choose_threshold(card, args.escalate_card, list_files(args.input), args.escalate_agreement,
+        from beamzoo.transforms.sources import Manifest
+        paths = (Manifest(args.input).table().column("path").to_pylist()
+                 if args.input.lower().endswith((".csv", ".parquet")) else list_files(args.input))
+        choice = choose_threshold(card, args.escalate_card, paths, args.escalate_agreement,
                                   n=args.calibration_images, shrink=args.shrink)
         print(choice.line(args.escalate_card.ref, args.escalate_agreement))
         below = choice.threshold
