@@ -183,3 +183,17 @@ def test_a_composite_can_stand_in_for_the_strong_branch(tmp_path, shades):
     rows = read(tmp_path / "o", "a")
     assert {r["model"] for r in rows if r["escalation"] == "escalated"} == {"tiny_strong:1"}
     assert len([r for r in rows if r["escalation"] == "escalated"]) == 3
+
+
+def test_a_placed_cascade_exports_to_a_bundle_that_runs_on_the_edge_runner(tmp_path, shades):
+    from beamzoo import bundle
+    fast, strong = models(tmp_path)
+    graph = cascade_graph(shades, tmp_path / "o", fast, strong,
+                          placement={"fast": {"tier": "device"}, "strong": {"tier": "cloud"}})
+    d = bundle.export(graph, tmp_path / "bundle")
+    assert len(os.listdir(d / "models")) == 2  # both models, by sha256
+    loaded = bundle.load(d, str(shades / "*.png"), str(tmp_path / "run"))
+    assert dict(loaded.step("strong_infer").placement) == {"tier": "cloud"}
+    stats = run_graph(loaded)
+    assert (stats.inputs, stats.scored, stats.failed) == (7, 6, 1)
+    check_answers(read(tmp_path / "run", "answers"), read(tmp_path / "run", "dead_letter"), shades)
