@@ -146,7 +146,9 @@ def test_a_beam_runner_refuses_a_stop_gate_and_runs_a_divert_one(tmp_path, drift
         run_graph(gated(Files(str(drifting)), tmp_path / "stop", "mean_confidence<0.2:stop"), "DirectRunner")
     stats = run_graph(gated(Files(str(drifting)), tmp_path / "d", "fraction_below(0.2)>0.5:divert"),
                       "DirectRunner")
-    assert len(read(tmp_path / "d", "review")) + len(read(tmp_path / "d", "predictions")) == stats.inputs == 52
+    review = read(tmp_path / "d", "review")
+    assert len(review) + len(read(tmp_path / "d", "predictions")) == stats.inputs == 52
+    assert stats.counters.get("gate_held", 0) == len(review)  # Beam's metrics carry the gate's count
 
 
 def test_bias_compares_a_rate_across_the_groups_of_a_manifest_column(tmp_path, drifting):
