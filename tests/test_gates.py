@@ -16,7 +16,7 @@ from beamzoo.core import KnobError
 from beamzoo.gates import (Bias, FractionBelow, GateState, LabelDistance, MeanConfidence, label_profile,
                            load_profile, parse_gate, save_profile, with_gates)
 from beamzoo.samples import sample_files
-from conftest import read, run_graph
+from conftest import FLINK, read, run_graph
 
 N_PHOTOS, N_NOISE = 12, 40
 
@@ -141,11 +141,12 @@ def test_stop_ends_the_run_cleanly_keeping_what_was_written(tmp_path, drifting):
     assert not [f for f in os.listdir(tmp_path / "predictions") if f.startswith(".")]
 
 
-def test_a_beam_runner_refuses_a_stop_gate_and_runs_a_divert_one(tmp_path, drifting):
+@pytest.mark.parametrize("beam_runner", ["DirectRunner", FLINK])
+def test_a_beam_runner_refuses_a_stop_gate_and_runs_a_divert_one(tmp_path, drifting, beam_runner):
     with pytest.raises(GraphError, match="gate step 'gate' .*the action stop needs the edge runner"):
-        run_graph(gated(Files(str(drifting)), tmp_path / "stop", "mean_confidence<0.2:stop"), "DirectRunner")
+        run_graph(gated(Files(str(drifting)), tmp_path / "stop", "mean_confidence<0.2:stop"), beam_runner)
     stats = run_graph(gated(Files(str(drifting)), tmp_path / "d", "fraction_below(0.2)>0.5:divert"),
-                      "DirectRunner")
+                      beam_runner)
     review = read(tmp_path / "d", "review")
     assert len(review) + len(read(tmp_path / "d", "predictions")) == stats.inputs == 52
     assert stats.counters.get("gate_held", 0) == len(review)  # Beam's metrics carry the gate's count
