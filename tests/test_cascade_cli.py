@@ -119,3 +119,21 @@ def test_a_profile_saved_by_one_run_gates_the_next(tmp_path, photos):
                 "--gate", "label_distance>0.5:divert", "--gate_profile", str(profile), "--gate_window", "6")
     assert "gate: held for 0 rows" in out.stdout  # the same photos: their labels are the profile's
     assert read(tmp_path / "again", "review") == [] and len(read(tmp_path / "again")) == len(os.listdir(photos))
+
+
+def test_a_bias_gate_reads_the_groups_of_a_manifest_column(tmp_path, photos):
+    import pyarrow as pa
+    import pyarrow.csv as csv
+    rng = np.random.default_rng(2)
+    noise = []
+    for i in range(12):
+        noise.append(str(tmp_path / f"noise{i:02d}.png"))
+        cv2.imwrite(noise[-1], rng.integers(0, 256, (96, 96, 3), dtype=np.uint8))
+    uris = sorted(str(f) for f in photos.iterdir())[:12] + noise
+    csv.write_csv(pa.table({"uri": uris, "group": ["photo"] * 12 + ["noise"] * 12}), tmp_path / "m.csv")
+    out = score("--input", str(tmp_path / "m.csv"), "--output", str(tmp_path / "out"), "--runner=EdgeRunner",
+                "--workers", "1", "--gate", "bias(group, score>=0.2)<0.5:warn", "--gate_window", "24")
+    # only the last row's window holds 10 rows of each group (the least a group needs): noise never
+    # scores 0.2, photos often do, so the lowest rate over the highest is 0 there
+    assert "gate: held for 1 rows" in out.stdout
+    assert {r["group"] for r in read(tmp_path / "out")} == {"photo", "noise"}
