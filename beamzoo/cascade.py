@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from beamzoo.core import Knob, KnobError, Operator, Result, register, NO_DEAD_LETTERS
+from beamzoo.core import NO_DEAD_LETTERS, Knob, KnobError, Operator, Result, register
 from beamzoo.graph import Composite, Stream
 from beamzoo.policies import DeadlineCheck, DeadlinePolicy, now
 from beamzoo.transforms.flow import Drop, Merge, Rename

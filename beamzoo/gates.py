@@ -358,9 +358,9 @@ def with_gates(stream, gates: list[dict], review_path: str, **sink_kw):
     for i, kw in enumerate(gates):
         out = stream | Gate(**{"id": "gate" if i == 0 else f"gate{i + 1}", **kw})
         if kw.get("action") == "divert":
-            stream, _ = out.out, review.append(out.review)
-        else:
-            stream = out
+            review.append(out.review)
+            out = out.out
+        stream = out
     if review:
         merged = review[0] if len(review) == 1 else tuple(review) | Merge(id="review_rows")
         merged | WriteParquet(review_path, id="write_review", **sink_kw)
