@@ -9,7 +9,10 @@ options.
 """
 from beamzoo.core import Knob, KnobError, Operator, Result, RowOperator
 from beamzoo.graph import Composite, Graph, GraphError, Stream
-from beamzoo.pipeline import Cascade, Classify, Pipeline, run
+from beamzoo.cascade import Cascade
+from beamzoo.gates import Gate
+from beamzoo.pipeline import Classify, Pipeline, run
+from beamzoo.policies import Deadline
 from beamzoo.runners.edge import EdgeRunner, RunStats
 from beamzoo.schemas import SchemaMismatchError, TensorSpec
 from beamzoo.transforms.flow import Collect, Drop, Merge, Route, Tiles
@@ -29,8 +32,8 @@ def beam_options(argv=None):
 
 
 __version__ = "0.2.0"
-__all__ = ["Cascade", "Classify", "Collect", "Composite", "DecodeImage", "DecodeResize", "Drop", "EdgeRunner",
-           "Files", "Graph", "GraphError", "Knob", "KnobError", "Manifest", "Merge", "OnnxInference", "Operator",
+__all__ = ["Cascade", "Classify", "Collect", "Composite", "Deadline", "DecodeImage", "DecodeResize", "Drop", "EdgeRunner",
+           "Files", "Gate", "Graph", "GraphError", "Knob", "KnobError", "Manifest", "Merge", "OnnxInference", "Operator",
            "Pipeline", "ReadFiles", "ResizeCrop", "Result", "Route", "RowOperator", "Rows", "RunStats",
            "SchemaMismatchError", "Stream", "Tiles", "TensorSpec", "TopK", "WriteJsonl", "WriteParquet",
            "beam_options", "run"]

@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from beamzoo.core import op_class
+from beamzoo.core import check_placement, op_class
 from beamzoo.graph import FORMAT, Graph, Step, canonical
 from beamzoo.transforms.io import is_remote
 from beamzoo.zoo import ModelCard, sha256_of
@@ -69,7 +69,7 @@ def export(graph: Graph, directory) -> Path:
         if s.op in SINKS:
             p = params["path"]
             params["path"] = p.rstrip("/").rsplit("/", 1)[-1] if is_remote(p) else os.path.relpath(p, base)
-        steps.append(Step(s.id, s.kind, s.op, canonical(params), s.inputs))
+        steps.append(Step(s.id, s.kind, s.op, canonical(params), s.inputs, s.placement))
     text = Graph(tuple(steps)).to_json().encode()
     _write(d / GRAPH, text)
     lock = {"beamzoo_bundle": 1, "beamzoo_version": __version__, "graph_format": FORMAT,
@@ -137,7 +137,8 @@ def load(directory, input: str, output: str, derived_only: bool = False) -> Grap
                 params["path"] = os.path.join(output, params["path"])
                 params["derived_only"] = bool(derived_only or params.get("derived_only"))
             op = op_class(s["op"]).from_params(params, id=s["id"])  # normalises paths as the API does
-            steps.append(Step(s["id"], s["kind"], s["op"], canonical(op.params), tuple(s.get("inputs", ()))))
+            steps.append(Step(s["id"], s["kind"], s["op"], canonical(op.params), tuple(s.get("inputs", ())),
+                              tuple(check_placement(s["id"], s.get("placement") or {}).items())))
         return Graph(tuple(steps))
     except BundleError:
         raise

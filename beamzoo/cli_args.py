@@ -23,6 +23,19 @@ def number(kind, low, high=None):
     return check
 
 
+def seconds(low: float):
+    """An argparse type: seconds (``2`` or ``2s``), at least ``low``, finite."""
+    def check(text: str) -> float:
+        try:
+            value = float(text.removesuffix("s"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        if not value >= low or value == float("inf"):
+            raise argparse.ArgumentTypeError(f"must be at least {low:g} seconds, got {text}")
+        return value
+    return check
+
+
 def check_leftovers(p: argparse.ArgumentParser, runner: str, rest: list[str], example: str) -> None:
     """Refuse a bad --runner, an option neither the pipeline nor Beam knows, and stray
     arguments (an unquoted glob the shell expanded); ``example`` is a quoted --input."""

@@ -24,6 +24,7 @@ import pyarrow as pa
 from beamzoo.schemas import DEAD_LETTER_SCHEMA, ID, PARENT_ID
 
 PRIMITIVES = ("source", "map", "explode", "route", "merge", "collect", "sink")
+PLACEMENT = {"tier": ("device", "edge", "cloud"), "device": ("cpu", "gpu")}  # hints a step may carry
 
 
 class Result(NamedTuple):
@@ -155,6 +156,16 @@ class Operator:
     def configure(self) -> None:
         """Derive schemas and settings from ``self.params``."""
 
+    placement: dict = {}
+
+    def placed(self, tier: str | None = None, device: str | None = None) -> Operator:
+        """Hint where the step should run (``tier``: device, edge or cloud; ``device``: cpu or
+        gpu). Runners that understand a hint read it, the rest ignore it; it never changes
+        the rows, so it stays out of the fingerprint."""
+        given = {k: v for k, v in (("tier", tier), ("device", device)) if v is not None}
+        self.placement = check_placement(self.id, given)
+        return self
+
     @classmethod
     def from_params(cls, params: dict, id: str | None = None) -> Operator:
         cls._refuse_unknown(params)  # before the constructor's own TypeError
@@ -271,11 +282,20 @@ class RowOperator(Operator):
         return pa.array(values, field.type)
 
 
+def check_placement(step: str, hints: dict) -> dict:
+    for k, v in hints.items():
+        if k not in PLACEMENT:
+            raise KnobError(f"step {step!r}: unknown placement hint {k!r}; hints: {', '.join(PLACEMENT)}")
+        if v not in PLACEMENT[k]:
+            raise KnobError(f"step {step!r}: placement {k} must be one of {', '.join(PLACEMENT[k])}, got {v!r}")
+    return dict(sorted(hints.items()))
+
+
 def with_columns(batch: pa.RecordBatch, schema: pa.Schema, produced: dict[str, pa.Array]) -> pa.RecordBatch:
     """``batch``'s columns laid out as ``schema``, the produced ones taken from ``produced``."""
     return pa.record_batch([produced[f.name] if f.name in produced else batch.column(f.name)
                             for f in schema], schema=schema)
 
 
-__all__ = ["ID", "PARENT_ID", "Knob", "KnobError", "NO_DEAD_LETTERS", "OPS", "Operator", "PRIMITIVES", "Result",
-           "RowOperator", "dead_letters", "error_text", "op_class", "register", "with_columns"]
+__all__ = ["ID", "PARENT_ID", "PLACEMENT", "Knob", "KnobError", "NO_DEAD_LETTERS", "OPS", "Operator", "PRIMITIVES", "Result",
+           "RowOperator", "check_placement", "dead_letters", "error_text", "op_class", "register", "with_columns"]

@@ -27,7 +27,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from beamzoo.core import PRIMITIVES, Operator, op_class
+from beamzoo.core import PRIMITIVES, Operator, check_placement, op_class
 from beamzoo.schemas import DEAD_LETTER_SCHEMA, SchemaMismatchError, check_fits
 
 DEAD = "@dead"
@@ -56,11 +56,12 @@ class Step:
     op: str
     params_json: str = "{}"
     inputs: tuple[str, ...] = ()
+    placement: tuple[tuple[str, str], ...] = ()  # hints (tier, device): never in the fingerprint
 
     @classmethod
     def of(cls, op: Operator, inputs: tuple[str, ...]) -> Step:
         return cls(op.id, op.kind, op.op_name, canonical(op.params, f"step {op.id!r}'s parameters"),
-                   tuple(inputs))
+                   tuple(inputs), tuple(check_placement(op.id, op.placement).items()))
 
     @property
     def params(self) -> dict:
@@ -71,11 +72,16 @@ class Step:
         cls = op_class(self.op)
         if cls.kind != self.kind:
             raise GraphError(f"step {self.id!r}: op {self.op!r} is a {cls.kind}, the graph says {self.kind}")
-        return cls.from_params(self.params, id=self.id)
+        op = cls.from_params(self.params, id=self.id)
+        if self.placement:
+            op.placement = dict(self.placement)
+        return op
 
     def to_dict(self) -> dict:
-        return {"id": self.id, "kind": self.kind, "op": self.op, "params": self.params,
-                "inputs": list(self.inputs)}
+        d = {"id": self.id, "kind": self.kind, "op": self.op, "params": self.params, "inputs": list(self.inputs)}
+        if self.placement:
+            d["placement"] = dict(self.placement)
+        return d
 
 
 def split_ref(ref: str) -> tuple[str, str]:
@@ -138,7 +144,9 @@ class Graph:
         if data.get("beamzoo_graph") != FORMAT:
             raise GraphError(f"not a beamzoo graph of format {FORMAT} (got {data.get('beamzoo_graph')!r})")
         return cls(tuple(Step(d["id"], d["kind"], d["op"], canonical(d.get("params", {})),
-                              tuple(d.get("inputs", ()))) for d in data["steps"]))
+                              tuple(d.get("inputs", ())),
+                              tuple(check_placement(d["id"], d.get("placement") or {}).items()))
+                         for d in data["steps"]))
 
     def fingerprint(self, kinds: tuple[str, ...] = PRIMITIVES) -> str:
         """sha256 of what defines the results: each step's kind, op, inputs and the knobs

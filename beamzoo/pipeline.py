@@ -27,13 +27,12 @@ from beamzoo.runners import EdgeRunner, RunStats, is_edge
 from beamzoo.runners.options import OptionError, check_runner, runner_of
 from beamzoo.runners.sinks import remove_stale_temporaries
 from beamzoo.schemas import SchemaMismatchError
-from beamzoo.transforms.flow import Drop, Merge, Route
 from beamzoo.transforms.inference import OnnxInference
 from beamzoo.transforms.io import ReadFiles, any_file
 from beamzoo.transforms.postprocess import TopK
 from beamzoo.transforms.preprocess import DecodeImage, ResizeCrop
 from beamzoo.transforms.sinks import WriteParquet
-from beamzoo.transforms.sources import Files
+from beamzoo.transforms.sources import Files, Manifest
 from beamzoo.zoo import CardError, ModelCard, ModelIntegrityError, SelectorError, UnknownModel
 
 
@@ -77,25 +76,6 @@ class Classify(Composite):
 
     def expand(self, stream: Stream) -> Stream:
         return stream | self.read | self.decode | self.resize | self.infer | self.topk
-
-
-class Cascade(Composite):
-    """pixels -> predictions from a fast model, and from a strong one where the fast one
-    is unsure: rows whose top score is below ``below`` are escalated (their answer in
-    ``escalated_*`` columns), the rest keep the fast answer; every row comes out once."""
-
-    def __init__(self, fast: ModelCard | str, strong: ModelCard | str, below: float = 0.5, topk: int = 5):
-        self.fast, self.strong = ModelCard.from_param(fast), ModelCard.from_param(strong)
-        self.below, self.topk = below, topk
-
-    def expand(self, stream: Stream) -> Stream:
-        scored = (stream | OnnxInference(self.fast, keep_input=True, id="infer_fast")
-                  | TopK(self.fast, k=self.topk, id="topk_fast"))
-        branches = scored | Route(escalate=f"score < {self.below}", otherwise="keep", id="confidence")
-        strong = (branches.escalate | OnnxInference(self.strong, id="infer_strong")
-                  | TopK(self.strong, k=self.topk, prefix="escalated_", id="topk_strong"))
-        kept = branches.keep | Drop(["pixels"], id="drop_pixels")
-        return (strong, kept) | Merge(id="answers")
 
 
 class Pipeline:
@@ -158,7 +138,8 @@ def run(graph: Graph | None, runner: str = "DirectRunner", beam_args: list[str] 
         c = m.counters
         first = None if m.first_output is None else max(0.0, m.first_output - wall)
         return RunStats(c.get("inputs", 0), c.get("scored", 0), c.get("failed", 0), c.get("skipped", 0),
-                        time.perf_counter() - start, first)
+                        time.perf_counter() - start, first,
+                        counters={k: v for k, v in c.items() if k.endswith("_held")})
 
 
 @contextlib.contextmanager
@@ -172,18 +153,33 @@ def _locked(directories: list[str]):
 def score_images(pattern: str, output: str, card: ModelCard | str = "efficientnet_lite0", k: int = 5,
                  batch_size: int = 4, max_pixels: int = 100_000_000, max_bytes: int = 256 << 20,
                  intra_op_threads: int = 1, reduced_decode: bool = True, shrink: str = "area",
-                 derived_only: bool = False, **limits) -> Graph:
+                 derived_only: bool = False, escalate: ModelCard | str | None = None, escalate_below: float = 0.5,
+                 deadline_s: float | None = None, escalation_s: float = 0.0, gates: list[dict] = (),
+                 **limits) -> Graph:
     """files -> classify -> ``output/predictions``, dead letters -> ``output/dead_letter``.
+
+    ``escalate``: a stronger model for the rows scored below ``escalate_below`` (a
+    ``Cascade``); ``deadline_s``: each row's deadline; ``gates``: ``Gate`` keyword
+    arguments each (diverted rows -> ``output/review``). A ``.csv`` or ``.parquet``
+    ``pattern`` is a manifest (its ``uri`` column, other columns pass through).
 
     The defaults suit a CPU: each worker thread runs the whole chain on its
     own small batch with a one-thread onnxruntime session, so decoding and
     inference keep every core busy without fighting over them. ``limits``: the decode
     step's ``time_limit``, ``memory_limit`` and ``isolate``.
     """
+    from beamzoo.cascade import Cascade
+    from beamzoo.gates import with_gates
+    from beamzoo.policies import Deadline
     p = Pipeline()
-    preds = p | Files(pattern) | Classify(card, topk=k, batch_size=batch_size, intra_op_threads=intra_op_threads,
-                                          max_pixels=max_pixels, max_bytes=max_bytes, shrink=shrink,
-                                          reduced_decode=reduced_decode, **limits)
+    rows = p | (Manifest(pattern) if pattern.lower().endswith((".csv", ".parquet")) else Files(pattern))
+    if deadline_s is not None:
+        rows = rows | Deadline(deadline_s)
+    kw = dict(topk=k, batch_size=batch_size, intra_op_threads=intra_op_threads, max_pixels=max_pixels,
+              max_bytes=max_bytes, shrink=shrink, reduced_decode=reduced_decode, **limits)
+    preds = rows | (Classify(card, **kw) if escalate is None else
+                    Cascade(card, escalate, below=escalate_below, escalation_s=escalation_s, **kw))
+    preds = with_gates(preds, gates, os.path.join(output, "review"), derived_only=derived_only)
     preds | WriteParquet(os.path.join(output, "predictions"), derived_only=derived_only)
     p.dead_letters | WriteParquet(os.path.join(output, "dead_letter"), id="write_dead_letters")
     return p.graph

@@ -8,7 +8,7 @@ a kind it does not know by name.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from beamzoo.core import PRIMITIVES as KINDS
 from beamzoo.graph import DEAD, Graph, Step, split_ref
@@ -27,6 +27,11 @@ class Stage:
 
     def operators(self):
         return [s.operator() for s in self.steps]
+
+    @property
+    def placement(self) -> dict:
+        """The hints of its steps (a stage never spans two placements)."""
+        return dict(self.steps[0].placement)
 
 
 @dataclass(frozen=True)
@@ -54,11 +59,11 @@ def check_kinds(plan: Plan, table, runner: str) -> None:
 
 
 def _fuse_decode_resize(a: Step, b: Step) -> Step | None:
-    if (a.op, b.op) != ("decode_image", "resize_crop"):
+    if (a.op, b.op) != ("decode_image", "resize_crop") or a.placement != b.placement:
         return None
     from beamzoo.transforms.preprocess import fuse_decode_resize
     fused = fuse_decode_resize(a.operator(), b.operator())
-    return None if fused is None else Step.of(fused, a.inputs)
+    return None if fused is None else replace(Step.of(fused, a.inputs), placement=a.placement)
 
 
 RULES = (_fuse_decode_resize,)
@@ -86,8 +91,8 @@ def rewrite(graph: Graph) -> Graph:
                 if s is a:
                     steps.append(fused)
                 elif s is not b:
-                    steps.append(Step(s.id, s.kind, s.op, s.params_json,
-                                      tuple(fused.id if split_ref(r) == (b.id, "out") else r for r in s.inputs)))
+                    steps.append(replace(s, inputs=tuple(fused.id if split_ref(r) == (b.id, "out") else r
+                                                         for r in s.inputs)))
             graph, changed = Graph(tuple(steps)), True
             break
     return graph
@@ -98,16 +103,19 @@ def plan(graph: Graph) -> Plan:
     parallel = {s.id: s.kind in KINDS and s.operator().parallel for s in graph.steps}
     stage_of: dict[str, str] = {}  # step id -> the stage it runs in
     chains: list[list[Step]] = []
+    ending: dict[str, list[Step]] = {}  # step id -> the chain it ends (branches interleave in the order)
     for s in graph.steps:
         prev = split_ref(s.inputs[0])[0] if len(s.inputs) == 1 and s.inputs[0] != DEAD else None
-        head = chains[-1] if chains else None
-        if (s.kind == "map" and head is not None and head[-1].id == prev and head[-1].kind == "map"
+        head = ending.get(prev)
+        if (s.kind == "map" and head is not None and head[-1].kind == "map"
                 and split_ref(s.inputs[0])[1] == "out" and _only_reader(graph, head[-1]) is s
-                and parallel[prev] == parallel[s.id]):
+                and parallel[prev] == parallel[s.id] and head[-1].placement == s.placement):
             head.append(s)
         else:
-            chains.append([s])
-        stage_of[s.id] = chains[-1][0].id
+            head = [s]
+            chains.append(head)
+        ending[s.id] = head
+        stage_of[s.id] = head[0].id
     stages = []
     for chain in chains:
         first = chain[0]

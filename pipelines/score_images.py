@@ -18,24 +18,15 @@ import os
 import sys
 
 from beamzoo import zoo
+from beamzoo.cli_args import check_leftovers, number, seconds
+from beamzoo.core import KnobError
 from beamzoo.pipeline import classifier_problem, interrupted, run, score_images, user_errors
-from beamzoo.cli_args import check_leftovers, number
 from beamzoo.runners import EdgeRunner
 from beamzoo.transforms.preprocess import SHRINK_FILTERS
 
 
 def at_least(low: int):
     return number(int, low)
-
-
-def seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not value >= 0.01 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be at least 0.01 seconds, got {text}")
-    return value
 
 
 def size(text: str) -> int:
@@ -75,7 +66,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max_pixels", type=at_least(1), default=100_000_000,
                    help="refuse images with more pixels than this (decompression bombs)")
     p.add_argument("--max_bytes", type=at_least(1), default=256 << 20, help="refuse larger files")
-    p.add_argument("--time_limit", type=seconds, default=None,
+    p.add_argument("--time_limit", type=seconds(0.01), default=None,
                    help="seconds (wall and CPU) one image may take to sniff and decode; over it, it is a "
                         "dead letter (default 5)")
     p.add_argument("--memory_limit", type=size, default=None,
@@ -95,7 +86,47 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--derived_only", action="store_true",
                    help="write only derived columns: no raw bytes, images or tensors of an input")
     p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    add_cascade_and_gates(p)
     return p
+
+
+def unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value:g}")
+    return value
+
+
+def add_cascade_and_gates(p: argparse.ArgumentParser) -> None:
+    c = p.add_argument_group("cascade", "a fast model on every image, a stronger one where it is unsure")
+    c.add_argument("--escalate", metavar="MODEL", help="the stronger model (zoo name or card file)")
+    t = c.add_mutually_exclusive_group()
+    t.add_argument("--escalate_below", type=float, metavar="X",
+                   help="escalate images whose top score is below X (0..1; default 0.5)")
+    t.add_argument("--escalate_agreement", type=unit_interval, metavar="F",
+                   help="choose the threshold: the cheapest whose answers agree with the stronger model on "
+                        "at least F of a calibration sample of the inputs (printed)")
+    c.add_argument("--calibration_images", type=at_least(1), default=200, metavar="N",
+                   help="images in the calibration sample (default 200)")
+    c.add_argument("--deadline", type=seconds(0), metavar="S",
+                   help="each image's deadline, S seconds after it is listed: one that cannot be escalated "
+                        "in time keeps the fast answer (escalation=deadline); one with no answer by then is "
+                        "a dead letter of stage deadline")
+    c.add_argument("--escalation_s", type=seconds(0), default=0.0, metavar="S",
+                   help="how long the stronger model takes for an image (with --deadline)")
+    g = p.add_argument_group("gates", "watch the answers; see the README's section on gates")
+    g.add_argument("--gate", action="append", default=[], metavar="SPEC",
+                   help="METRIC OP X[:ACTION], e.g. 'mean_confidence<0.3:stop', 'fraction_below(0.2)>0.5:divert', "
+                        "'label_distance>0.4:warn', 'bias(group)<0.8:warn'; ACTION warn (default), divert "
+                        "(to OUTPUT/review) or stop (exit code 3; edge runner)")
+    g.add_argument("--gate_window", type=at_least(1), default=100, metavar="N",
+                   help="rows each gate's metric is computed over (default 100)")
+    g.add_argument("--gate_profile", metavar="FILE", help="the reference label profile of label_distance")
+    g.add_argument("--save_profile", metavar="FILE",
+                   help="after the run, save the label profile of its predictions to FILE")
 
 
 def parse(argv: list[str]):
@@ -103,6 +134,14 @@ def parse(argv: list[str]):
     args, rest = p.parse_known_args(argv)
     check_leftovers(p, args.runner, rest, "'photos/*.jpg'")
     card = pick_model(p, args)
+    if (args.escalate_below is not None or args.escalate_agreement is not None) and not args.escalate:
+        p.error("--escalate_below and --escalate_agreement need --escalate MODEL")
+    args.escalate_card = None
+    if args.escalate:
+        try:
+            args.escalate_card = zoo.get(args.escalate)
+        except (zoo.UnknownModel, zoo.CardError, zoo.ModelIntegrityError) as exc:
+            p.error(f"--escalate: {exc}")
     if args.topk > len(card.labels):
         p.error(f"--topk must be between 1 and {len(card.labels)} (the labels of {card.ref}), got {args.topk}")
     if args.no_isolation and (args.time_limit or args.memory_limit):
@@ -146,10 +185,12 @@ def main(argv=None) -> int:
             from beamzoo.samples import make_sample_set
             args.input = str(make_sample_set(os.path.join(args.output, "_samples")))
             print(f"no --input given: scoring the sample photographs copied to {args.input}")
+        below, gates = cascade_and_gates(args, card)
         graph = score_images(args.input, args.output or "", card, k=args.topk, batch_size=args.batch_size,
                              max_pixels=args.max_pixels, max_bytes=args.max_bytes,
                              intra_op_threads=args.threads, shrink=args.shrink, derived_only=args.derived_only,
-                             **limits(args))
+                             escalate=args.escalate_card, escalate_below=below, deadline_s=args.deadline,
+                             escalation_s=args.escalation_s, gates=gates, **limits(args))
         if args.export:
             from beamzoo.bundle import export
             print(f"bundle written to {export(graph, args.export)}; run it with: "
@@ -166,7 +207,46 @@ def main(argv=None) -> int:
     first = "" if stats.first_result_s is None else f" (first result after {stats.first_result_s:.1f} s)"
     print(f"{stats.inputs / stats.seconds:.1f} images/s over {stats.seconds:.1f} s{first}; "
           f"results in {args.output}")
+    for name, n in sorted(stats.counters.items()):
+        print(f"{name.removesuffix('_held')}: held for {n} rows")
+    if args.save_profile:
+        from beamzoo.gates import save_profile
+        profile = save_profile(os.path.join(args.output, "predictions"), args.save_profile)
+        print(f"label profile of {profile['rows']} predictions saved to {args.save_profile}")
+    if stats.stopped:
+        print(f"stopped: {stats.stopped}; what was read is written (continue with --resume)", file=sys.stderr)
+        return STOPPED
     return 0
+
+
+STOPPED = 3  # the exit code of a run a gate stopped
+
+
+def cascade_and_gates(args, card) -> tuple[float, list[dict]]:
+    """The escalation threshold (chosen on a calibration sample with --escalate_agreement)
+    and the gates' keyword arguments."""
+    from beamzoo.gates import load_profile, parse_gate
+    below = 0.5 if args.escalate_below is None else args.escalate_below
+    if args.escalate_card is not None and args.escalate_agreement is not None:
+        from beamzoo.cascade import choose_threshold
+        from beamzoo.transforms.io import list_files
+        from beamzoo.transforms.sources import Manifest
+        paths = (Manifest(args.input).table().column("path").to_pylist()
+                 if args.input.lower().endswith((".csv", ".parquet")) else list_files(args.input))
+        choice = choose_threshold(card, args.escalate_card, paths, args.escalate_agreement,
+                                  n=args.calibration_images, shrink=args.shrink)
+        print(choice.line(args.escalate_card.ref, args.escalate_agreement))
+        below = choice.threshold
+    gates = []
+    for spec in args.gate:
+        kw = {**parse_gate(spec), "window": args.gate_window, "spec": spec}
+        if kw["metric"] == "label_distance":
+            if not args.gate_profile:
+                raise KnobError(f"--gate {spec!r}: label_distance needs --gate_profile FILE "
+                                "(saved by an earlier run with --save_profile FILE)")
+            kw["reference"] = load_profile(args.gate_profile)
+        gates.append(kw)
+    return below, gates
 
 
 if __name__ == "__main__":

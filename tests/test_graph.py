@@ -28,8 +28,9 @@ def golden_score_graph() -> Graph:
 
 def golden_cascade_graph() -> Graph:
     p = Pipeline()
-    pixels = p | Files("/data/photos") | ReadFiles() | DecodeImage(min_side=256) | ResizeCrop()
-    answers = pixels | Cascade("efficientnet_lite0", "efficientnet_lite0:1", below=0.4, topk=2)
+    answers = p | Files("/data/photos") | Cascade("efficientnet_lite0", "efficientnet_lite2", below=0.4, topk=2,
+                                                  placement={"fast": {"tier": "device"},
+                                                             "strong": {"tier": "cloud", "device": "gpu"}})
     answers | WriteParquet("/data/out/answers")
     p.dead_letters | WriteParquet("/data/out/dead_letter", id="dead")
     return p.graph
@@ -197,24 +198,3 @@ def test_the_dag_gives_the_same_rows_on_both_local_runners(tmp_path, tiled):
         a, b = read(tmp_path / "EdgeRunner", sub), read(tmp_path / "DirectRunner", sub)
         assert [r["id"] for r in a] == [r["id"] for r in b]
         assert [r.get("label") for r in a] == [r.get("label") for r in b]
-
-
-def test_a_two_model_cascade_answers_each_row_once(tmp_path, tiled, runner):
-    fast = tiny_card(tiny_colour_model(tmp_path / "fast.onnx"))
-    strong = tiny_card(tiny_colour_model(tmp_path / "strong.onnx", size=32), name="tiny_strong")
-    for colour, rgb in (("red", (230, 20, 20)), ("blue", (20, 20, 230))):
-        write_colour_image(tiled / f"solid_{colour}.png", rgb)  # the fast model is sure of these
-    p = Pipeline()
-    pixels = p | Files(str(tiled / "*.png")) | ReadFiles() | DecodeImage() | ResizeCrop.for_input(fast.input)
-    pixels | Cascade(fast, strong, below=0.99, topk=2) | WriteParquet(tmp_path / "out" / "answers")
-    p.dead_letters | WriteParquet(tmp_path / "out" / "dead_letter", id="dead")
-    stats = run_graph(p.graph, runner)
-    rows = read(tmp_path / "out", "answers")
-    assert sorted(r["id"] for r in rows) == sorted(str(f) for f in tiled.glob("*.png") if f.name != "broken.png")
-    assert (stats.inputs, stats.scored, stats.failed) == (9, 8, 1)
-    assert Counter(r["score"] < 0.99 for r in rows) == {True: 5, False: 3}  # the quads are mixed
-    for r in rows:
-        escalated = r["score"] < 0.99
-        assert (r["escalated_label"] is not None) == escalated
-        assert r["escalated_model"] == ("tiny_strong:1" if escalated else None) and r["model"] == "tiny_colour:1"
-    assert "pixels" not in rows[0]

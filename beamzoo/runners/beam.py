@@ -19,7 +19,7 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.metrics import Metrics
 
-from beamzoo.graph import DEAD, Graph, Step
+from beamzoo.graph import DEAD, Graph, GraphError, Step
 from beamzoo.plan import Plan, Stage, check_kinds, plan
 from beamzoo.resources import shared
 from beamzoo.schemas import DEAD_LETTER_SCHEMA
@@ -57,7 +57,8 @@ def _plans(kind):
 
 
 def _ops(steps_json: str):
-    ops = [Step(**{**d, "inputs": tuple(d["inputs"])}).operator() for d in json.loads(steps_json)]
+    ops = [Step(**{**d, "inputs": tuple(d["inputs"]), "placement": tuple(map(tuple, d.get("placement", ())))})
+           .operator() for d in json.loads(steps_json)]
     for op in ops:
         op.setup()
     return ops
@@ -65,7 +66,8 @@ def _ops(steps_json: str):
 
 def _steps_json(stage: Stage) -> str:
     return json.dumps([{"id": s.id, "kind": s.kind, "op": s.op, "params_json": s.params_json,
-                        "inputs": list(s.inputs)} for s in stage.steps])
+                        "inputs": list(s.inputs), "placement": [list(h) for h in s.placement]}
+                       for s in stage.steps])
 
 
 class _StageFn(beam.DoFn):
@@ -113,6 +115,9 @@ class _PortsFn(beam.DoFn):
 
     def process(self, batch):
         outs, dead = self.op.process(batch)
+        for name, n in getattr(self.op, "counters", dict)().items():
+            if n:
+                Metrics.counter(NS, name).inc(n)
         if dead.num_rows:
             yield beam.pvalue.TaggedOutput(DEAD_TAG, dead)
         for port, b in outs.items():
@@ -125,6 +130,7 @@ class Translation:
 
     def __init__(self, plan: Plan, root, run: str = "run", inputs: dict | None = None, chunk: int = 16):
         check_kinds(plan, PLAN_FUNCTIONS, "Beam")
+        refuse_stop_gates(plan)
         self.plan, self.root, self.run, self.chunk = plan, root, run, chunk
         self.inputs = inputs or {}
         self.ports: dict[str, beam.PCollection] = {}
@@ -147,6 +153,16 @@ class Translation:
             if DEAD in stage.inputs:
                 PLAN_FUNCTIONS[stage.kind](self, stage)
         return self
+
+
+def refuse_stop_gates(plan: Plan) -> None:
+    """A Beam runner lists every input before the first is scored and cannot stop its
+    source part-way, so a gate's ``stop`` could not be clean here: refuse it."""
+    for s in plan.graph.steps:
+        if s.op == "gate" and s.params.get("action") == "stop":
+            raise GraphError(f"gate step {s.id!r} ({s.params.get('spec')}): the action stop needs the edge "
+                             "runner (--runner=EdgeRunner); a Beam runner cannot stop reading inputs part-way "
+                             "and keep what it wrote, so use warn or divert on Beam runners")
 
 
 @_plans("source")

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from beamzoo.gates import clear_stop, stop_reason
 from beamzoo.graph import DEAD, Graph, split_ref
 from beamzoo.plan import Plan, Stage, check_kinds, plan
 from beamzoo.resume import run_id
@@ -35,6 +36,8 @@ class RunStats:
     seconds: float = 0.0
     first_result_s: float | None = None
     written: dict = field(default_factory=dict)  # sink id -> rows
+    counters: dict = field(default_factory=dict)  # a step's own counts (a gate's rows held)
+    stopped: str | None = None  # why a gate stopped the run early (what was read is written)
 
     def line(self) -> str:
         done = f"  already done: {self.skipped}" if self.skipped else ""
@@ -128,6 +131,7 @@ class EdgeRunner:
         self.rows_per_file, self.seconds_per_file = rows_per_file, seconds_per_file
 
     def run(self, graph: Graph, run: str | None = None) -> RunStats:
+        clear_stop()
         return _Run(self, plan(graph), run or run_id()).go()
 
 PLAN_FUNCTIONS = {}  # primitive kind -> how one thread of its stage runs
@@ -233,6 +237,7 @@ class _Run:
             self.bar.close()
         if self.error is not None:
             raise self.error
+        self.stats.stopped = stop_reason()  # set even when every input had been read by then
         self.stats.seconds = time.perf_counter() - self.start
         return self.stats
 
@@ -301,6 +306,8 @@ def _source(run: _Run, stage: Stage) -> None:
         chunk.append(ref)
         if len(chunk) >= run.r.chunk_size:
             flush()
+            if stop_reason():  # a gate stopped the run: read no more, finish what was read
+                return
     if chunk:
         flush()
 
@@ -343,6 +350,10 @@ def _ports(run: _Run, stage: Stage) -> None:
     while (item := inbox.get()) is not None:
         outs, dead = op.process(item[1])
         run.emit_dead(dead)
+        if hasattr(op, "counters"):
+            with run.lock:
+                for k, v in op.counters().items():
+                    run.stats.counters[k] = run.stats.counters.get(k, 0) + v
         for port, batch in outs.items():
             run.emit(stage, port, batch)
 

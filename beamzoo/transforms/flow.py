@@ -145,6 +145,38 @@ class Drop(Operator):
         return Result(batch.drop_columns(list(self.consumes)), NO_DEAD_LETTERS)
 
 
+@register("rename")
+class Rename(Operator):
+    """Rename columns (``{"old": "new"}``); with ``copy`` keep the old ones too (no bytes
+    are copied: both names share the column)."""
+
+    default_id = "rename"
+    knobs = {"fields": Knob(None, dict, doc="{old name: new name}"), "copy": Knob(False, bool)}
+
+    def __init__(self, fields: dict[str, str], copy: bool = False, id: str | None = None):
+        super().__init__(id, fields=dict(fields), copy=copy)
+
+    def configure(self):
+        self.consumes = () if self.params["copy"] else tuple(self.params["fields"])
+
+    def produced(self, inputs):
+        return list(self.params["fields"].values())
+
+    def output_schemas(self, inputs):
+        (schema,) = inputs
+        missing = [f for f in self.params["fields"] if f not in schema.names]
+        if missing:
+            raise SchemaMismatchError(f"step {self.id!r} renames {missing}, which its input lacks")
+        renamed = [schema.field(old).with_name(new) for old, new in self.params["fields"].items()]
+        return {"out": pa.schema([f for f in schema if f.name not in self.consumes] + renamed)}
+
+    def process(self, batch):
+        schema = self.output_schemas([batch.schema])["out"]
+        back = {new: old for old, new in self.params["fields"].items()}
+        return Result(pa.record_batch([batch.column(back.get(f.name, f.name)) for f in schema], schema=schema),
+                      NO_DEAD_LETTERS)
+
+
 class Explode(Operator):
     """One-to-many over ``image``: each record becomes the records ``children(image)`` gives.
 

@@ -122,9 +122,17 @@ class OnnxInference(Operator):
         if self._session is None:
             p = self.params
             key = (self.card.ref, self.card.file, self.card.sha256, p["intra_op_threads"],
-                   p["inter_op_threads"], p["optimization"], p["spin"], tuple(p["providers"] or ()))
+                   p["inter_op_threads"], p["optimization"], p["spin"], tuple(p["providers"] or self._placed()))
             self._session = shared(key, lambda: _session(self.card, *key[3:7],
                                                          key[7] or ("CPUExecutionProvider",)))
+
+    def _placed(self) -> tuple[str, ...]:
+        """A step placed on a GPU (``placed(device="gpu")``) asks for CUDA where onnxruntime has it."""
+        if self.placement.get("device") != "gpu":
+            return ()
+        import onnxruntime as ort
+        return ("CUDAExecutionProvider", "CPUExecutionProvider") \
+            if "CUDAExecutionProvider" in ort.get_available_providers() else ()
 
     def run(self, x: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self._session.run(list(self.fetches), x)
