@@ -139,7 +139,8 @@ def run(graph: Graph | None, runner: str = "DirectRunner", beam_args: list[str] 
         first = None if m.first_output is None else max(0.0, m.first_output - wall)
         return RunStats(c.get("inputs", 0), c.get("scored", 0), c.get("failed", 0), c.get("skipped", 0),
                         time.perf_counter() - start, first,
-                        counters={k: v for k, v in c.items() if k.endswith("_held")})
+                        counters={k: v for k, v in c.items() if k not in ("inputs", "scored", "failed", "skipped")
+                                  and not k.endswith(("_rows", "_failed"))})  # the steps' own counts
 
 
 @contextlib.contextmanager

@@ -102,6 +102,7 @@ def test_killing_one_endpoint_mid_run_loses_nothing(scene, tier, tmp_path):
     assert by_endpoint[url_a] >= 2 and by_endpoint[url_b] > 0, by_endpoint  # A (two requests, then killed) and B
     now = tally("remote")
     assert {e: now.get(e, 0) - before.get(e, 0) for e in (url_a, url_b)} == by_endpoint
+    assert stats.counters == {f"remote answered by {e}": n for e, n in by_endpoint.items()}  # the run reports it
 
 
 def test_with_no_endpoint_left_the_rows_dead_letter_and_the_run_ends(scene, tmp_path, runner):

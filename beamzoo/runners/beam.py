@@ -64,6 +64,13 @@ def _ops(steps_json: str):
     return ops
 
 
+def _own_counters(op) -> None:
+    """A step's own counts (``op.counters()``) as Beam counters of the same names."""
+    for name, n in getattr(op, "counters", dict)().items():
+        if n:
+            Metrics.counter(NS, name).inc(n)
+
+
 def _steps_json(stage: Stage) -> str:
     return json.dumps([{"id": s.id, "kind": s.kind, "op": s.op, "params_json": s.params_json,
                         "inputs": list(s.inputs), "placement": [list(h) for h in s.placement]}
@@ -95,6 +102,7 @@ class _StageFn(beam.DoFn):
         for piece, dead in ops[0].process_pieces(batch):
             ok, failed = self.counters[ops[0].id]
             ok.inc(piece.num_rows)
+            _own_counters(ops[0])
             if dead.num_rows:
                 failed.inc(dead.num_rows)
                 yield beam.pvalue.TaggedOutput(DEAD_TAG, dead)
@@ -115,9 +123,7 @@ class _PortsFn(beam.DoFn):
 
     def process(self, batch):
         outs, dead = self.op.process(batch)
-        for name, n in getattr(self.op, "counters", dict)().items():
-            if n:
-                Metrics.counter(NS, name).inc(n)
+        _own_counters(self.op)
         if dead.num_rows:
             yield beam.pvalue.TaggedOutput(DEAD_TAG, dead)
         for port, b in outs.items():

@@ -323,11 +323,21 @@ def _steps(ops, batch: pa.RecordBatch, run: _Run):
     n = batch.num_rows
     for ok, dead in ops[0].process_pieces(batch):
         run.emit_dead(dead)
+        _add_counters(run, ops[0])
         n -= ok.num_rows + dead.num_rows
         yield from _steps(ops[1:], ok, run)
     if n:
         run.count(skipped=n)
         run.bar.update(n)
+
+
+def _add_counters(run: _Run, op) -> None:
+    """A step's own counts since it last reported (a gate's rows held, a remote step's
+    rows per endpoint) into the run's stats."""
+    if hasattr(op, "counters"):
+        with run.lock:
+            for k, v in op.counters().items():
+                run.stats.counters[k] = run.stats.counters.get(k, 0) + v
 
 
 @_plans("map")
@@ -350,10 +360,7 @@ def _ports(run: _Run, stage: Stage) -> None:
     while (item := inbox.get()) is not None:
         outs, dead = op.process(item[1])
         run.emit_dead(dead)
-        if hasattr(op, "counters"):
-            with run.lock:
-                for k, v in op.counters().items():
-                    run.stats.counters[k] = run.stats.counters.get(k, 0) + v
+        _add_counters(run, op)
         for port, batch in outs.items():
             run.emit(stage, port, batch)
 

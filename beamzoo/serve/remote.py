@@ -102,6 +102,7 @@ class RemoteClassify(Operator):
         fields = [f.with_name(p["prefix"] + f.name) for f in PREDICTION_FIELDS]
         self.produces = pa.schema(fields + [pa.field(p["prefix"] + "endpoint", pa.string())])
         self._conns: dict[str, http.client.HTTPConnection] = {}
+        self._unreported: Counter = Counter()
 
     def __getstate__(self):  # connections and the pool are made again where the step runs
         return {k: v for k, v in {**self.__dict__, "_conns": {}}.items() if k != "pool"}
@@ -147,6 +148,12 @@ class RemoteClassify(Operator):
                 failures.append(f"{endpoint}: {exc}")
         raise EndpointFailed("no endpoint answered (" + "; ".join(failures) + ")")
 
+    def counters(self) -> dict[str, int]:
+        """Rows each endpoint answered since the last call (the run's stats add them up)."""
+        with _tally_lock:
+            new, self._unreported = self._unreported, Counter()
+        return {f"{self.id} answered by {e}": n for e, n in new.items()}
+
     # ------------------------------------------------------------------ the step
     def process(self, batch: pa.RecordBatch) -> Result:
         if not hasattr(self, "pool"):
@@ -188,6 +195,7 @@ class RemoteClassify(Operator):
         if counts:
             with _tally_lock:
                 _tally.setdefault(self.id, Counter()).update(counts)
+                self._unreported.update(counts)
         keep = sorted(answers)
         kept = batch.take(pa.array(keep, pa.int64()))
         schema = self.output_schemas([batch.schema])["out"]
