@@ -208,7 +208,9 @@ def test_twenty_timeouts_in_a_row_leak_no_process():
             assert [o.kind for o in out] == ["timeout", "timeout"]
         assert pool.map([1, 2, 3]) == [1, 4, 9]
         live = set(wait_for_workers(pool, 2))
-        assert len(seen) == 20 and not seen & live  # each timed-out worker was replaced
+        # each timed-out worker was replaced: at least one new worker a round (two when the
+        # two items went to both workers; a worker still starting may leave both to one)
+        assert len(seen) >= 11 and not seen & live
         assert not any(alive(p) for p in seen)
         assert children(server) >= live and not children(server) & seen
         assert len(os.listdir("/proc/self/fd")) == fds
