@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import threading
 import time
 
@@ -313,7 +314,9 @@ def run(graph: Graph, argv: list[str], run_name: str, progress: bool = True):
 
 def _quiet_job_reader() -> None:
     """After Ctrl-C: Beam's thread that reads the job's messages fails (and would print a
-    traceback) when the job server stops; nothing is lost, the run is being abandoned."""
+    traceback) when the job server stops, and the in-process SDK worker logs the bundles
+    it loses (``Error processing instruction``); nothing is lost, the run is abandoned."""
+    logging.getLogger("apache_beam").setLevel(logging.CRITICAL + 1)
     previous = threading.excepthook
 
     def hook(args):
