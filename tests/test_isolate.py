@@ -199,18 +199,15 @@ def test_close_stops_every_worker():
 
 def test_twenty_timeouts_in_a_row_leak_no_process():
     seen = set()
-    with IsolatedPool(misbehave, 2, Limits(seconds=0.1)) as pool:
-        server = parent_of(wait_for_workers(pool, 2)[0])  # workers are forks of multiprocessing's fork server
+    with IsolatedPool(misbehave, 1, Limits(seconds=0.1)) as pool:  # one worker: each timeout is its own
+        server = parent_of(wait_for_workers(pool, 1)[0])  # workers are forks of multiprocessing's fork server
         fds = len(os.listdir("/proc/self/fd"))
-        for _ in range(10):
-            seen.update(wait_for_workers(pool, 2))
-            out = pool.map(["sleep", "sleep"])
-            assert [o.kind for o in out] == ["timeout", "timeout"]
+        for _ in range(20):
+            seen.update(wait_for_workers(pool, 1))
+            assert [o.kind for o in pool.map(["sleep"])] == ["timeout"]
         assert pool.map([1, 2, 3]) == [1, 4, 9]
-        live = set(wait_for_workers(pool, 2))
-        # each timed-out worker was replaced: at least one new worker a round (two when the
-        # two items went to both workers; a worker still starting may leave both to one)
-        assert len(seen) >= 11 and not seen & live
+        live = set(wait_for_workers(pool, 1))
+        assert len(seen) == 20 and not seen & live  # each timed-out worker was replaced
         assert not any(alive(p) for p in seen)
         assert children(server) >= live and not children(server) & seen
         assert len(os.listdir("/proc/self/fd")) == fds

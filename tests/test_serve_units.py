@@ -222,17 +222,14 @@ def test_the_engine_shares_the_edge_runner_s_onnxruntime_session(tmp_path):
 
 
 def test_the_engine_runs_a_cascade_s_route_and_merge(tmp_path):
-    from beamzoo.pipeline import Cascade, Pipeline
-    from beamzoo.transforms.io import ReadFiles
-    from beamzoo.transforms.preprocess import DecodeImage, ResizeCrop
+    from beamzoo.cascade import Cascade
+    from beamzoo.pipeline import Pipeline
     from beamzoo.transforms.sinks import WriteParquet
     from beamzoo.transforms.sources import Files
     path = tiny_colour_model(tmp_path / "tiny.onnx")
     fast, strong = tiny_card(path), tiny_card(path, name="tiny_strong")
     p = Pipeline()
-    pixels = p | Files(str(tmp_path / "*.png")) | ReadFiles() | DecodeImage() | ResizeCrop.for_input(
-        fast.input, resize=fast.resize)
-    pixels | Cascade(fast, strong, below=0.99, topk=3) | WriteParquet(str(tmp_path / "out"))
+    p | Files(str(tmp_path / "*.png")) | Cascade(fast, strong, below=0.99, topk=3) | WriteParquet(str(tmp_path / "out"))
     engine = Engine(Servable.of(p.graph, fast).plan)
     sure = open(write_colour_image(tmp_path / "sure.png", (230, 20, 20)), "rb").read()
     unsure = open(write_colour_image(tmp_path / "unsure.png", (150, 110, 100)), "rb").read()
@@ -241,5 +238,7 @@ def test_the_engine_runs_a_cascade_s_route_and_merge(tmp_path):
                                               ("data", pa.binary())]))
     answer = engine.run(batch)
     assert answer.errors == {}
-    assert answer.rows["s"]["label"] == "red" and answer.rows["s"]["escalated_label"] is None
-    assert answer.rows["u"]["escalated_label"] == "red" and answer.rows["u"]["escalated_model"] == "tiny_strong:1"
+    s, u = answer.rows["s"], answer.rows["u"]
+    assert (s["label"], s["model"], s["escalation"]) == ("red", "tiny_colour:1", "not_needed")
+    assert (u["label"], u["model"], u["escalation"]) == ("red", "tiny_strong:1", "escalated")
+    assert u["fast_model"] == "tiny_colour:1" and u["fast_score"] < 0.99
