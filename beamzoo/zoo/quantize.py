@@ -19,6 +19,8 @@ same model bytes.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import tempfile
 from pathlib import Path
@@ -157,9 +159,11 @@ def quantize(fp32: bytes, inputs: list[np.ndarray], input_name: str = "images",
                                        calibrate_method=calib_method,
                                        providers=["CPUExecutionProvider"],
                                        extra_options=calib_options)
-        for start in range(0, len(inputs), 16):
-            calibrator.collect_data(Reader(start, start + 16))
-        save_tensors_data(_round_ranges(calibrator.compute_data()), cache)
+        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
+            for start in range(0, len(inputs), 16):
+                calibrator.collect_data(Reader(start, start + 16))
+            ranges = calibrator.compute_data()
+        save_tensors_data(_round_ranges(ranges), cache)
         del calibrator
         quantize_static(str(src), str(out), None, calibration_cache_path=str(cache),
                         quant_format=QuantFormat.QDQ, per_channel=True,
