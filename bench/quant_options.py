@@ -46,7 +46,7 @@ def options(fp32: bytes, variant: str) -> dict:
         "QOperator, per-channel": {"quant_format": QuantFormat.QOperator, **u8, "per_channel": True},
         "QDQ, per-channel, int8 activations": {**qdq, "activation_type": QuantType.QInt8, "per_channel": True},
         "QDQ, per-channel": {**qdq, **u8, "per_channel": True},
-        "  + fp32 stem, stage 1 (built-in)": {**qdq, **u8, "per_channel": True,
+        "  + fp32 stem, stage 1 (built-in until the calibration search)": {**qdq, **u8, "per_channel": True,
                                               "nodes_to_exclude": keep(*first[0])},
         "  + fp32 stages 1-2": {**qdq, **u8, "per_channel": True,
                                 "nodes_to_exclude": keep(*first[0], *first[1])},

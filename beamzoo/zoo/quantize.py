@@ -5,17 +5,22 @@ batch 8, one thread): QDQ with uint8 activations and per-channel int8 weights.
 Per-tensor weights ran as fast but kept only about half of the fp32 top-1s on
 the benchmark images (per-channel: 87 %); QOperator ran within a few per cent
 of QDQ; int8 activations were 1.7 x slower. Nodes named in ``keep_float``
-stay fp32: for EfficientNet-Lite the stem and first block, which cost little
-time and hold most of the top-1 changes (bench/README.md, "Built-in models").
+stay fp32 (for EfficientNet-Lite, see ``beamzoo.zoo.builders.int8_keep_float``
+and bench/README.md, "Built-in models").
 
-Calibration runs the fp32 model on the package-shipped photographs
-(``beamzoo.samples.sample_files()``, in that order), preprocessed as a beamzoo
-pipeline would (``DecodeResize``) with the card's resize, crop and value range.
-The calibrated ranges are rounded outward to a coarse grid before quantizing,
-so that float noise from another CPU's kernels gives the same model bytes.
+Calibration runs the fp32 model on package-shipped photographs only, preprocessed
+as a beamzoo pipeline would (short side to the card's resize, centre crop, value
+range): ``calibration_inputs`` gives the 12 of ``beamzoo.samples.sample_files()``,
+``augmented_calibration_inputs`` (what the built-in models use) 18 deterministic
+views (mirror, crops, rotations, contrast and brightness) of those and 10 more of
+scikit-image's photographs. The calibrated ranges are rounded outward to a coarse
+grid before quantizing, so that float noise from another CPU's kernels gives the
+same model bytes.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import tempfile
 from pathlib import Path
@@ -31,6 +36,52 @@ def calibration_inputs(resize: int, crop: int, value_range=(-1.0, 1.0)) -> list[
     step = DecodeResize(resize=resize, crop=crop, layout="NCHW", channels="RGB",
                         value_range=value_range)
     return [step.process_row({"data": p.read_bytes()})["pixels"][None] for p in sample_files()]
+
+
+# More package-shipped photographs of scikit-image's data folder (textures, microscopy,
+# a page of text, the right camera of the stereo pair), calibration material only.
+EXTRA_PHOTOS = ("brick.png", "grass.png", "gravel.png", "cell.png", "clock_motion.png", "ihc.png",
+                "moon.png", "motorcycle_right.png", "page.png", "text.png")
+
+
+def calibration_photos() -> list[Path]:
+    """The sample photographs, then :data:`EXTRA_PHOTOS`, in that order."""
+    from beamzoo.samples import _package_dir, sample_files
+    return list(sample_files()) + [_package_dir("skimage", "data") / n for n in EXTRA_PHOTOS]
+
+
+def _variants(img: np.ndarray):
+    """Deterministic views of one RGB uint8 photo: whole, mirrored, square crops of 3/4 and
+    1/2 of the short side at the centre and the four corners, rotated by +-15 degrees,
+    and with contrast and brightness changed."""
+    import cv2
+    h, w = img.shape[:2]
+    yield img
+    yield np.ascontiguousarray(img[:, ::-1])
+    for frac in (0.75, 0.5):
+        s = int(min(h, w) * frac)
+        for y, x in ((h - s) // 2, (w - s) // 2), (0, 0), (0, w - s), (h - s, 0), (h - s, w - s):
+            yield img[y:y + s, x:x + s]
+    for angle in (-15.0, 15.0):
+        m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, 1.0)
+        yield cv2.warpAffine(img, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    f = img.astype(np.float32)
+    for gain, bias in ((0.7, 0.0), (1.3, 0.0), (1.0, -40.0), (1.0, 40.0)):
+        yield np.clip((f - 128.0) * gain + 128.0 + bias, 0, 255).round().astype(np.uint8)
+
+
+def augmented_calibration_inputs(resize: int, crop: int, value_range=(-1.0, 1.0)) -> list[np.ndarray]:
+    """Many [1, 3, crop, crop] inputs from :func:`calibration_photos`: each photo decoded by
+    beamzoo, then each of its :func:`_variants` resized and centre-cropped as ``DecodeResize``
+    does (short side to ``resize``), in a fixed order."""
+    from beamzoo.transforms.preprocess import ResizeCrop, decode, resize_crop
+    step = ResizeCrop(resize=resize, crop=crop, layout="NCHW", channels="RGB", value_range=value_range)
+    out = []
+    for path in calibration_photos():
+        img = decode(path.read_bytes(), 1 << 28, None, "RGB")
+        for v in _variants(img):
+            out.append(step.to_pixels(resize_crop(np.ascontiguousarray(v), resize, crop, "area"))[None])
+    return out
 
 
 def _outward(lo: float, hi: float) -> tuple[float, float]:
@@ -66,11 +117,15 @@ def _float_nodes(fp32: bytes, prefixes) -> list[str]:
 
 
 def quantize(fp32: bytes, inputs: list[np.ndarray], input_name: str = "images",
-             keep_float: tuple[str, ...] = ()) -> bytes:
+             keep_float: tuple[str, ...] = (), method: str = "minmax",
+             percentile: float = 99.999) -> bytes:
     """The int8 (QDQ) model made from the ``fp32`` model's bytes, calibrated on ``inputs``
     (each one batch, in order); nodes named by ``keep_float`` (a name or the prefix
-    before its ".") stay fp32. Everything is written to a temporary folder that no
-    name in the model refers to."""
+    before its ".") stay fp32. ``method``: ``"minmax"`` (each activation's range is the
+    lowest and highest value seen) or ``"percentile"`` (onnxruntime's histogram
+    calibration: the range keeps ``percentile`` % of the absolute values seen, so rare
+    outliers do not widen every tensor's step). Everything is written to a temporary
+    folder that no name in the model refers to."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
                                           QuantType, create_calibrator, quantize_static)
@@ -79,10 +134,18 @@ def quantize(fp32: bytes, inputs: list[np.ndarray], input_name: str = "images",
     keep = _float_nodes(fp32, keep_float)
     if not inputs:
         raise ValueError("no calibration inputs")
+    methods = {"minmax": (CalibrationMethod.MinMax, {}),
+               "percentile": (CalibrationMethod.Percentile, {"percentile": percentile})}
+    if method not in methods:
+        raise ValueError(f"unknown calibration method {method!r}; known: {', '.join(methods)}")
+    calib_method, calib_options = methods[method]
 
     class Reader(CalibrationDataReader):
-        def __init__(self):
-            self._it = iter(inputs)
+        """``inputs[start:stop]``, one at a time: the calibrator is fed in chunks so that
+        it never holds every intermediate output of hundreds of inputs at once."""
+
+        def __init__(self, start, stop):
+            self._it = iter(inputs[start:stop])
 
         def get_next(self):
             x = next(self._it, None)
@@ -93,15 +156,19 @@ def quantize(fp32: bytes, inputs: list[np.ndarray], input_name: str = "images",
         src, out, cache = tmp / "fp32.onnx", tmp / "int8.onnx", tmp / "ranges.json"
         src.write_bytes(fp32)
         calibrator = create_calibrator(src, augmented_model_path=str(tmp / "augmented.onnx"),
-                                       calibrate_method=CalibrationMethod.MinMax,
-                                       providers=["CPUExecutionProvider"])
-        calibrator.collect_data(Reader())
-        save_tensors_data(_round_ranges(calibrator.compute_data()), cache)
+                                       calibrate_method=calib_method,
+                                       providers=["CPUExecutionProvider"],
+                                       extra_options=calib_options)
+        with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print progress
+            for start in range(0, len(inputs), 16):
+                calibrator.collect_data(Reader(start, start + 16))
+            ranges = calibrator.compute_data()
+        save_tensors_data(_round_ranges(ranges), cache)
         del calibrator
         quantize_static(str(src), str(out), None, calibration_cache_path=str(cache),
                         quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        calibrate_method=CalibrationMethod.MinMax,
+                        calibrate_method=calib_method,
                         nodes_to_exclude=keep)
         model = onnx.load(str(out))
     onnx.checker.check_model(model)
