@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import signal
 import threading
 import time
 
@@ -300,16 +301,33 @@ def translate(graph: Graph, root, run: str = "run", inputs: dict | None = None) 
 def run(graph: Graph, argv: list[str], run_name: str, progress: bool = True):
     """Run ``graph`` on the Beam runner ``argv`` names; returns the finished result."""
     from beamzoo.runners.options import beam_options
-    with beam_options(argv) as options, _bar(progress):
+    with beam_options(argv) as options, _bar(progress), _quiet_on_interrupt():
         pipeline = beam.Pipeline(options=options)
         translate(graph, pipeline, run_name)
         try:
             result = pipeline.run()
             result.wait_until_finish()
-        except KeyboardInterrupt:
+        except KeyboardInterrupt:  # where Beam's own handler stood in for ours
             _quiet_job_reader()
             raise
         return _Metrics(result)
+
+
+@contextlib.contextmanager
+def _quiet_on_interrupt():
+    """Ctrl-C: Beam is quietened at once, in the signal handler, before its own clean-up
+    runs (DirectRunner runs the job in this thread, and its workers log while it unwinds)."""
+    def interrupt(signum, frame):
+        _quiet_job_reader()
+        raise KeyboardInterrupt
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _quiet_job_reader() -> None:
@@ -317,7 +335,7 @@ def _quiet_job_reader() -> None:
     left behind (the job's message reader, the in-process SDK worker's gRPC streams)
     fail as the job server goes and would print tracebacks, and the worker logs the
     bundles it loses. Nothing is lost that the run had committed; keep them quiet."""
-    logging.getLogger("apache_beam").setLevel(logging.CRITICAL + 1)
+    logging.disable(logging.CRITICAL)
     threading.excepthook = lambda args: None
 
 
