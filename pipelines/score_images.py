@@ -25,10 +25,6 @@ from beamzoo.runners import EdgeRunner
 from beamzoo.transforms.preprocess import SHRINK_FILTERS
 
 
-def at_least(low: int):
-    return number(int, low)
-
-
 def size(text: str) -> int:
     """Bytes, or a number with K, M or G (powers of 1024)."""
     scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:].upper(), 1)
@@ -61,11 +57,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--zoo", action="append", default=[], metavar="DIR",
                    help="a model repository (<DIR>/<name>/<version>/card.yaml) beside the built-ins; "
                         "also BEAMZOO_ZOO")
-    p.add_argument("--topk", type=at_least(1), default=5, help="labels kept per image (default 5)")
-    p.add_argument("--batch_size", type=at_least(1), default=4, help="images per inference call")
-    p.add_argument("--max_pixels", type=at_least(1), default=100_000_000,
+    p.add_argument("--topk", type=number(int, 1), default=5, help="labels kept per image (default 5)")
+    p.add_argument("--batch_size", type=number(int, 1), default=4, help="images per inference call")
+    p.add_argument("--max_pixels", type=number(int, 1), default=100_000_000,
                    help="refuse images with more pixels than this (decompression bombs)")
-    p.add_argument("--max_bytes", type=at_least(1), default=256 << 20, help="refuse larger files")
+    p.add_argument("--max_bytes", type=number(int, 1), default=256 << 20, help="refuse larger files")
     p.add_argument("--time_limit", type=seconds(0.01), default=None,
                    help="seconds (wall and CPU) one image may take to sniff and decode; over it, it is a "
                         "dead letter (default 5)")
@@ -74,13 +70,13 @@ def parser() -> argparse.ArgumentParser:
                         "letter (default 2G, less on a machine with under 4G per core)")
     p.add_argument("--no_isolation", action="store_true",
                    help="decode in the runner's own process, without the time and memory limits")
-    p.add_argument("--threads", type=at_least(0), default=1,
+    p.add_argument("--threads", type=number(int, 0), default=1,
                    help="onnxruntime intra-op threads per session (1: workers run inference side by "
                         "side; 0: all cores for each call)")
     p.add_argument("--shrink", choices=sorted(SHRINK_FILTERS), default="area",
                    help="resize filter when shrinking: area (exact area average) or linear "
                         "(bilinear: a seventh of the resize cost, a little more aliasing)")
-    p.add_argument("--workers", type=at_least(1), default=None, help="edge runner: worker threads")
+    p.add_argument("--workers", type=number(int, 1), default=None, help="edge runner: worker threads")
     p.add_argument("--resume", action="store_true",
                    help="continue a run in --output: inputs already done there are skipped")
     p.add_argument("--derived_only", action="store_true",
@@ -109,7 +105,7 @@ def add_cascade_and_gates(p: argparse.ArgumentParser) -> None:
     t.add_argument("--escalate_agreement", type=unit_interval, metavar="F",
                    help="choose the threshold: the cheapest whose answers agree with the stronger model on "
                         "at least F of a calibration sample of the inputs (printed)")
-    c.add_argument("--calibration_images", type=at_least(1), default=200, metavar="N",
+    c.add_argument("--calibration_images", type=number(int, 1), default=200, metavar="N",
                    help="images in the calibration sample (default 200)")
     c.add_argument("--deadline", type=seconds(0), metavar="S",
                    help="each image's deadline, S seconds after it is listed: one that cannot be escalated "
@@ -122,7 +118,7 @@ def add_cascade_and_gates(p: argparse.ArgumentParser) -> None:
                    help="METRIC OP X[:ACTION], e.g. 'mean_confidence<0.3:stop', 'fraction_below(0.2)>0.5:divert', "
                         "'label_distance>0.4:warn', 'bias(group)<0.8:warn'; ACTION warn (default), divert "
                         "(to OUTPUT/review) or stop (exit code 3; edge runner)")
-    g.add_argument("--gate_window", type=at_least(1), default=100, metavar="N",
+    g.add_argument("--gate_window", type=number(int, 1), default=100, metavar="N",
                    help="rows each gate's metric is computed over (default 100)")
     g.add_argument("--gate_profile", metavar="FILE", help="the reference label profile of label_distance")
     g.add_argument("--save_profile", metavar="FILE",

@@ -144,9 +144,6 @@ class ModelCard:
         self.model_bytes()
         return Path(self.file)
 
-    def model_sha256(self) -> str:
-        return self.sha256
-
     def to_param(self) -> str | dict:
         """The card as JSON data for a graph step: a built-in by reference, else whole."""
         from beamzoo.zoo.repository import builtin
