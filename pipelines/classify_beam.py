@@ -5,8 +5,8 @@
 
 Reads one path per line (``beam.io.ReadFromText``), classifies with
 beamzoo's transforms, and writes JSON lines with ``beam.io.WriteToText``:
-``PREFIX-*.jsonl`` (path, label, score, topk_labels, topk_scores, model) and
-``PREFIX-dead_letter-*.jsonl`` (path, stage, error, id). Any Beam option
+``PREFIX-predictions-*.jsonl`` (path, label, score, topk_labels, topk_scores,
+model) and ``PREFIX-dead_letters-*.jsonl`` (path, stage, error, id). Any Beam option
 passes through; ``beamzoo.beam_options`` readies DirectRunner and FlinkRunner
 (embedded ``[local]`` unless --flink_master says otherwise).
 """
@@ -26,6 +26,14 @@ from beamzoo.transforms import beam as bz
 FIELDS = ("path", "label", "score", "topk_labels", "topk_scores", "model")
 
 
+def outputs(output: str) -> tuple[str, str]:
+    """The prefixes of the two outputs. Neither may start with the other plus "-":
+    before it renames its files, a WriteToText deletes whatever matches its own
+    ``PREFIX-*-of-NNNNN.jsonl``, which for PREFIX "out/preds" would be the dead letters
+    "out/preds-dead_letter-00000-of-00002.jsonl" written a moment before."""
+    return f"{output}-predictions", f"{output}-dead_letters"
+
+
 def to_json(row) -> str:
     return json.dumps({k: list(v) if isinstance(v, (list, tuple)) else v for k, v in row._asdict().items()})
 
@@ -35,6 +43,7 @@ def dead_to_json(row) -> str:
 
 
 def build(p: beam.Pipeline, paths: str, output: str, model: str, topk: int) -> None:
+    predictions, dead_letters = outputs(output)
     preds = (p
              | "ReadPaths" >> beam.io.ReadFromText(paths)
              | "NoBlanks" >> beam.Filter(lambda line: line.strip() != "")
@@ -43,10 +52,10 @@ def build(p: beam.Pipeline, paths: str, output: str, model: str, topk: int) -> N
     (preds
      | "Columns" >> beam.Select(*FIELDS)
      | "PredictionJson" >> beam.Map(to_json)
-     | "WritePredictions" >> beam.io.WriteToText(output, file_name_suffix=".jsonl"))
+     | "WritePredictions" >> beam.io.WriteToText(predictions, file_name_suffix=".jsonl"))
     (bz.dead_letters(preds)
      | "DeadLetterJson" >> beam.Map(dead_to_json)
-     | "WriteDeadLetters" >> beam.io.WriteToText(f"{output}-dead_letter", file_name_suffix=".jsonl"))
+     | "WriteDeadLetters" >> beam.io.WriteToText(dead_letters, file_name_suffix=".jsonl"))
 
 
 def main(argv=None) -> int:

@@ -3,6 +3,7 @@ rows in; schema'd rows and dead letters out; mistakes caught while the pipeline 
 from __future__ import annotations
 
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -103,8 +104,8 @@ def classify(listed, out, *extra):
            "--output", str(out / "preds"), *extra]
     done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
-    rows = [json.loads(line) for f in glob.glob(str(out / "preds-0*.jsonl")) for line in open(f)]
-    dead = [json.loads(line) for f in glob.glob(str(out / "preds-dead_letter-*.jsonl")) for line in open(f)]
+    rows = [json.loads(line) for f in glob.glob(str(out / "preds-predictions-*.jsonl")) for line in open(f)]
+    dead = [json.loads(line) for f in glob.glob(str(out / "preds-dead_letters-*.jsonl")) for line in open(f)]
     return sorted(rows, key=lambda r: r["path"]), sorted(dead, key=lambda r: r["path"])
 
 
@@ -127,6 +128,34 @@ def assert_like_score_images(rows, dead, scored):
         assert abs(a["score"] - b["score"]) <= 1e-5
     assert [(x["path"], x["stage"], x["error"]) for x in dead] == [
         (x["source"], x["stage"], x["error"]) for x in sorted(scored_dead, key=lambda r: r["source"])]
+
+
+def write_text_keeps(predictions: str, dead_letters: str, shards: int) -> list[str]:
+    """The dead-letter files, already written, that a WriteToText of predictions leaves."""
+    dead = [f"{dead_letters}-{i:05d}-of-{shards:05d}.jsonl" for i in range(shards)]
+    for f in dead:
+        open(f, "w").write("{}\n")
+    with beamzoo.beam_options(OPTIONS) as options, beam.Pipeline(options=options) as p:
+        (p | beam.Create(["{}"] * 4)
+         | beam.io.WriteToText(predictions, file_name_suffix=".jsonl", num_shards=shards))
+    assert len(glob.glob(f"{predictions}-*.jsonl")) == shards
+    return [f for f in dead if os.path.exists(f)]
+
+
+def test_classify_beams_predictions_never_delete_its_dead_letters(tmp_path):
+    """A WriteToText deletes the files matching its PREFIX-*-of-N before it renames its
+    own: with PREFIX "preds", the dead letters "preds-dead_letter-..." went too whenever
+    they were written first (now and then on FlinkRunner)."""
+    spec = importlib.util.spec_from_file_location("classify_beam", os.path.join(ROOT, "pipelines", "classify_beam.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for shards in (1, 2):
+        out = tmp_path / str(shards)
+        out.mkdir()
+        predictions, dead_letters = module.outputs(str(out / "preds"))
+        assert len(write_text_keeps(predictions, dead_letters, shards)) == shards
+        old = str(out / "old")
+        assert write_text_keeps(old, f"{old}-dead_letter", shards) == []  # how they were lost
 
 
 @pytest.mark.integration

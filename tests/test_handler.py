@@ -53,7 +53,7 @@ def test_classify_beam_scores_with_a_users_card(card, colour_dir, tmp_path):
                           "--output", str(tmp_path / "preds"), "--model", card.card_path, "--topk", "2"],
                          capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    rows = [json.loads(line) for f in tmp_path.glob("preds-*.jsonl") if "dead_letter" not in f.name
+    rows = [json.loads(line) for f in tmp_path.glob("preds-predictions-*.jsonl")
             for line in f.read_text().splitlines()]
     assert len(rows) == 6 and all(r["label"] in os.path.basename(r["path"]) for r in rows)
     assert {r["model"] for r in rows} == {"tiny_colour:1"}
