@@ -189,8 +189,9 @@ def test_a_model_is_loaded_once_per_process_and_shared_by_its_threads(colour_dir
 
 
 def test_a_union_of_one_pcollection_is_that_pcollection():
-    """No single-input Flatten reaches a runner: Beam's portable Flink runner (job server
-    2.62) intermittently dropped such a Flatten's output, losing every dead letter."""
+    """No single-input Flatten reaches a runner: it would be a step that does nothing. (It
+    was once blamed for classify_beam.py's lost dead letters on Flink; the cause was the
+    output names, see test_classify_beams_predictions_never_delete_its_dead_letters.)"""
     from beamzoo.runners.beam import flatten
     p = beam.Pipeline()
     one, two = p | "One" >> beam.Create([1]), p | "Two" >> beam.Create([2])
