@@ -91,3 +91,17 @@ def test_a_failure_that_is_no_user_mistake_is_a_traceback_and_exit_1(photos, tmp
     assert proc.returncode == 1, stderr
     assert "Traceback (most recent call last)" in stderr and "FileNotFoundError" in stderr.splitlines()[-1]
     assert not any(line.startswith("error:") for line in stderr.splitlines())
+
+
+def test_after_ctrl_c_only_the_main_thread_writes_to_stderr():
+    """Beam's SDK worker prints a failed bundle's traceback itself, from its own thread,
+    when the job server goes away during Ctrl-C; once interrupted, such lines are dropped."""
+    code = ("import sys, threading; from beamzoo.runners.beam import _quiet_job_reader\n"
+            "say = lambda: print('Traceback (most recent call last): from a worker', file=sys.stderr)\n"
+            "say(); _quiet_job_reader()\n"
+            "t = threading.Thread(target=say); t.start(); t.join()\n"
+            "print('interrupted', file=sys.stderr)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.count("from a worker") == 1 and done.stderr.splitlines()[-1] == "interrupted"

@@ -334,9 +334,28 @@ def _quiet_job_reader() -> None:
     """After Ctrl-C the run is abandoned and the process ends at once: the threads Beam
     left behind (the job's message reader, the in-process SDK worker's gRPC streams)
     fail as the job server goes and would print tracebacks, and the worker logs the
-    bundles it loses. Nothing is lost that the run had committed; keep them quiet."""
+    bundles it loses (the SDK worker prints a failed bundle's traceback to stderr
+    itself). Nothing is lost that the run had committed; keep them quiet."""
+    import sys
     logging.disable(logging.CRITICAL)
     threading.excepthook = lambda args: None
+    if not isinstance(sys.stderr, _MainThreadOnly):
+        sys.stderr = _MainThreadOnly(sys.stderr)
+
+
+class _MainThreadOnly:
+    """A stream that passes on what the main thread writes and drops the rest."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
+        if threading.current_thread() is threading.main_thread():
+            return self._stream.write(text)
+        return len(text)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
 
 
 @contextlib.contextmanager
