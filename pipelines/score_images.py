@@ -63,8 +63,8 @@ def parser() -> argparse.ArgumentParser:
                    help="refuse images with more pixels than this (decompression bombs)")
     p.add_argument("--max_bytes", type=number(int, 1), default=256 << 20, help="refuse larger files")
     p.add_argument("--time_limit", type=seconds(0.01), default=None,
-                   help="seconds (wall and CPU) one image may take to sniff and decode; over it, it is a "
-                        "dead letter (default 5)")
+                   help="seconds one image may take to read, and (wall and CPU) to sniff and decode; over "
+                        "it, it is a dead letter (default 5)")
     p.add_argument("--memory_limit", type=size, default=None,
                    help="memory one image may take to decode, e.g. 512M or 2G; over it, it is a dead "
                         "letter (default 2G, less on a machine with under 4G per core)")

@@ -45,6 +45,61 @@ def test_bombs_over_the_limits_are_dead_letters_and_the_run_goes_on(tmp_path, ti
     assert stage == "decode" and reason.startswith("timeout: "), reason
 
 
+@pytest.fixture
+def stalling_server():
+    """A real HTTP server on 127.0.0.1: ``/NAME`` serves that image of ``files``; for
+    ``/stall/NAME`` it sends the headers and 100 bytes, then nothing until released
+    (60 s at most). Yields (url, files, released, stalled)."""
+    import http.server
+    import threading
+    files, release, stalled = {}, threading.Event(), threading.Event()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_GET(self):
+            name = self.path.rsplit("/", 1)[-1]
+            body = files[name]
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.path.startswith("/stall/"):
+                self.wfile.write(body[:100])
+                self.wfile.flush()
+                stalled.set()
+                release.wait(60)
+                body = body[100:]
+            self.wfile.write(body)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", files, release, stalled
+    release.set()
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize("runner", ["EdgeRunner", "DirectRunner"])
+def test_a_read_that_stalls_is_a_dead_letter_and_the_run_goes_on(tmp_path, tiny_model, stalling_server, runner):
+    """The server holds the stalled read open until the test ends, so the run can only
+    have finished because the read's time limit gave up on it."""
+    url, files, release, stalled = stalling_server
+    for name, rgb in (("red.png", (200, 0, 0)), ("blue.png", (0, 0, 200))):
+        write_colour_image(tmp_path / name, rgb)
+        files[name] = (tmp_path / name).read_bytes()
+    manifest = tmp_path / "manifest.csv"
+    manifest.write_text(f"uri\n{url}/red.png\n{url}/stall/blue.png\n{tmp_path / 'blue.png'}\n")
+    graph = score_images(str(manifest), str(tmp_path / "out"), tiny_model, k=3, time_limit=1.0)
+    stats = run_graph(graph, runner)
+    assert stalled.is_set() and not release.is_set()  # the stalled read is still open
+    assert (stats.inputs, stats.scored, stats.failed) == (3, 2, 1)
+    assert sorted(r["label"] for r in read(tmp_path / "out")) == ["blue", "red"]
+    [dead] = read(tmp_path / "out", "dead_letter")
+    assert (dead["source"], dead["stage"]) == (f"{url}/stall/blue.png", "read")
+    assert dead["error"] == "timeout: reading took over 1 s (raise time_limit to allow more)"
+
+
 def test_the_cpu_bomb_decodes_without_limits_so_the_limit_is_what_stopped_it(tmp_path):
     """The file is a real (slow) JPEG: with the limits off it decodes."""
     bomb = tmp_path / "cpu.jpg"

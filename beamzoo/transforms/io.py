@@ -4,8 +4,12 @@ from __future__ import annotations
 import fnmatch
 import glob
 import os
+import queue
 import stat
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 
 import pyarrow as pa
 
@@ -120,13 +124,67 @@ def read_bytes(path: str, max_bytes: int) -> bytes:
         os.close(fd)
 
 
+class ReadTimeout(Exception):
+    """A read that outlasted its time limit (the dead letter's reason is the message, as is)."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.dead_letter_reason = message
+
+
+_readers = threading.local()
+
+
+def _forget_readers() -> None:
+    """In a forked child: the readers' threads were not copied."""
+    global _readers
+    _readers = threading.local()
+
+
+os.register_at_fork(after_in_child=_forget_readers)
+
+
+def _serve(jobs: queue.SimpleQueue) -> None:
+    while (job := jobs.get()) is not None:
+        future, path, max_bytes = job
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(read_bytes(path, max_bytes))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
+
+
+def read_within(path: str, max_bytes: int, seconds: float) -> bytes:
+    """``read_bytes`` within ``seconds`` of wall time, or ReadTimeout. The read runs in
+    a reader thread of the calling thread's own; one that is stuck (a stalled server,
+    a hung mount: a read that neither Python nor a signal can cut short) is left to
+    finish on its own, and the next read gets a new reader."""
+    jobs = getattr(_readers, "jobs", None)
+    if jobs is None:
+        jobs = _readers.jobs = queue.SimpleQueue()
+        threading.Thread(target=_serve, args=(jobs,), name="beamzoo-read", daemon=True).start()
+    future: Future = Future()
+    jobs.put((future, path, max_bytes))
+    try:
+        return future.result(timeout=seconds)
+    except FutureTimeout:
+        _readers.jobs = None
+        jobs.put(None)  # that reader ends once its read does
+        raise ReadTimeout(f"timeout: reading took over {seconds:g} s (raise time_limit to allow more)") from None
+
+
+def read_limits(limits: dict) -> dict:
+    """Of the per-input ``limits`` a composite takes, those its ReadFiles takes too."""
+    return {"time_limit": limits["time_limit"]} if limits.get("time_limit") is not None else {}
+
+
 BINARY_LIMIT = (2 << 30) - 1  # the bytes one Arrow binary array can hold
 
 
 @register("read_files")
 class ReadFiles(RowOperator):
-    """path -> data (the file's bytes). Refuses empty files, files over ``max_bytes``
-    and anything that is not a regular file.
+    """path -> data (the file's bytes). Refuses empty files, files over ``max_bytes``,
+    anything that is not a regular file, and reads that take over ``time_limit``.
 
     A batch is read in pieces of at most ``batch_bytes`` of file bytes (a bigger
     file is a piece alone), one piece at a time, so that what is in memory is
@@ -136,12 +194,15 @@ class ReadFiles(RowOperator):
     default_id = "read"
     knobs = {"max_bytes": Knob(256 << 20, int, low=1, high=BINARY_LIMIT - 1, doc="refuse files larger than this"),
              "batch_bytes": Knob(256 << 20, int, low=1, high=BINARY_LIMIT, results=False,
-                                 doc="file bytes a batch holds at most (a larger file goes alone)")}
+                                 doc="file bytes a batch holds at most (a larger file goes alone)"),
+             "time_limit": Knob(5.0, float, low=0.01, results=False,
+                                doc="seconds of wall time one file may take to read")}
     requires = pa.schema([PATH])
     produces = pa.schema([pa.field("data", pa.binary())])
 
-    def __init__(self, max_bytes: int = 256 << 20, batch_bytes: int = 256 << 20, id: str | None = None):
-        super().__init__(id, max_bytes=max_bytes, batch_bytes=batch_bytes)
+    def __init__(self, max_bytes: int = 256 << 20, batch_bytes: int = 256 << 20, time_limit: float = 5.0,
+                 id: str | None = None):
+        super().__init__(id, max_bytes=max_bytes, batch_bytes=batch_bytes, time_limit=time_limit)
 
     def process_pieces(self, batch):
         rows, budget = self.rows(batch), self.params["batch_bytes"]
@@ -157,7 +218,7 @@ class ReadFiles(RowOperator):
 
     def process_row(self, row):
         limit = self.params["max_bytes"]
-        data = read_bytes(row["path"], limit)
+        data = read_within(row["path"], limit, self.params["time_limit"])
         if not data:
             raise ValueError("empty file (0 bytes)")
         if len(data) > limit:
