@@ -6,7 +6,10 @@
 Each option is a name from OPTS or ``CALIB|METHOD|PREFIXES``: CALIB ``12`` (the sample
 photographs, ``calibration_inputs``) or ``aug`` (``augmented_calibration_inputs``);
 METHOD ``MinMax``, ``Percentile`` or ``P5`` (Percentile 99.999); PREFIXES the
-``;``-separated node names (or ``*suffix``) kept fp32. The calibrated ranges are rounded
+``;``-separated node names (or ``*suffix``) kept fp32; METHOD ``MSE`` is MinMax
+narrowed per tensor to the range of least quantization error
+(``beamzoo.zoo.quantize._mse_ranges``). A suffix ``+bc12`` or ``+bcaug`` applies
+``beamzoo.zoo.quantize.correct_bias`` on that calibration set to the quantized model. The calibrated ranges are rounded
 as the builder rounds them (``beamzoo.zoo.quantize._round_ranges``) and cached per
 (set, method) within a run; each option's top-1 agreement with fp32 is measured on
 benchmark images 1000-1399 (never used for calibration) and its model written to
@@ -127,7 +130,7 @@ def main(argv=None) -> int:
         if key not in ranges:
             t = time.time()
             c = create_calibrator(tmp / "fp32.onnx", augmented_model_path=str(tmp / "aug.onnx"),
-                                  calibrate_method=getattr(CalibrationMethod, method),
+                                  calibrate_method=getattr(CalibrationMethod, "MinMax" if method == "MSE" else method),
                                   providers=["CPUExecutionProvider"], extra_options=extra)
             data = calib(cname)
             for i in range(0, len(data), 16):
@@ -139,7 +142,14 @@ def main(argv=None) -> int:
                         return None if v is None else {"images": v}
                 c.collect_data(R())
             ranges[key] = tmp / f"r{len(ranges)}.json"
-            save_tensors_data(Q._round_ranges(c.compute_data()), ranges[key])
+            r = c.compute_data()
+            if method == "MSE":
+                from onnxruntime.quantization import TensorData, TensorsData
+                mm = {k: tuple(float(np.asarray(v).item()) for v in r[k].range_value) for k in r.keys()}
+                best = Q._mse_ranges(fp32, data, "images", mm)
+                r = TensorsData(CalibrationMethod.MinMax, {k: TensorData(lowest=np.float32(best[k][0]),
+                                                                          highest=np.float32(best[k][1])) for k in mm})
+            save_tensors_data(Q._round_ranges(r), ranges[key])
             if method == "Percentile":
                 hists[(cname, method)] = c
             print(f"  calibrated {key} in {time.time() - t:.0f}s", flush=True)
@@ -147,6 +157,7 @@ def main(argv=None) -> int:
 
     for w in which:
         t = time.time()
+        w, _, bc = w.partition("+bc")
         if w in OPTS:
             cname, method, extra, excl, kw = OPTS[w]
         else:
@@ -158,9 +169,13 @@ def main(argv=None) -> int:
         quantize_static(str(tmp / "fp32.onnx"), str(out), None,
                         calibration_cache_path=str(get_ranges(cname, method, extra)),
                         quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, calibrate_method=getattr(CalibrationMethod, method),
+                        weight_type=QuantType.QInt8,
+                        calibrate_method=getattr(CalibrationMethod, "MinMax" if method == "MSE" else method),
                         nodes_to_exclude=keep(excl), **kw)
         data = out.read_bytes()
+        if bc:
+            data = Q.correct_bias(data, fp32, calib(bc))
+            w = f"{w}+bc{bc}"
         lg = logits(data)
         agree = (lg.argmax(1) == ref.argmax(1)).mean()
         print(f"{args.variant} {w}: top-1 = fp32 {100 * agree:.1f} %, logit corr "

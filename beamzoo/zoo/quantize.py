@@ -16,6 +16,10 @@ views (mirror, crops, rotations, contrast and brightness) of those and 10 more o
 scikit-image's photographs. The calibrated ranges are rounded outward to a coarse
 grid before quantizing, so that float noise from another CPU's kernels gives the
 same model bytes.
+
+:func:`correct_bias` (empirical bias correction) is an option measured in
+bench/README.md, not used by the built-in models: it brings the int8 logits closer
+to fp32's, but its bytes change with float noise in the calibration runs.
 """
 from __future__ import annotations
 
@@ -124,7 +128,8 @@ def quantize(fp32: bytes, inputs: list[np.ndarray], input_name: str = "images",
     before its ".") stay fp32. ``method``: ``"minmax"`` (each activation's range is the
     lowest and highest value seen) or ``"percentile"`` (onnxruntime's histogram
     calibration: the range keeps ``percentile`` % of the absolute values seen, so rare
-    outliers do not widen every tensor's step). Everything is written to a temporary
+    outliers do not widen every tensor's step) or ``"mse"`` (each MinMax range narrowed to
+    the one of least quantization error, :func:`_mse_ranges`). Everything is written to a temporary
     folder that no name in the model refers to."""
     import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat,
@@ -134,7 +139,7 @@ def quantize(fp32: bytes, inputs: list[np.ndarray], input_name: str = "images",
     keep = _float_nodes(fp32, keep_float)
     if not inputs:
         raise ValueError("no calibration inputs")
-    methods = {"minmax": (CalibrationMethod.MinMax, {}),
+    methods = {"minmax": (CalibrationMethod.MinMax, {}), "mse": (CalibrationMethod.MinMax, {}),
                "percentile": (CalibrationMethod.Percentile, {"percentile": percentile})}
     if method not in methods:
         raise ValueError(f"unknown calibration method {method!r}; known: {', '.join(methods)}")
@@ -163,6 +168,12 @@ def quantize(fp32: bytes, inputs: list[np.ndarray], input_name: str = "images",
             for start in range(0, len(inputs), 16):
                 calibrator.collect_data(Reader(start, start + 16))
             ranges = calibrator.compute_data()
+        if method == "mse":
+            from onnxruntime.quantization import TensorData, TensorsData
+            mm = {k: tuple(float(np.asarray(v).item()) for v in ranges[k].range_value) for k in ranges.keys()}
+            best = _mse_ranges(fp32, inputs, input_name, mm)
+            ranges = TensorsData(calib_method, {k: TensorData(lowest=np.float32(best[k][0]),
+                                                              highest=np.float32(best[k][1])) for k in mm})
         save_tensors_data(_round_ranges(ranges), cache)
         del calibrator
         quantize_static(str(src), str(out), None, calibration_cache_path=str(cache),
@@ -173,3 +184,138 @@ def quantize(fp32: bytes, inputs: list[np.ndarray], input_name: str = "images",
         model = onnx.load(str(out))
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+def _session(data: bytes):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def _exposed(model, names) -> bytes:
+    """``model`` (an onnx ModelProto, copied) with the tensors ``names`` as extra outputs."""
+    import onnx
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    have = {o.name for o in m.graph.output}
+    for n in names:
+        if n not in have:
+            m.graph.output.append(onnx.helper.make_empty_tensor_value_info(n))
+    return m.SerializeToString()
+
+
+def _channel_means(data: bytes, names, inputs, input_name, batch=16):
+    """Per-channel (axis 1) means of the tensors ``names`` over ``inputs``, float64."""
+    s = _session(data)
+    sums = {n: 0.0 for n in names}
+    counts = {n: 0 for n in names}
+    for i in range(0, len(inputs), batch):
+        x = np.concatenate(inputs[i:i + batch])
+        outs = s.run(list(names), {input_name: x})
+        for n, v in zip(names, outs):
+            v = v.astype(np.float64)
+            sums[n] = sums[n] + v.sum(axis=(0, *range(2, v.ndim)))
+            counts[n] += v.size // v.shape[1]
+    return {n: sums[n] / counts[n] for n in names}
+
+
+def _quantized_layers(qdq):
+    """(node name, output, int32 bias initializer, bias scale initializer, output scale
+    initializer or None) of each Conv and Gemm of the QDQ model whose bias is quantized,
+    in graph order."""
+    producers = {o: n for n in qdq.graph.node for o in n.output}
+    quantizer = {n.input[0]: n.input[1] for n in qdq.graph.node if n.op_type == "QuantizeLinear"}
+    out = []
+    for n in qdq.graph.node:
+        if n.op_type in ("Conv", "Gemm") and len(n.input) > 2:
+            dq = producers.get(n.input[2])
+            if dq is not None and dq.op_type == "DequantizeLinear":
+                out.append((n.name, n.output[0], dq.input[0], dq.input[1], quantizer.get(n.output[0])))
+    return out
+
+
+def _mse_ranges(fp32: bytes, inputs, input_name, minmax, bins=4096, batch=8):
+    """For each tensor of ``minmax`` (name: (lowest, highest) seen), the range among scaled
+    copies of it that minimises the uint8 quantization error (rounding inside, clipping
+    outside) of the tensor's values over ``inputs``, from a histogram."""
+    import onnx
+    names = sorted(minmax)
+    data = _exposed(onnx.load_from_string(fp32), names)
+    s = _session(data)
+    edges = {n: np.linspace(min(minmax[n][0], 0.0), max(minmax[n][1], 0.0), bins + 1) for n in names}
+    hist = {n: np.zeros(bins) for n in names}
+    for i in range(0, len(inputs), batch):
+        outs = s.run(names, {input_name: np.concatenate(inputs[i:i + batch])})
+        for n, v in zip(names, outs):
+            hist[n] += np.histogram(v, edges[n])[0]
+    fs = np.linspace(0.2, 1.0, 33)
+    out = {}
+    for n in names:
+        e, h = edges[n], hist[n]
+        x = (e[1:] + e[:-1]) / 2
+        lo0, hi0 = e[0], e[-1]
+        best = None
+        for fl in (fs if lo0 < 0 else [1.0]):
+            for fh in (fs if hi0 > 0 else [1.0]):
+                lo, hi = lo0 * fl, hi0 * fh
+                step = (hi - lo) / 255
+                err = np.where(x < lo, (x - lo) ** 2, np.where(x > hi, (x - hi) ** 2, step * step / 12))
+                cost = float((h * err).sum())
+                if best is None or cost < best[0]:
+                    best = (cost, lo, hi)
+        out[n] = best[1:]
+    return out
+
+
+def _upto(model, output: str) -> bytes:
+    """``model`` cut down to the nodes that ``output`` needs, with ``output`` its one output."""
+    import onnx
+    producers = {o: n for n in model.graph.node for o in n.output}
+    need, todo = set(), [output]
+    while todo:
+        n = producers.get(todo.pop())
+        if n is not None and id(n) not in need:
+            need.add(id(n))
+            todo.extend(n.input)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    del m.graph.node[:]
+    m.graph.node.extend(n for n in model.graph.node if id(n) in need)
+    used = {i for n in m.graph.node for i in n.input}
+    keep = [i for i in model.graph.initializer if i.name in used]
+    del m.graph.initializer[:]
+    m.graph.initializer.extend(keep)
+    del m.graph.output[:]
+    m.graph.output.append(onnx.helper.make_empty_tensor_value_info(output))
+    return m.SerializeToString()
+
+
+def correct_bias(qdq_bytes: bytes, fp32: bytes, inputs: list[np.ndarray], input_name: str = "images",
+                 grid: float = 0.0) -> bytes:
+    """Empirical bias correction: the int32 bias of each quantized Conv and Gemm of the QDQ
+    model, in graph order, shifted so that the per-channel mean of its output over
+    ``inputs`` is the fp32 model's, each measured with the layers before it corrected.
+    ``grid``: the correction is rounded to multiples of ``grid`` times the output's
+    quantization step (0: to the bias's own step)."""
+    import onnx
+    from onnx import numpy_helper
+    ref_model = onnx.load_from_string(fp32)
+    qdq = onnx.load_from_string(qdq_bytes)
+    layers = _quantized_layers(qdq)
+    fp_out = {n.name: n.output[0] for n in ref_model.graph.node}
+    ref = _channel_means(_exposed(ref_model, [fp_out[name] for name, *_ in layers]),
+                         [fp_out[name] for name, *_ in layers], inputs, input_name)
+    inits = {i.name: i for i in qdq.graph.initializer}
+    for name, o, b, s, so in layers:
+        got = _channel_means(_upto(qdq, o), [o], inputs, input_name, batch=32)[o]
+        bias = numpy_helper.to_array(inits[b]).astype(np.int64)
+        scale = numpy_helper.to_array(inits[s]).astype(np.float64)
+        delta = (got - ref[fp_out[name]]) / scale
+        if grid and so is not None:
+            g = np.maximum(1.0, np.round(grid * float(numpy_helper.to_array(inits[so])) / scale))
+            delta = np.round(delta / g) * g
+        new = np.clip(bias - np.round(delta), -2**31, 2**31 - 1).astype(np.int32)
+        inits[b].CopyFrom(numpy_helper.from_array(new, b))
+    return qdq.SerializeToString()
