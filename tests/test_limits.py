@@ -144,3 +144,26 @@ def test_limit_flags_are_checked_with_one_error_line(tmp_path, args, words):
                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
                          timeout=120)
     assert out.returncode == 2 and words in out.stderr.splitlines()[-1], out.stderr
+
+
+def test_a_reader_thread_ends_with_the_thread_it_reads_for(tmp_path):
+    """Each thread that reads gets a reader thread of its own; it must not outlive it
+    (a run's worker threads end with the run)."""
+    import threading
+
+    from beamzoo.transforms.io import read_within
+    f = tmp_path / "x.bin"
+    f.write_bytes(b"abc")
+    before, seen = set(threading.enumerate()), []
+
+    def reads():
+        seen.append(read_within(str(f), 10, 5.0))
+        seen.extend(t for t in threading.enumerate() if t.name == "beamzoo-read" and t not in before)
+
+    owner = threading.Thread(target=reads)
+    owner.start()
+    owner.join()
+    data, reader = seen
+    assert data == b"abc"
+    reader.join(10)
+    assert not reader.is_alive()

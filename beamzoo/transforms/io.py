@@ -144,8 +144,17 @@ def _forget_readers() -> None:
 os.register_at_fork(after_in_child=_forget_readers)
 
 
-def _serve(jobs: queue.SimpleQueue) -> None:
-    while (job := jobs.get()) is not None:
+def _serve(jobs: queue.SimpleQueue, owner: threading.Thread) -> None:
+    """Reads for ``owner`` until told to stop, or until ``owner`` has ended."""
+    while True:
+        try:
+            job = jobs.get(timeout=1.0)
+        except queue.Empty:
+            if owner.is_alive():
+                continue
+            return
+        if job is None:
+            return
         future, path, max_bytes = job
         if future.set_running_or_notify_cancel():
             try:
@@ -162,7 +171,8 @@ def read_within(path: str, max_bytes: int, seconds: float) -> bytes:
     jobs = getattr(_readers, "jobs", None)
     if jobs is None:
         jobs = _readers.jobs = queue.SimpleQueue()
-        threading.Thread(target=_serve, args=(jobs,), name="beamzoo-read", daemon=True).start()
+        threading.Thread(target=_serve, args=(jobs, threading.current_thread()), name="beamzoo-read",
+                         daemon=True).start()
     future: Future = Future()
     jobs.put((future, path, max_bytes))
     try:
