@@ -47,6 +47,25 @@ class Plan:
         return [s for s in self.stages if DEAD in s.inputs]
 
 
+def run_fused(ops, batch, on_piece, on_skipped):
+    """A fused map stage's operators on ``batch``, in order; yields what comes out of
+    the last. A step may hand on its output in pieces, each through the rest before the
+    next is made. For each piece ``on_piece(op, rows, dead)`` is called and what it
+    yields is yielded too (a runner's dead-letter outputs); rows a step drops without a
+    dead letter (resume) go to ``on_skipped(n)``, once per batch and step."""
+    if not ops or batch.num_rows == 0:
+        if batch.num_rows:
+            yield batch
+        return
+    n = batch.num_rows
+    for piece, dead in ops[0].process_pieces(batch):
+        yield from on_piece(ops[0], piece, dead)
+        n -= piece.num_rows + dead.num_rows
+        yield from run_fused(ops[1:], piece, on_piece, on_skipped)
+    if n:
+        on_skipped(n)
+
+
 class UnknownPrimitive(ValueError):
     """A runner met a step kind it has no plan function for."""
 

@@ -22,7 +22,7 @@ import pyarrow as pa
 from apache_beam.metrics import Metrics
 
 from beamzoo.graph import DEAD, Graph, GraphError, Step
-from beamzoo.plan import Plan, Stage, check_kinds, plan
+from beamzoo.plan import Plan, Stage, check_kinds, plan, run_fused
 from beamzoo.resources import shared
 from beamzoo.schemas import DEAD_LETTER_SCHEMA
 
@@ -92,26 +92,15 @@ class _StageFn(beam.DoFn):
         self.ops = _ops(self.steps_json)
 
     def process(self, batch):
-        yield from self._steps(self.ops, batch)
+        yield from run_fused(self.ops, batch, self._piece, self.skipped.inc)
 
-    def _steps(self, ops, batch):
-        """As the edge runner's: a step's pieces each go through the rest before the next is made."""
-        if not ops or batch.num_rows == 0:
-            if batch.num_rows:
-                yield batch
-            return
-        n = batch.num_rows
-        for piece, dead in ops[0].process_pieces(batch):
-            ok, failed = self.counters[ops[0].id]
-            ok.inc(piece.num_rows)
-            _own_counters(ops[0])
-            if dead.num_rows:
-                failed.inc(dead.num_rows)
-                yield beam.pvalue.TaggedOutput(DEAD_TAG, dead)
-            n -= piece.num_rows + dead.num_rows
-            yield from self._steps(ops[1:], piece)
-        if n:
-            self.skipped.inc(n)
+    def _piece(self, op, rows, dead):
+        ok, failed = self.counters[op.id]
+        ok.inc(rows.num_rows)
+        _own_counters(op)
+        if dead.num_rows:
+            failed.inc(dead.num_rows)
+            yield beam.pvalue.TaggedOutput(DEAD_TAG, dead)
 
 
 class _PortsFn(beam.DoFn):

@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from beamzoo.gates import clear_stop, stop_reason
 from beamzoo.graph import DEAD, Graph, split_ref
-from beamzoo.plan import Plan, Stage, check_kinds, plan
+from beamzoo.plan import Plan, Stage, check_kinds, plan, run_fused
 from beamzoo.resume import run_id
 from beamzoo.runners.sinks import JsonlSink, ParquetSink
 
@@ -313,22 +313,17 @@ def _source(run: _Run, stage: Stage) -> None:
 
 
 def _steps(ops, batch: pa.RecordBatch, run: _Run):
-    """Fused maps in order, yielding what comes out (a step may hand on its output in
-    pieces, each through the rest before the next is made); dead letters to the hub;
-    rows a step drops (resume) counted."""
-    if not ops or batch.num_rows == 0:
-        if batch.num_rows:
-            yield batch
-        return
-    n = batch.num_rows
-    for ok, dead in ops[0].process_pieces(batch):
+    """Fused maps in order (``run_fused``): dead letters to the hub, rows a step drops
+    (resume) counted."""
+    def piece(op, rows, dead):
         run.emit_dead(dead)
-        _add_counters(run, ops[0])
-        n -= ok.num_rows + dead.num_rows
-        yield from _steps(ops[1:], ok, run)
-    if n:
+        _add_counters(run, op)
+        return ()
+
+    def skipped(n):
         run.count(skipped=n)
         run.bar.update(n)
+    return run_fused(ops, batch, piece, skipped)
 
 
 def _add_counters(run: _Run, op) -> None:
