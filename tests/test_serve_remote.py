@@ -14,7 +14,7 @@ import pytest
 from beamzoo.bundle import export
 from beamzoo.pipeline import Classify, Pipeline, score_images
 from beamzoo.serve.client import Client
-from beamzoo.serve.remote import RemoteClassify, tally
+from beamzoo.serve.remote import RemoteClassify
 from beamzoo.transforms.flow import Merge, Route
 from beamzoo.transforms.sinks import WriteParquet
 from beamzoo.transforms.sources import Files
@@ -75,7 +75,6 @@ def test_killing_one_endpoint_mid_run_loses_nothing(scene, tier, tmp_path):
     (a, url_a), (b, url_b) = tier
     out = tmp_path / "out"
     graph = cascade(images, card, [url_a, url_b], out, max_batch=2, cooldown_s=60)
-    before = tally("remote")
     result = {}
     run = threading.Thread(target=lambda: result.update(stats=run_graph(graph)))
     run.start()
@@ -100,8 +99,6 @@ def test_killing_one_endpoint_mid_run_loses_nothing(scene, tier, tmp_path):
             assert r["cloud_label"] is None and r["label"] == truth[r["path"]]
     by_endpoint = {e: sum(r["cloud_endpoint"] == e for r in escalated) for e in (url_a, url_b)}
     assert by_endpoint[url_a] >= 2 and by_endpoint[url_b] > 0, by_endpoint  # A (two requests, then killed) and B
-    now = tally("remote")
-    assert {e: now.get(e, 0) - before.get(e, 0) for e in (url_a, url_b)} == by_endpoint
     assert stats.counters == {f"remote answered by {e}": n for e, n in by_endpoint.items()}  # the run reports it
 
 

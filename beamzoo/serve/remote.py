@@ -9,7 +9,8 @@ leaves the device. An endpoint that does not answer (refused, reset, timed
 out, 5xx, 429, 404) is marked down for ``cooldown_s`` in this process and
 the request goes to the next one; a row is answered once, by the endpoint
 whose answer came back. With none left, the rows dead-letter naming each
-endpoint's failure. ``tally()`` counts the rows each endpoint answered.
+endpoint's failure. The run's counters say how many rows each endpoint
+answered (``RunStats.counters["<step> answered by <url>"]``, Beam counters too).
 """
 from __future__ import annotations
 
@@ -28,16 +29,7 @@ from beamzoo.schemas import PATH
 from beamzoo.transforms.io import read_bytes
 from beamzoo.transforms.postprocess import PREDICTION_FIELDS
 
-_tally_lock = threading.Lock()
-_tally: dict[str, Counter] = {}
-
-
-def tally(step: str | None = None) -> dict:
-    """Rows answered per endpoint in this process: ``{step: {endpoint: n}}``, or one step's."""
-    with _tally_lock:
-        if step is not None:
-            return dict(_tally.get(step, {}))
-        return {s: dict(c) for s, c in _tally.items()}
+_counts_lock = threading.Lock()
 
 
 class _Pool:
@@ -150,7 +142,7 @@ class RemoteClassify(Operator):
 
     def counters(self) -> dict[str, int]:
         """Rows each endpoint answered since the last call (the run's stats add them up)."""
-        with _tally_lock:
+        with _counts_lock:
             new, self._unreported = self._unreported, Counter()
         return {f"{self.id} answered by {e}": n for e, n in new.items()}
 
@@ -193,8 +185,7 @@ class RemoteClassify(Operator):
                     answers[i] = {**pred, "endpoint": endpoint}
                     counts[endpoint] += 1
         if counts:
-            with _tally_lock:
-                _tally.setdefault(self.id, Counter()).update(counts)
+            with _counts_lock:
                 self._unreported.update(counts)
         keep = sorted(answers)
         kept = batch.take(pa.array(keep, pa.int64()))
