@@ -69,7 +69,8 @@ def parser() -> argparse.ArgumentParser:
                    help="memory one image may take to decode, e.g. 512M or 2G; over it, it is a dead "
                         "letter (default 2G, less on a machine with under 4G per core)")
     p.add_argument("--no_isolation", action="store_true",
-                   help="decode in the runner's own process, without the time and memory limits")
+                   help="decode in the runner's own process, without the decode time and memory limits "
+                        "(reads keep their 5 s limit)")
     p.add_argument("--threads", type=number(int, 0), default=1,
                    help="onnxruntime intra-op threads per session (1: workers run inference side by "
                         "side; 0: all cores for each call)")
