@@ -15,8 +15,8 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -163,7 +163,7 @@ def targets(results: dict, rss: dict | None) -> list[dict]:
 
     checks = []
 
-    def check(num, den, goal, what=None):
+    def check(num, den, goal):
         a, b = ips(num), ips(den)
         value = a / b if a and b else None
         # the same ratio round by round: each round runs every contender back to back, so a
@@ -171,7 +171,7 @@ def targets(results: dict, rss: dict | None) -> list[dict]:
         paired = [x / y for x, y in zip(rounds(num), rounds(den)) if x and y]
         if len(paired) != len(rounds(num)) or len(paired) < 2:
             paired = []
-        checks.append({"target": what or f"{SHORT[num]} / {SHORT[den]}", "goal": goal, "value": value,
+        checks.append({"target": f"{SHORT[num]} / {SHORT[den]}", "goal": goal, "value": value,
                        "pass": None if value is None else value >= goal,
                        "by_round": [round(x, 3) for x in paired]})
 

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from beamzoo.core import Knob, RowOperator, register
 from beamzoo.schemas import PATH
+from beamzoo.transforms.isolated import DEFAULT_TIME_LIMIT, Refused
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
@@ -124,14 +125,6 @@ def read_bytes(path: str, max_bytes: int) -> bytes:
         os.close(fd)
 
 
-class ReadTimeout(Exception):
-    """A read that outlasted its time limit (the dead letter's reason is the message, as is)."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.dead_letter_reason = message
-
-
 _readers = threading.local()
 
 
@@ -164,7 +157,7 @@ def _serve(jobs: queue.SimpleQueue, owner: threading.Thread) -> None:
 
 
 def read_within(path: str, max_bytes: int, seconds: float) -> bytes:
-    """``read_bytes`` within ``seconds`` of wall time, or ReadTimeout. The read runs in
+    """``read_bytes`` within ``seconds`` of wall time, or ``Refused("timeout: ...")``. The read runs in
     a reader thread of the calling thread's own; one that is stuck (a stalled server,
     a hung mount: a read that neither Python nor a signal can cut short) is left to
     finish on its own, and the next read gets a new reader."""
@@ -180,7 +173,7 @@ def read_within(path: str, max_bytes: int, seconds: float) -> bytes:
     except FutureTimeout:
         _readers.jobs = None
         jobs.put(None)  # that reader ends once its read does
-        raise ReadTimeout(f"timeout: reading took over {seconds:g} s (raise time_limit to allow more)") from None
+        raise Refused(f"timeout: reading took over {seconds:g} s (raise time_limit to allow more)") from None
 
 
 def read_limits(limits: dict) -> dict:
@@ -205,13 +198,13 @@ class ReadFiles(RowOperator):
     knobs = {"max_bytes": Knob(256 << 20, int, low=1, high=BINARY_LIMIT - 1, doc="refuse files larger than this"),
              "batch_bytes": Knob(256 << 20, int, low=1, high=BINARY_LIMIT, results=False,
                                  doc="file bytes a batch holds at most (a larger file goes alone)"),
-             "time_limit": Knob(5.0, float, low=0.01, results=False,
+             "time_limit": Knob(DEFAULT_TIME_LIMIT, float, low=0.01, results=False,
                                 doc="seconds of wall time one file may take to read")}
     requires = pa.schema([PATH])
     produces = pa.schema([pa.field("data", pa.binary())])
 
-    def __init__(self, max_bytes: int = 256 << 20, batch_bytes: int = 256 << 20, time_limit: float = 5.0,
-                 id: str | None = None):
+    def __init__(self, max_bytes: int = 256 << 20, batch_bytes: int = 256 << 20,
+                 time_limit: float = DEFAULT_TIME_LIMIT, id: str | None = None):
         super().__init__(id, max_bytes=max_bytes, batch_bytes=batch_bytes, time_limit=time_limit)
 
     def process_pieces(self, batch):

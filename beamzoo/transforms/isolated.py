@@ -45,7 +45,8 @@ def default_memory_limit() -> int:
 
 
 class Refused(Exception):
-    """An input a worker gave up on: ``dead_letter_reason`` is the dead letter's reason, as is."""
+    """An input refused by a per-input limit (a worker gave up on it, or its read took too
+    long): ``dead_letter_reason`` is the dead letter's reason, as is."""
 
     def __init__(self, reason: str, stage: str | None = None):
         super().__init__(reason)
