@@ -36,9 +36,10 @@ def seconds(low: float):
     return check
 
 
-def check_leftovers(p: argparse.ArgumentParser, runner: str, rest: list[str], example: str) -> None:
+def check_leftovers(p: argparse.ArgumentParser, runner: str, rest: list[str], example: str | None = None) -> None:
     """Refuse a bad --runner, an option neither the pipeline nor Beam knows, and stray
-    arguments (an unquoted glob the shell expanded); ``example`` is a quoted --input."""
+    arguments (for a pipeline with an --input glob, ``example``, a quoted one: the shell
+    may have expanded an unquoted glob)."""
     try:
         check_runner(runner)
     except OptionError as exc:
@@ -54,5 +55,5 @@ def check_leftovers(p: argparse.ArgumentParser, runner: str, rest: list[str], ex
     if unknown:
         p.error(f"unexpected argument {unknown[0]!r}"
                 + (f" (and {len(unknown) - 1} more)" if len(unknown) > 1 else "")
-                + f": if it is one of the files of an --input glob, the shell expanded the glob; "
-                  f"quote it: --input {example}")
+                + (f": if it is one of the files of an --input glob, the shell expanded the glob; "
+                   f"quote it: --input {example}" if example else f": {p.prog} takes no arguments"))

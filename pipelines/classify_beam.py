@@ -20,7 +20,9 @@ import sys
 import apache_beam as beam
 
 import beamzoo
+from beamzoo.cli_args import check_leftovers
 from beamzoo.pipeline import user_errors
+from beamzoo.runners.options import runner_of
 from beamzoo.transforms import beam as bz
 
 FIELDS = ("path", "label", "score", "topk_labels", "topk_scores", "model")
@@ -66,6 +68,7 @@ def main(argv=None) -> int:
                         help="zoo model NAME[:VERSION], or the path of a card file")
     parser.add_argument("--topk", type=int, default=5, help="labels kept per image")
     args, beam_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    check_leftovers(parser, runner_of(beam_args), beam_args)  # what neither this file nor Beam takes
     try:
         with beamzoo.beam_options(beam_args) as options, beam.Pipeline(options=options) as p:
             build(p, os.path.abspath(args.paths), os.path.abspath(args.output), args.model, args.topk)

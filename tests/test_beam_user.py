@@ -158,6 +158,20 @@ def test_classify_beams_predictions_never_delete_its_dead_letters(tmp_path):
         assert write_text_keeps(old, f"{old}-dead_letter", shards) == []  # how they were lost
 
 
+@pytest.mark.parametrize("args, line", [
+    (["--bogus_flag=1"], "error: unknown option --bogus_flag=1: neither classify_beam.py nor Beam knows it"),
+    (["stray"], "error: unexpected argument 'stray': classify_beam.py takes no arguments"),
+    (["--runner=DirektRunner"], "error: --runner: unknown runner 'DirektRunner'"),
+])
+def test_classify_beam_refuses_what_neither_it_nor_beam_takes(listed, tmp_path, args, line):
+    d, _ = listed
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "pipelines", "classify_beam.py"), "--paths",
+                           str(d / "paths.txt"), "--output", str(tmp_path / "preds"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 2 and line in done.stderr.splitlines()[-1], done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and not glob.glob(str(tmp_path / "preds*"))
+
+
 @pytest.mark.integration
 def test_classify_beam_on_direct_runner_gives_score_images_rows(listed, scored, tmp_path):
     rows, dead = classify(listed, tmp_path, "--runner=DirectRunner")
