@@ -4,6 +4,7 @@ the same lines as RapidOCR's own engine, and the same rows on every runner."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -24,8 +25,8 @@ from beamzoo.transforms.ocr.db import unclip
 from beamzoo.transforms.ocr.detect import pad_ratios
 from beamzoo.transforms.ocr.images import image_struct
 from beamzoo.transforms.ocr.lines import reading_order
-from beamzoo.transforms.ocr.pipeline import ocr_images
-from beamzoo.transforms.preprocess import decode
+from beamzoo.ocr import ocr_images
+from beamzoo.imaging import decode
 from beamzoo.zoo import rapidocr
 from conftest import ROOT, assert_same_rows, read, run_graph
 
@@ -53,7 +54,7 @@ def test_each_card_builds_its_pinned_file_from_the_wheel():
     for ref, (task, file) in CARDS.items():
         card = zoo.get(ref)
         assert card.task == task and card.build == {"builder": "rapidocr", "args": {"file": file}}
-        data = card.model_bytes()
+        data = zoo.model_bytes(card)
         assert hashlib.sha256(data).hexdigest() == card.sha256 == rapidocr.FILES[file]
         assert rapidocr.build_rapidocr(file) == data  # deterministic
     assert zoo.get("ppocr_cls:1").labels == ("0", "180")
@@ -61,7 +62,7 @@ def test_each_card_builds_its_pinned_file_from_the_wheel():
 
 def test_the_recognizers_dictionary_is_in_its_metadata_and_fits_its_classes():
     from beamzoo.transforms.ocr.models import RECOGNIZER, characters, session
-    sess = session(RECOGNIZER)
+    sess = session(RecognizeText(), zoo.get(RECOGNIZER))
     chars = characters(sess)
     assert chars[0] == "" and chars[-1] == " " and len(chars) == 6625 == sess.get_outputs()[0].shape[-1]
     assert {"A", "z", "0", "9", "%", "."} <= set(chars)
@@ -271,7 +272,7 @@ def test_the_same_rows_on_every_runner_and_each_region_accounted_for(tmp_path, f
     assert_same_rows(dead, read(tmp_path / "edge", "dead_letter"))
     assert [os.path.basename(x["source"]) for x in dead if x["parent_id"] is None] == ["broken.jpg"]
     died = Counter(x["parent_id"] for x in dead if x["parent_id"] is not None)
-    assert died and all(x["stage"] == "crop" and "max_ratio=5" in x["error"] for x in dead if x["parent_id"])
+    assert died and all(x["stage"] == "ocr/crop" and "max_ratio=5" in x["error"] for x in dead if x["parent_id"])
     for r in rows:
         assert r["children"] == len(r["lines"]) + died[r["id"]]
     assert {os.path.basename(r["path"]): r["text"] for r in rows}["blank.png"] == ""
@@ -282,10 +283,15 @@ def test_the_command_line_job(tmp_path, few):
     cmd = [sys.executable, os.path.join(ROOT, "pipelines", "ocr_images.py"), "--input", str(few / "*"),
            "--output", str(out), "--runner=EdgeRunner", "--no_progress"]
     env = {**os.environ, "PYTHONPATH": ROOT}
-    done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    done = subprocess.run([*cmd, "--profile", str(tmp_path / "p.json")], capture_output=True, text=True, cwd=ROOT,
+                          env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "inputs: 5  scored: 4  dead letters: 1" in done.stdout
     rows = read(out)
     assert set(rows[0]) >= {"id", "path", "text", "lines", "children"} and any(r["text"] for r in rows)
+    steps = json.loads((tmp_path / "p.json").read_text())["steps"]  # every step, the one-to-many too
+    regions = steps["ocr/detect"]["ports"]["out"]
+    assert steps["ocr/detect"]["rows_in"] == 4 and regions == steps["ocr/crop"]["rows_in"] > 0
+    assert steps["ocr/collect_lines"]["rows_out"] == 4 and steps["ocr/collect_lines"]["ports"]["children"] > 0
     bad = subprocess.run([*cmd[:-2], "--min_score", "1.5"], capture_output=True, text=True, cwd=ROOT, env=env)
     assert bad.returncode == 2 and "--min_score: must be between 0 and 1, got 1.5" in bad.stderr

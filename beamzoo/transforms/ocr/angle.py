@@ -8,10 +8,11 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from beamzoo.core import Knob, register
+from beamzoo.core.knobs import Knob
+from beamzoo.transforms.model import INTRA_OP_THREADS
 from beamzoo.transforms.ocr.batched import BatchedModel
 from beamzoo.transforms.ocr.images import image_struct, pixels
-from beamzoo.transforms.ocr.models import ANGLE
+from beamzoo.transforms.ocr.models import ANGLE, model_knob
 from beamzoo.transforms.preprocess import image_spec
 
 HEIGHT, WIDTH = 48, 192  # the classifier's input
@@ -31,24 +32,21 @@ def classifier_input(img: np.ndarray, height: int, width: int) -> np.ndarray:
     return out
 
 
-@register("text_angle")
 class TextAngle(BatchedModel):
     """image -> image (turned if upside down), ``angle`` (the degrees it was turned: 0 or 180)
     and ``angle_score`` (the classifier's confidence in its class)."""
 
+    name = "text_angle"
     default_id = "angle"
     task = "text-direction"
-    knobs = {"model": Knob(ANGLE, str, doc="the angle classifier's card"),
+    knobs = {"model": model_knob(ANGLE, "angle classifier"),
              "thresh": Knob(0.9, float, low=0, high=1, doc="turn a crop only when this sure"),
-             "batch_size": Knob(6, int, low=1, high=4096, results=False),
-             "intra_op_threads": Knob(1, int, low=0, high=1024, results=False)}
+             "batch_size": Knob(6, int, low=1, high=4096, results=False, doc="crops per classifier call"),
+             "intra_op_threads": INTRA_OP_THREADS}
     requires = pa.schema([image_spec("BGR").field("image")])
     produces = pa.schema([image_spec("BGR").field("image"), pa.field("angle", pa.int32()),
                           pa.field("angle_score", pa.float32())])
     consumes = ("image",)
-
-    def __init__(self, id: str | None = None, **params):
-        super().__init__(id, **params)
 
     def prepare(self, row):
         img = pixels(row["image"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from beamzoo.core import Operator, Result, dead_letters, error_text
+from beamzoo.core.op import Operator, Result, dead_letters, error_text
 from beamzoo.transforms.ocr.models import UsesModel
 
 
@@ -29,7 +29,7 @@ class BatchedModel(UsesModel, Operator):
         raise NotImplementedError
 
     def process(self, batch: pa.RecordBatch) -> Result:
-        self.setup()
+        self.bind()
         columns = {f.name: batch.column(f.name).to_pylist() for f in self.requires}
         ready, rows, bad, errors = [], [], [], []
         for i in range(batch.num_rows):

@@ -7,7 +7,8 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from beamzoo.core import Knob, RowOperator, register
+from beamzoo.core.knobs import Knob
+from beamzoo.core.op import RowOperator
 from beamzoo.transforms.ocr.images import QUAD, image_struct, pixels
 from beamzoo.transforms.preprocess import image_spec
 
@@ -42,19 +43,16 @@ def rectify(img: np.ndarray, quad: np.ndarray, max_ratio: float = 256.0) -> np.n
     return np.rot90(out) if turned(width, height) else out
 
 
-@register("crop_text")
 class CropText(RowOperator):
     """patch + quad -> ``image``: the region rectified. A region that cannot be cut
     (no area, corners that are not numbers, too long and thin) is a dead letter."""
 
+    name = "crop_text"
     default_id = "crop"
     knobs = {"max_ratio": Knob(256.0, float, low=1, doc="refuse regions longer than this times their height")}
     requires = pa.schema([image_spec("BGR").field("patch"), pa.field("quad", QUAD)])
     produces = pa.schema([image_spec("BGR").field("image")])
     consumes = ("patch", "quad")
-
-    def __init__(self, max_ratio: float = 256.0, id: str | None = None):
-        super().__init__(id, max_ratio=max_ratio)
 
     def process_row(self, row):
         return {"image": image_struct(rectify(pixels(row["patch"]), row["quad"], self.params["max_ratio"]))}

@@ -12,17 +12,19 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from beamzoo.core import Knob, register
-from beamzoo.schemas import PARENT_ID
+from beamzoo.core.knobs import Knob
+from beamzoo.core.schemas import PARENT_ID
+from beamzoo.transforms.model import INTRA_OP_THREADS
 from beamzoo.transforms.ocr import db
 from beamzoo.transforms.ocr.crop import crop_size, turned
 from beamzoo.transforms.ocr.geometry import detector_input, fit, order_quad
 from beamzoo.transforms.ocr.images import QUAD, image_struct, pixels
 from beamzoo.transforms.flow import Explode
-from beamzoo.transforms.ocr.models import DETECTOR, UsesModel
+from beamzoo.transforms.ocr.models import DETECTOR, UsesModel, model_knob
 from beamzoo.transforms.preprocess import image_spec
 
 MARGIN = 3  # pixels kept around a region's patch: what cubic interpolation reads at its edge
+MAX_PATCH_BYTES = 512 << 20  # the patches of one image hold at most this (overlapping regions repeat pixels)
 
 
 def aspect(quad) -> float:
@@ -48,26 +50,25 @@ def pad_ratios(ratios: list[float], group: int) -> list[float]:
     return out
 
 
-@register("detect_text")
 class DetectText(UsesModel, Explode):
     """image (BGR) -> text regions, with PP-OCRv4 detection and DB post-processing."""
 
+    name = "detect_text"
     default_id = "detect"
-    knobs = {"model": Knob(DETECTOR, str, doc="the detection model's card"),
+    knobs = {"model": model_knob(DETECTOR, "text detection"),
              "thresh": Knob(0.3, float, low=0, high=1, doc="a pixel is text above this probability"),
              "box_thresh": Knob(0.5, float, low=0, high=1, doc="keep a box whose mean probability is this"),
              "unclip_ratio": Knob(1.6, float, low=0, high=10, doc="how much a box is grown back"),
              "max_candidates": Knob(1000, int, low=1, doc="outlines looked at per image"),
-             "limit_side": Knob(736, int, low=32, high=8192, doc="the detector sees a short side of at least this"),
-             "max_side": Knob(2000, int, low=32, doc="larger images are shrunk to this long side first"),
+             "limit_side": Knob(736, int, low=32, high=8192,
+                                doc="the detector sees a short side of at least this (a very tall or flat "
+                                    "image less: its long side is enlarged to 8 times this at most)"),
+             "max_side": Knob(2000, int, low=32, high=8192, doc="larger images are shrunk to this long side first"),
              "pad_group": Knob(6, int, low=1, high=4096,
                                doc="regions of an image that share a recognition width"),
-             "intra_op_threads": Knob(1, int, low=0, high=1024, results=False)}
+             "intra_op_threads": INTRA_OP_THREADS}
     INDEX = "region"
     task = "text-detection"
-
-    def __init__(self, id: str | None = None, **params):
-        super().__init__(id, **params)
 
     def configure(self):
         self.requires = pa.schema([image_spec("BGR").field("image")])
@@ -83,7 +84,7 @@ class DetectText(UsesModel, Explode):
         x = detector_input(fitted.image, p["limit_side"])
         prob = self._session.run(None, {self._session.get_inputs()[0].name: x})[0][0, 0]
         h, w = fitted.image.shape[:2]
-        out = []
+        found = []
         for quad, score in db.boxes(prob, h, w, p["thresh"], p["box_thresh"], p["unclip_ratio"],
                                     p["max_candidates"]):
             quad = order_quad(quad.astype(np.float32))
@@ -92,10 +93,16 @@ class DetectText(UsesModel, Explode):
             if int(np.linalg.norm(quad[0] - quad[1])) <= 3 or int(np.linalg.norm(quad[0] - quad[3])) <= 3:
                 continue  # a sliver
             x0, y0 = (max(0, int(v) - MARGIN) for v in quad.min(axis=0))
-            x1, y1 = (int(v) + MARGIN + 1 for v in quad.max(axis=0))
-            out.append({"box": fitted.to_original(quad).tolist(), "det_score": score,
-                        "patch": image_struct(fitted.image[y0:y1, x0:x1]),
-                        "quad": (quad - np.array([x0, y0], np.float32)).tolist()})
+            x1, y1 = (min(int(v) + MARGIN + 1, side) for v, side in zip(quad.max(axis=0), (w, h)))
+            found.append((quad, score, x0, y0, x1, y1))
+        size = sum((x1 - x0) * (y1 - y0) * 3 for *_, x0, y0, x1, y1 in found)
+        if size > MAX_PATCH_BYTES:  # checked before a pixel is copied
+            raise ValueError(f"its {len(found)} text regions overlap so much that their patches would hold "
+                             f"{size >> 20} MiB, over the limit of {MAX_PATCH_BYTES >> 20} MiB")
+        out = [{"box": fitted.to_original(quad).tolist(), "det_score": score,
+                "patch": image_struct(fitted.image[y0:y1, x0:x1]),
+                "quad": (quad - np.array([x0, y0], np.float32)).tolist()}
+               for quad, score, x0, y0, x1, y1 in found]
         ratios = [aspect(r["quad"]) for r in out]
         for r, pad in zip(out, pad_ratios(ratios, p["pad_group"])):
             r["pad_ratio"] = pad

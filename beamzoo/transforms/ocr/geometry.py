@@ -2,9 +2,11 @@
 boxes mapped back from there to the image's own pixels.
 
 ``fit`` shrinks an image whose long side is over ``max_side`` (or enlarges one
-whose short side is under ``min_side``), each side a multiple of 32, then pads
-a very flat image above and below (black) so the detector sees text lines at
-a sensible scale. Crops are cut from the fitted image.
+whose short side is under ``min_side``, never past ``max_side``), each side a
+multiple of 32, then pads a very flat image above and below (black) so the
+detector sees text lines at a sensible scale. Crops are cut from the fitted
+image. Both sides of what the detector sees are bounded whatever the image's
+shape: a sliver of a few pixels cannot make it tens of thousands of pixels long.
 """
 from __future__ import annotations
 
@@ -46,8 +48,8 @@ def fit(img: np.ndarray, max_side: int = 2000, min_side: int = 30, min_height: i
         nh, nw = _multiple_of_32(h0, w0, max_side / max(h0, w0))
         out = cv2.resize(out, (nw, nh))
     h, w = out.shape[:2]
-    if min(h, w) < min_side:
-        nh, nw = _multiple_of_32(h, w, min_side / min(h, w))
+    if min(h, w) < min_side and max(h, w) < max_side:
+        nh, nw = _multiple_of_32(h, w, min(min_side / min(h, w), max_side / max(h, w)))
         out = cv2.resize(out, (nw, nh))
     h, w = out.shape[:2]
     pad = 0
@@ -57,12 +59,22 @@ def fit(img: np.ndarray, max_side: int = 2000, min_side: int = 30, min_height: i
     return Fitted(out, w0 / w, h0 / h, pad, h0, w0)
 
 
-def detector_input(img: np.ndarray, limit_side: int = 736) -> np.ndarray:
-    """The fitted image as the detector's input: short side at least ``limit_side``,
-    each side a multiple of 32, scaled to -1..1, NCHW with a batch of one."""
-    h, w = img.shape[:2]
+MAX_ASPECT = 8  # the detector's input is enlarged to at most this times limit_side on its long side
+
+
+def input_size(h: int, w: int, limit_side: int = 736) -> tuple[int, int]:
+    """(height, width) of the detector's input for a fitted image: the short side enlarged to
+    ``limit_side``, but the long side to no more than ``MAX_ASPECT * limit_side`` (a very tall
+    image is seen with a shorter short side), each side a multiple of 32."""
     ratio = limit_side / min(h, w) if min(h, w) < limit_side else 1.0
-    nh, nw = _multiple_of_32(h, w, ratio)
+    ratio = min(ratio, max(1.0, MAX_ASPECT * limit_side / max(h, w)))
+    return _multiple_of_32(h, w, ratio)
+
+
+def detector_input(img: np.ndarray, limit_side: int = 736) -> np.ndarray:
+    """The fitted image as the detector's input (``input_size``), scaled to -1..1, NCHW with
+    a batch of one."""
+    nh, nw = input_size(*img.shape[:2], limit_side)
     x = cv2.resize(img, (nw, nh)).astype(np.float32)
     x *= np.float32(1 / 127.5)
     x -= np.float32(1)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from beamzoo.core import Knob, RowOperator, register
+from beamzoo.core.knobs import Knob
+from beamzoo.core.op import RowOperator
 from beamzoo.transforms.ocr.images import QUAD
 
 LINE = pa.struct([("text", pa.string()), ("score", pa.float32()), ("box", QUAD)])
@@ -35,17 +36,14 @@ def reading_order(boxes: list) -> list[list[int]]:
     return [sorted(row, key=left) for row in rows]
 
 
-@register("text_lines")
 class TextLines(RowOperator):
     """Collected regions (``<prefix>text``, ``<prefix>score``, ``<prefix>box``) ->
     ``lines`` (text, score, box each, in reading order) and ``text`` (a row a line)."""
 
+    name = "text_lines"
     default_id = "lines"
     knobs = {"min_score": Knob(0.5, float, low=0, high=1, doc="leave out lines scored below this"),
              "prefix": Knob("region_", str, doc="of the collected columns")}
-
-    def __init__(self, min_score: float = 0.5, prefix: str = "region_", id: str | None = None):
-        super().__init__(id, min_score=min_score, prefix=prefix)
 
     def configure(self):
         p = self.params["prefix"]

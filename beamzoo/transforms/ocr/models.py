@@ -2,28 +2,28 @@
 made from the verified bytes of their zoo cards (``beamzoo/zoo/models/ppocr*``)."""
 from __future__ import annotations
 
-from beamzoo.resources import shared
+from beamzoo.core.op import Operator
+from beamzoo.transforms.model import MODEL
+from beamzoo.zoo import ModelCard, card_of, model_bytes
 
 DETECTOR, RECOGNIZER, ANGLE = "ppocrv4_det:1", "ppocrv4_rec:1", "ppocr_cls:1"
 
 
-def card(ref: str, task: str):
-    """The zoo card ``ref``, refused unless it is a model for ``task``."""
-    from beamzoo import zoo
-    found = zoo.get(ref)
+def model_knob(default: str, what: str):
+    """An OCR step's ``model`` knob: a built-in model by default."""
+    return MODEL.but(default=default, required=False, doc=f"the {what} model (a zoo name, a card file or a card)")
+
+
+def card(param, task: str) -> ModelCard:
+    """The card ``param`` names, refused unless it is a model for ``task``."""
+    found = card_of(param)
     if found.task != task:
         raise ValueError(f"model {found.ref} is for {found.task}, not {task}")
     return found
 
 
-def model_bytes(ref: str) -> bytes:
-    """The verified ONNX bytes of a model card (built from the RapidOCR wheel on first use)."""
-    from beamzoo import zoo
-    return zoo.get(ref).model_bytes()
-
-
-def session(ref: str, threads: int = 1):
-    """A shared onnxruntime session for ``ref`` with ``threads`` intra-op threads (0: all cores)."""
+def session(op: Operator, found: ModelCard, threads: int = 1):
+    """A shared onnxruntime session for ``found`` with ``threads`` intra-op threads (0: all cores)."""
     def make():
         import onnxruntime as ort
         opts = ort.SessionOptions()
@@ -31,9 +31,10 @@ def session(ref: str, threads: int = 1):
         opts.inter_op_num_threads = 1
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.add_session_config_entry("session.set_denormal_as_zero", "1")  # ~10 % faster, same lines
+        opts.log_severity_level = 4  # a failed run raises, and becomes a dead letter with the reason
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        return ort.InferenceSession(model_bytes(ref), opts, providers=["CPUExecutionProvider"])
-    return shared(("ocr", ref, threads), make)
+        return ort.InferenceSession(model_bytes(found), opts, providers=["CPUExecutionProvider"])
+    return op.ctx.shared(("ocr", found.ref, found.sha256, threads), make)
 
 
 def characters(sess) -> list[str]:
@@ -60,8 +61,7 @@ class UsesModel:
         return {**super().result_params(), "model": self.card.identity()}
 
     def setup(self):
-        if self._session is None:
-            self._session = session(self.params["model"], self.params["intra_op_threads"])
+        self._session = session(self, self.card, self.params["intra_op_threads"])
 
     def __getstate__(self):
-        return {**self.__dict__, "_session": None}
+        return {**super().__getstate__(), "_session": None}

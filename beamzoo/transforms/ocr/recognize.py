@@ -9,34 +9,33 @@ import cv2
 import numpy as np
 import pyarrow as pa
 
-from beamzoo.core import Knob, register
+from beamzoo.core.knobs import Knob
 from beamzoo.transforms.ocr import ctc
+from beamzoo.transforms.model import INTRA_OP_THREADS
 from beamzoo.transforms.ocr.batched import BatchedModel
 from beamzoo.transforms.ocr.images import pixels
-from beamzoo.transforms.ocr.models import RECOGNIZER, characters
+from beamzoo.transforms.ocr.models import RECOGNIZER, model_knob, characters
 from beamzoo.transforms.preprocess import image_spec
 
 HEIGHT, MIN_WIDTH = 48, 320  # the recognizer's input height, and the narrowest batch
+MAX_RATIO = 256  # the widest input, in heights: a wider crop is squeezed to it (CropText refuses such by default)
 
 
-@register("recognize_text")
 class RecognizeText(BatchedModel):
     """image -> ``text`` and ``score`` (the mean confidence of its characters).
 
     A crop is scaled to 48 pixels high and padded on the right to the width its
     ``pad_ratio`` gives (at least 320), so that it reads the same in any batch."""
 
+    name = "recognize_text"
     default_id = "recognize"
     task = "text-recognition"
-    knobs = {"model": Knob(RECOGNIZER, str, doc="the recognition model's card"),
-             "batch_size": Knob(16, int, low=1, high=4096, results=False),
-             "intra_op_threads": Knob(1, int, low=0, high=1024, results=False)}
+    knobs = {"model": model_knob(RECOGNIZER, "text recognition"),
+             "batch_size": Knob(16, int, low=1, high=4096, results=False, doc="regions per recognition call"),
+             "intra_op_threads": INTRA_OP_THREADS}
     requires = pa.schema([image_spec("BGR").field("image"), pa.field("pad_ratio", pa.float64())])
     produces = pa.schema([pa.field("text", pa.string()), pa.field("score", pa.float32())])
     consumes = ("image", "pad_ratio")
-
-    def __init__(self, id: str | None = None, **params):
-        super().__init__(id, **params)
 
     def setup(self):
         super().setup()
@@ -48,7 +47,7 @@ class RecognizeText(BatchedModel):
         if h < 1 or w < 1:
             raise ValueError(f"an empty crop ({w}x{h})")
         ratio = row["pad_ratio"] if row["pad_ratio"] is not None else w / h
-        return img, int(HEIGHT * max(MIN_WIDTH / HEIGHT, ratio))
+        return img, int(HEIGHT * min(max(MIN_WIDTH / HEIGHT, ratio), MAX_RATIO))
 
     def batches(self, prepared):
         """Crops of the same input width together, up to ``batch_size``, narrow ones first."""
