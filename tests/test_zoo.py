@@ -72,7 +72,7 @@ def test_a_card_file_loads_with_every_field(tmp_path, as_json):
     assert [t.name for t in card.inputs] == ["images"] and card.inputs[0].shape == (3, 32, 32)
     assert card.input.channels == "RGB" and card.input.value_range == (-1.0, 1.0)
     assert card.metric("colour_top1") == 0.99 and card.file == str(tmp_path / "c" / "tiny.onnx")
-    assert zoo.ModelCard.from_param(card.as_dict()) == card  # a graph holds it as data
+    assert zoo.card_of(card.as_dict()) == card  # a graph holds it as data
 
 
 def _other_model(folder):
@@ -129,7 +129,7 @@ def test_a_built_in_model_is_pinned_by_the_package_not_the_cache(tmp_path, monke
     with open(card.file + ".sha256", "w") as f:  # a pin file beside it changes nothing
         f.write(zoo.sha256_of(fake))
     with pytest.raises(zoo.ModelIntegrityError, match="field 'sha256'\\) pins 7814960e"):
-        card.model_bytes()
+        zoo.model_bytes(card)
 
 
 def test_the_session_is_made_from_the_bytes_that_were_checked(tmp_path, user_card, monkeypatch):
@@ -264,12 +264,14 @@ def test_several_named_inputs_and_outputs_run_end_to_end(tmp_path, colour_dir, r
     d.mkdir()
     image = dict(name="pixels", dtype="float32", shape=[3, 32, 32], layout="NCHW", channels="RGB",
                  value_range=[-1, 1])
-    first = zoo.load_card(write_card(d / "a", two_output_model(d / "two_out.onnx"), name="two_out",
-                                     file="../two_out.onnx", inputs=[image], task="other", labels=None,
+    (d / "a").mkdir()
+    (d / "b").mkdir()
+    first = zoo.load_card(write_card(d / "a", two_output_model(d / "a" / "two_out.onnx"), name="two_out",
+                                     inputs=[image], task="other", labels=None,
                                      outputs=[dict(name="logits", dtype="float32", shape=[3]),
                                               dict(name="brightness", dtype="float32", shape=[1])]))
-    second = zoo.load_card(write_card(d / "b", two_input_model(d / "two_in.onnx"), name="two_in",
-                                      file="../two_in.onnx", task="other", labels=None, preprocess=None,
+    second = zoo.load_card(write_card(d / "b", two_input_model(d / "b" / "two_in.onnx"), name="two_in",
+                                      task="other", labels=None, preprocess=None,
                                       inputs=[dict(name="logits", dtype="float32", shape=[3]),
                                               dict(name="brightness", dtype="float32", shape=[1])],
                                       outputs=[dict(name="adjusted", dtype="float32", shape=[3])]))

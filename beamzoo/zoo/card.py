@@ -2,9 +2,11 @@
 
 A card names its ONNX file (relative to the card) and pins it by sha256; its
 ``inputs`` and ``outputs`` are typed tensors, checked against the ONNX file
-before anything is scored. ``load_card`` refuses a card with a missing field,
-a wrong type, a missing file, a wrong hash, labels that do not fit the output
-or a signature that does not fit the model, naming the card file and the field.
+before anything is scored (``beamzoo.zoo.verify``). ``read_card`` refuses a card
+with a missing field, a wrong type, a missing file, or labels that do not fit
+the output, naming the card file and the field. The files a card names lie in
+its folder (or its repository), links followed, and are regular files of a
+bounded size (``beamzoo.zoo.files``); YAML anchors and aliases are refused.
 """
 from __future__ import annotations
 
@@ -13,11 +15,15 @@ import json
 import math
 import os
 import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from beamzoo.schemas import TensorSpec
+import yaml
+
+from beamzoo.core.schemas import TensorSpec
+from beamzoo.zoo import files
 
 TASKS = ("image-classification", "text-detection", "text-recognition", "text-direction", "other")
 NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
@@ -26,6 +32,16 @@ OPTIONAL = ("labels", "tags", "license", "source", "metrics", "preprocess", "bui
 LAYOUTS = {"NCHW": 3, "NHWC": 3, "NC": 1}
 CHANNELS = ("RGB", "BGR", "GRAY")
 DTYPES = ("float32", "float16", "float64", "uint8", "int8", "int32", "int64", "bool")
+BUILTIN = Path(__file__).parent / "models"  # the built-in repository
+_SHOWN = reprlib.Repr()
+_SHOWN.maxstring = _SHOWN.maxother = 80
+_SHOWN.maxlist = _SHOWN.maxdict = 6
+_SHOWN.maxlevel = 3
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` for an error message, cut to about 80 characters."""
+    return _SHOWN.repr(value)
 
 
 def cache_dir() -> Path:
@@ -44,8 +60,9 @@ class CardError(ValueError):
     """A card file that cannot be used: names the file and the field."""
 
     def __init__(self, where: str, field_name: str | None, message: str):
+        where = str(where) if len(str(where)) <= 300 else str(where)[:299] + "…"
         self.where, self.field = where, field_name
-        at = f" field {field_name!r}" if field_name else ""
+        at = f" field {shown(field_name)}" if field_name else ""
         super().__init__(f"model card {where}{at}: {message}")
 
 
@@ -132,23 +149,6 @@ class ModelCard:
         m = self.metrics.get(name)
         return None if m is None else m["value"]
 
-    def model_bytes(self) -> bytes:
-        """The model file's bytes, once their sha256 is the card's pin and their
-        signature the card's; a built-in model is built into the cache on first use.
-        Make sessions from these bytes, never by opening the path again."""
-        from beamzoo.zoo.verify import verified_bytes
-        return verified_bytes(self)
-
-    def onnx_path(self) -> Path:
-        """The model file, verified (for tools that need a path)."""
-        self.model_bytes()
-        return Path(self.file)
-
-    def to_param(self) -> str | dict:
-        """The card as JSON data for a graph step: a built-in by reference, else whole."""
-        from beamzoo.zoo.repository import builtin
-        return self.ref if builtin(self.ref) == self else self.as_dict()
-
     def identity(self) -> dict:
         """What defines the model's answers, for fingerprints: the card without
         where its file lies (a moved bundle keeps its resume keys)."""
@@ -171,63 +171,77 @@ class ModelCard:
             d["card_path"] = self.card_path
         return d
 
-    @classmethod
-    def from_param(cls, param: str | dict | ModelCard) -> ModelCard:
-        if isinstance(param, ModelCard):
-            return param
-        from beamzoo.zoo.repository import get
-        if isinstance(param, str):
-            return get(param)
-        d = dict(param)
-        d.pop("build", None)  # a card inside a graph names its file; it is never built from there
-        where = d.get("card_path") or f"{d.get('name')}:{d.get('version')}"
-        return card_from_dict(d, where, base=None)
-
     def summary(self) -> str:
         ins = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in self.inputs)
         outs = ", ".join(f"{t.name} {t.dtype}{list(t.shape)}" for t in self.outputs)
         return f"{self.ref} ({self.task}): {ins} -> {outs}"
 
 
-def load_card(path: str | os.PathLike, builtin: bool = False, verify: bool = True) -> ModelCard:
-    """Read and check a card file (YAML or JSON). A user's card is verified at once:
-    its file's sha256 and its signature against the ONNX file."""
+def read_card(path: str | os.PathLike, builtin: bool = False, root: str | os.PathLike | None = None) -> ModelCard:
+    """Read and check a card file (YAML or JSON): its fields, not yet its model file
+    (``beamzoo.zoo.verify.load_card`` checks that too). The files it names must lie in
+    ``root`` (default: the card's folder; for a built-in card, the built-in repository)."""
     path = Path(path).absolute()
     where = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise CardError(where, None, "no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CardError(where, None, f"cannot be read: {exc}") from None
+        raw = files.read(path, files.CARD_MAX)
+    except files.Refused as exc:
+        raise CardError(where, None, f"the card file {exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CardError(where, None, "is not UTF-8 text") from None
     data = _parse(text, where)
-    card = card_from_dict(data, where, base=path.parent, builtin=builtin)
-    if verify and not builtin:
-        card.model_bytes()
-    return card
+    if root is None:
+        root = BUILTIN if builtin else path.parent
+    return card_from_dict(data, where, base=path.parent, builtin=builtin, root=Path(root))
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML without anchors and aliases: a card is small, and an alias can make a
+    kilobyte of text into gigabytes of data."""
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.composer.ComposerError(None, None, "a card has no anchors (&) or aliases (*)",
+                                              event.start_mark)
+        return super().compose_node(parent, index)
 
 
 def _parse(text: str, where: str) -> dict:
-    if where.endswith(".json"):
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise CardError(where, None, f"is not valid JSON: {exc}") from None
-    else:
-        import yaml
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise CardError(where, None, f"is not valid YAML: {exc}") from None
+    try:
+        if where.endswith(".json"):
+            try:
+                data = json.loads(text)
+            except ValueError as exc:
+                raise CardError(where, None, f"is not valid JSON: {_cut(exc)}") from None
+        else:
+            try:
+                data = yaml.load(text, Loader=_Loader)
+            except yaml.YAMLError as exc:
+                raise CardError(where, None, f"is not valid YAML: {_cut(exc)}") from None
+            except ValueError as exc:  # e.g. an integer of more digits than Python converts
+                raise CardError(where, None, f"has a value that cannot be read: {_cut(exc)}") from None
+    except RecursionError:
+        raise CardError(where, None, "nests too deeply") from None
     if not isinstance(data, dict):
         raise CardError(where, None, f"must be a mapping of fields, got {type(data).__name__}")
     return data
 
 
-def card_from_dict(d: dict, where: str, base: Path | None, builtin: bool = False) -> ModelCard:
-    """A card from its fields; relative paths resolve against ``base`` (the card's folder)."""
+def _cut(exc: Exception, limit: int = 300) -> str:
+    text = str(exc)
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
+def card_from_dict(d: dict, where: str, base: Path | None, builtin: bool = False,
+                   root: Path | None = None) -> ModelCard:
+    """A card from its fields; relative paths resolve against ``base`` (the card's folder) and
+    must lie inside ``root`` (default ``base``). ``base=None``: a card inside a graph, whose
+    file is checked when its model is loaded and whose labels are a list."""
     internal = ("card_path",) if base is None else ()  # a card inside a graph remembers its file
-    unknown = sorted(set(d) - set(REQUIRED) - set(OPTIONAL) - set(internal))
+    unknown = sorted(set(d) - set(REQUIRED) - set(OPTIONAL) - set(internal), key=str)
     if unknown:
         raise CardError(where, unknown[0], f"is not a card field; the fields are {', '.join(REQUIRED + OPTIONAL)}")
     for k in REQUIRED:
@@ -235,20 +249,21 @@ def card_from_dict(d: dict, where: str, base: Path | None, builtin: bool = False
             raise CardError(where, k, "is required")
     name, version = _text(d, "name", where), _version(d, where)
     if not NAME.match(name):
-        raise CardError(where, "name", f"{name!r} must be lower-case letters, digits, '_', '.', '-'")
+        raise CardError(where, "name", f"{shown(name)} must be lower-case letters, digits, '_', '.', '-'")
     task = _text(d, "task", where)
     if task not in TASKS:
-        raise CardError(where, "task", f"{task!r} is not one of {', '.join(TASKS)}")
+        raise CardError(where, "task", f"{shown(task)} is not one of {', '.join(TASKS)}")
     sha = _text(d, "sha256", where).lower()
     if not re.fullmatch(r"[0-9a-f]{64}", sha):
-        raise CardError(where, "sha256", f"{sha!r} is not a sha256 (64 hex digits)")
+        raise CardError(where, "sha256", f"{shown(sha)} is not a sha256 (64 hex digits)")
     build = d.get("build")
     if build is not None and not builtin:
         raise CardError(where, "build", "only beamzoo's built-in cards are built; give the ONNX file in 'file'")
-    file = _file(d, where, base, name, version, build)
+    root = base if root is None else root
+    file = _file(d, where, base, root, name, version, build)
     inputs = _tensors(d, "inputs", where)
     outputs = _tensors(d, "outputs", where)
-    labels = _labels(d, where, base, task, outputs)
+    labels = _labels(d, where, base, root, task, outputs)
     card = ModelCard(
         name=name, version=version, task=task, file=file, sha256=sha, inputs=inputs, outputs=outputs,
         labels=labels, tags=tuple(_list_of_text(d, "tags", where)), license=_opt_text(d, "license", where),
@@ -261,7 +276,7 @@ def card_from_dict(d: dict, where: str, base: Path | None, builtin: bool = False
 def _text(d: dict, k: str, where: str) -> str:
     v = d[k]
     if not isinstance(v, str) or not v.strip():
-        raise CardError(where, k, f"must be a non-empty string, got {v!r}")
+        raise CardError(where, k, f"must be a non-empty string, got {shown(v)}")
     return v.strip()
 
 
@@ -272,28 +287,34 @@ def _opt_text(d: dict, k: str, where: str) -> str | None:
 def _version(d: dict, where: str) -> str:
     v = d["version"]
     if isinstance(v, bool) or not isinstance(v, (str, int)):
-        raise CardError(where, "version", f"must be a string such as \"1\" or \"2.1\", got {v!r}")
+        raise CardError(where, "version", f"must be a string such as \"1\" or \"2.1\", got {shown(v)}")
     v = str(v).strip()
     if not re.fullmatch(r"[0-9A-Za-z][0-9A-Za-z._-]*", v):
-        raise CardError(where, "version", f"{v!r} must be letters, digits, '.', '_', '-'")
+        raise CardError(where, "version", f"{shown(v)} must be letters, digits, '.', '_', '-'")
     return v
 
 
-def _file(d, where, base, name, version, build) -> str:
+def _file(d, where, base, root, name, version, build) -> str:
     rel = _text(d, "file", where)
     if build is not None:  # a built-in model is built into the cache, in a folder of its pin
         if "/" in rel or "\\" in rel:
-            raise CardError(where, "file", f"a built file is a plain name, got {rel!r}")
+            raise CardError(where, "file", f"a built file is a plain name, got {shown(rel)}")
         pin = str(d.get("sha256", ""))[:16]
         return str(cache_dir() / "models" / name / version / pin / rel)
-    path = Path(rel)
     if base is None:  # a card inside a graph: its file is checked when the model is loaded
         return rel
-    if not path.is_absolute():
-        path = base / path
-    if not path.is_file():
-        raise CardError(where, "file", f"{path} does not exist (the ONNX file, relative to the card)")
+    path = _confined(where, "file", rel, base, root, files.MODEL_MAX, "the ONNX file, relative to the card")
     return str(path)
+
+
+def _confined(where, field_name, rel, base, root, cap, what) -> Path:
+    """The file a card names, checked (inside ``root``, regular, at most ``cap`` bytes), not opened."""
+    try:
+        path = files.confined(rel, base, root)
+        files.regular(path, cap)
+    except files.Refused as exc:
+        raise CardError(where, field_name, f"{shown(rel)} {exc} ({what})") from None
+    return path
 
 
 def _list_of_text(d: dict, k: str, where: str) -> list[str]:
@@ -301,7 +322,7 @@ def _list_of_text(d: dict, k: str, where: str) -> list[str]:
     if v is None:
         return []
     if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
-        raise CardError(where, k, f"must be a list of strings, got {v!r}")
+        raise CardError(where, k, f"must be a list of strings, got {shown(v)}")
     return v
 
 
@@ -313,7 +334,7 @@ def _tensors(d: dict, k: str, where: str) -> tuple[Tensor, ...]:
     for i, t in enumerate(v):
         at = f"{k}[{i}]"
         if not isinstance(t, dict):
-            raise CardError(where, at, f"must be a mapping {{name, dtype, shape}}, got {t!r}")
+            raise CardError(where, at, f"must be a mapping {{name, dtype, shape}}, got {shown(t)}")
         bad = sorted(set(t) - {"name", "dtype", "shape", "layout", "channels", "value_range"})
         if bad:
             raise CardError(where, f"{at}.{bad[0]}", "is not a tensor field (name, dtype, shape, layout, "
@@ -323,26 +344,26 @@ def _tensors(d: dict, k: str, where: str) -> tuple[Tensor, ...]:
                 raise CardError(where, f"{at}.{req}", "is required")
         tname = t["name"]
         if not isinstance(tname, str) or not tname:
-            raise CardError(where, f"{at}.name", f"must be a non-empty string, got {tname!r}")
+            raise CardError(where, f"{at}.name", f"must be a non-empty string, got {shown(tname)}")
         if tname in seen:
-            raise CardError(where, f"{at}.name", f"{tname!r} is listed twice")
+            raise CardError(where, f"{at}.name", f"{shown(tname)} is listed twice")
         seen.add(tname)
         if t["dtype"] not in DTYPES:
-            raise CardError(where, f"{at}.dtype", f"{t['dtype']!r} is not one of {', '.join(DTYPES)}")
+            raise CardError(where, f"{at}.dtype", f"{shown(t['dtype'])} is not one of {', '.join(DTYPES)}")
         shape = t["shape"]
         if not isinstance(shape, list) or not all(
                 s is None or (isinstance(s, int) and not isinstance(s, bool) and s > 0) for s in shape):
             raise CardError(where, f"{at}.shape", f"must be a list of positive sizes or null (dynamic), "
-                            f"without the batch axis; got {shape!r}")
+                            f"without the batch axis; got {shown(shape)}")
         layout, channels, vr = t.get("layout"), t.get("channels"), t.get("value_range")
         if layout is not None and (layout not in LAYOUTS or LAYOUTS[layout] != len(shape)):
-            raise CardError(where, f"{at}.layout", f"{layout!r} does not fit shape {shape} "
+            raise CardError(where, f"{at}.layout", f"{shown(layout)} does not fit shape {shown(shape)} "
                             f"(NCHW or NHWC for [C, H, W] / [H, W, C], NC for [C])")
         if channels is not None and channels not in CHANNELS:
-            raise CardError(where, f"{at}.channels", f"{channels!r} is not one of {', '.join(CHANNELS)}")
+            raise CardError(where, f"{at}.channels", f"{shown(channels)} is not one of {', '.join(CHANNELS)}")
         if vr is not None and (not isinstance(vr, list) or len(vr) != 2 or not all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) for x in vr) or vr[0] >= vr[1]):
-            raise CardError(where, f"{at}.value_range", f"must be [low, high] with low < high, got {vr!r}")
+            raise CardError(where, f"{at}.value_range", f"must be [low, high] with low < high, got {shown(vr)}")
         if layout in ("NCHW", "NHWC") and channels is None:
             raise CardError(where, f"{at}.channels", "an image input needs its channel order (RGB, BGR, GRAY)")
         if layout in ("NCHW", "NHWC") and vr is None:
@@ -352,7 +373,7 @@ def _tensors(d: dict, k: str, where: str) -> tuple[Tensor, ...]:
     return tuple(out)
 
 
-def _labels(d, where, base, task, outputs) -> tuple[str, ...]:
+def _labels(d, where, base, root, task, outputs) -> tuple[str, ...]:
     v = d.get("labels")
     if v is None:
         if task == "image-classification":
@@ -360,20 +381,24 @@ def _labels(d, where, base, task, outputs) -> tuple[str, ...]:
                             "(one per line) relative to the card")
         return ()
     if isinstance(v, str):
-        path = Path(v)
-        if base is not None and not path.is_absolute():
-            path = base / path
+        if base is None:
+            raise CardError(where, "labels", "a card inside a graph lists its labels; it names no labels file")
+        what = "the labels file, one label per line, relative to the card"
+        path = _confined(where, "labels", v, base, root, files.LABELS_MAX, what)
         try:
-            labels = [line for line in path.read_text(encoding="utf-8").splitlines() if line]
-        except OSError as exc:
-            raise CardError(where, "labels", f"cannot read the labels file {path}: {exc.strerror or exc}") from None
+            text = files.read(path, files.LABELS_MAX).decode("utf-8")
+        except files.Refused as exc:
+            raise CardError(where, "labels", f"{shown(v)} {exc} ({what})") from None
+        except UnicodeDecodeError:
+            raise CardError(where, "labels", f"{shown(v)} is not UTF-8 text ({what})") from None
+        labels = [line for line in text.splitlines() if line]
     elif isinstance(v, list) and all(isinstance(x, str) for x in v):
         labels = v
     else:
         raise CardError(where, "labels", f"must be a list of strings or a file name, got {type(v).__name__}")
     size = outputs[0].shape[-1] if outputs[0].shape else None
     if task == "image-classification" and size is not None and len(labels) != size:
-        raise CardError(where, "labels", f"has {len(labels)} labels, but output {outputs[0].name!r} "
+        raise CardError(where, "labels", f"has {len(labels)} labels, but output {shown(outputs[0].name)} "
                         f"has {size} classes")
     return tuple(labels)
 
@@ -386,9 +411,10 @@ def _metrics(d, where) -> dict:
     for k, m in v.items():
         at = f"metrics.{k}"
         if not isinstance(m, dict) or set(m) - {"value", "source"} or "value" not in m or "source" not in m:
-            raise CardError(where, at, f"must be {{value: NUMBER, source: where the figure comes from}}, got {m!r}")
+            raise CardError(where, at, "must be {value: NUMBER, source: where the figure comes from}, "
+                            f"got {shown(m)}")
         if isinstance(m["value"], bool) or not isinstance(m["value"], (int, float)) or not math.isfinite(m["value"]):
-            raise CardError(where, f"{at}.value", f"must be a number, got {m['value']!r}")
+            raise CardError(where, f"{at}.value", f"must be a number, got {shown(m['value'])}")
         if not isinstance(m["source"], str) or not m["source"].strip():
             raise CardError(where, f"{at}.source", "must say where the figure comes from")
         out[str(k)] = {"value": float(m["value"]), "source": m["source"]}
@@ -398,15 +424,27 @@ def _metrics(d, where) -> dict:
 def _preprocess(d, where, inputs) -> dict[str, Any]:
     v = d.get("preprocess") or {}
     if not isinstance(v, dict) or set(v) - {"resize", "crop"}:
-        raise CardError(where, "preprocess", f"must be a mapping with resize and/or crop, got {v!r}")
+        raise CardError(where, "preprocess", f"must be a mapping with resize and/or crop, got {shown(v)}")
     for k, x in v.items():
         if isinstance(x, bool) or not isinstance(x, int) or x < 1:
-            raise CardError(where, f"preprocess.{k}", f"must be a positive whole number, got {x!r}")
+            raise CardError(where, f"preprocess.{k}", f"must be a positive whole number, got {shown(x)}")
     image = next((t for t in inputs if t.spec.layout in ("NCHW", "NHWC")), None)
     if v.get("crop") is not None and image is not None:
         side = image.shape[1] if image.spec.layout == "NCHW" else image.shape[0]
         if side is not None and side != v["crop"]:
-            raise CardError(where, "preprocess.crop", f"is {v['crop']}, but input {image.name!r} takes {side}")
+            raise CardError(where, "preprocess.crop",
+                            f"is {shown(v['crop'])}, but input {shown(image.name)} takes {side}")
     if v.get("resize") is not None and v.get("crop") is not None and v["resize"] < v["crop"]:
-        raise CardError(where, "preprocess.resize", f"{v['resize']} is smaller than the crop {v['crop']}")
+        raise CardError(where, "preprocess.resize", f"{shown(v['resize'])} is smaller than the crop {shown(v['crop'])}")
     return dict(v)
+
+
+def classifier_problem(card: ModelCard) -> str | None:
+    """Why ``card`` cannot classify images (one image input, one output of scores), or None."""
+    if card.task != "image-classification":
+        return f"is a {card.task} model, not an image classifier"
+    if len(card.inputs) != 1 or card.inputs[0].spec.layout not in ("NCHW", "NHWC") or not card.input.fixed:
+        return "does not take one fixed-size image input (layout NCHW or NHWC)"
+    if len(card.outputs) != 1 or len(card.output.shape) != 1 or not card.output.fixed:
+        return "does not give one output of class scores"
+    return None

@@ -7,6 +7,7 @@ import sys
 
 from beamzoo.zoo.card import CardError, ModelCard, ModelIntegrityError
 from beamzoo.zoo.repository import UnknownModel, add_repository, all_cards, get
+from beamzoo.zoo.verify import check_loadable, model_bytes
 
 
 def add_parser(sub) -> None:
@@ -15,7 +16,8 @@ def add_parser(sub) -> None:
                                    "repositories (<repo>/<name>/<version>/card.yaml).")
     cmds = p.add_subparsers(dest="models_command", required=True, metavar="{list,show,verify}")
     for name, text in (("list", "one line per model version"), ("show", "one model's whole card"),
-                       ("verify", "re-hash every model file there is against its card; exit 1 on a mismatch")):
+                       ("verify", "re-hash every model file there is against its card and have onnxruntime load it; "
+                                 "exit 1 on a mismatch")):
         c = cmds.add_parser(name, help=text, description=text)
         if name == "show":
             c.add_argument("model", metavar="NAME[:VERSION]", help="a model, or the path of a card file")
@@ -31,7 +33,7 @@ def main(args) -> int:
         for d in args.zoo:
             add_repository(d)
         return {"list": _list, "show": _show, "verify": _verify}[args.models_command](args)
-    except (CardError, UnknownModel) as exc:
+    except (CardError, ModelIntegrityError, UnknownModel) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 
@@ -76,7 +78,7 @@ def _verify(args) -> int:
             print(f"{card.ref}: not built yet (it is built and checked on first use; --build builds it now)")
             continue
         try:
-            card.model_bytes()
+            check_loadable(card, model_bytes(card))
             print(f"{card.ref}: ok  sha256 {card.sha256}  {card.file}")
         except (ModelIntegrityError, CardError) as exc:
             bad += 1

@@ -31,15 +31,17 @@ from pathlib import Path
 
 import numpy as np
 
+from beamzoo.imaging import decode, decode_resized, resize_crop, scaled
+from beamzoo.samples import _package_dir, sample_files
+
+MAX_PIXELS = 1 << 28  # the photographs are known: the pixel limit only has to let them through
+
 
 def calibration_inputs(resize: int, crop: int, value_range=(-1.0, 1.0)) -> list[np.ndarray]:
-    """The sample photographs as [1, 3, crop, crop] float32 tensors, preprocessed by
-    beamzoo's own DecodeResize (short side to ``resize``, centre crop, RGB, NCHW)."""
-    from beamzoo.samples import sample_files
-    from beamzoo.transforms.preprocess import DecodeResize
-    step = DecodeResize(resize=resize, crop=crop, layout="NCHW", channels="RGB",
-                        value_range=value_range)
-    return [step.process_row({"data": p.read_bytes()})["pixels"][None] for p in sample_files()]
+    """The sample photographs as [1, 3, crop, crop] float32 tensors, preprocessed as beamzoo's
+    decode + resize step does (short side to ``resize``, centre crop, RGB, NCHW)."""
+    return [scaled(decode_resized(p.read_bytes(), MAX_PIXELS, resize, resize, crop, "area", "RGB"), "NCHW",
+                   value_range)[None] for p in sample_files()]
 
 
 # More package-shipped photographs of scikit-image's data folder (textures, microscopy,
@@ -50,7 +52,6 @@ EXTRA_PHOTOS = ("brick.png", "grass.png", "gravel.png", "cell.png", "clock_motio
 
 def calibration_photos() -> list[Path]:
     """The sample photographs, then :data:`EXTRA_PHOTOS`, in that order."""
-    from beamzoo.samples import _package_dir, sample_files
     return list(sample_files()) + [_package_dir("skimage", "data") / n for n in EXTRA_PHOTOS]
 
 
@@ -78,13 +79,11 @@ def augmented_calibration_inputs(resize: int, crop: int, value_range=(-1.0, 1.0)
     """Many [1, 3, crop, crop] inputs from :func:`calibration_photos`: each photo decoded by
     beamzoo, then each of its :func:`_variants` resized and centre-cropped as ``DecodeResize``
     does (short side to ``resize``), in a fixed order."""
-    from beamzoo.transforms.preprocess import ResizeCrop, decode, resize_crop
-    step = ResizeCrop(resize=resize, crop=crop, layout="NCHW", channels="RGB", value_range=value_range)
     out = []
     for path in calibration_photos():
-        img = decode(path.read_bytes(), 1 << 28, None, "RGB")
+        img = decode(path.read_bytes(), MAX_PIXELS, None, "RGB")
         for v in _variants(img):
-            out.append(step.to_pixels(resize_crop(np.ascontiguousarray(v), resize, crop, "area"))[None])
+            out.append(scaled(resize_crop(np.ascontiguousarray(v), resize, crop, "area"), "NCHW", value_range)[None])
     return out
 
 

@@ -17,6 +17,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from beamzoo.zoo.card import cache_dir
+
 WHEEL = "rapidocr_onnxruntime-1.4.4-py3-none-any.whl"
 WHEEL_SHA256 = "971d7d5f223a7a808662229df1ef69893809d8457d834e6373d3854bc1782cbf"
 REQUIREMENT = "rapidocr-onnxruntime==1.4.4"
@@ -34,7 +36,6 @@ class RapidOcrWheelError(RuntimeError):
 
 
 def wheel_dir() -> Path:
-    from beamzoo.zoo import cache_dir
     return cache_dir() / "wheels"
 
 

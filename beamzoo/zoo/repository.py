@@ -12,9 +12,9 @@ import re
 import threading
 from pathlib import Path
 
-from beamzoo.zoo.card import CardError, ModelCard, load_card
+from beamzoo.zoo.card import BUILTIN, CardError, ModelCard, card_from_dict, shown
+from beamzoo.zoo.verify import load_card
 
-BUILTIN = Path(__file__).parent / "models"
 CARD_FILES = ("card.yaml", "card.yml", "card.json")
 _extra: list[Path] = []
 _builtins: dict[str, ModelCard] = {}
@@ -61,10 +61,10 @@ def _load(repo: Path, name: str, version: str, verify: bool = True) -> ModelCard
         with _lock:
             ref = f"{name}:{version}"
             if ref not in _builtins:
-                _builtins[ref] = load_card(path, builtin=True)
+                _builtins[ref] = load_card(path, builtin=True, root=repo)
             card = _builtins[ref]
     else:
-        card = load_card(path, verify=verify)
+        card = load_card(path, verify=verify, root=repo)  # its files lie in the repository
     if (card.name, card.version) != (name, version):
         raise CardError(str(path), "name" if card.name != name else "version",
                         f"the card says {card.ref}, but it lies in {name}/{version}/; "
@@ -110,10 +110,10 @@ def get(ref: str) -> ModelCard:
     have = sorted((v for n, v in entries if n == name), key=version_key)
     if not have:
         names = sorted({n for n, _ in entries})
-        raise UnknownModel(f"no model named {name!r} in the zoo; known: {', '.join(names)} "
+        raise UnknownModel(f"no model named {shown(name)} in the zoo; known: {', '.join(names)} "
                            "(or give a card file: --model path/to/card.yaml)")
     if version and version not in have:
-        raise UnknownModel(f"model {name!r} has no version {version!r}; its versions: {', '.join(have)}")
+        raise UnknownModel(f"model {shown(name)} has no version {shown(version)}; its versions: {', '.join(have)}")
     version = version or have[-1]
     return _load(entries[(name, version)], name, version)
 
@@ -126,3 +126,24 @@ def all_cards(verify: bool = True) -> list[ModelCard]:
 
 def _looks_like_path(ref: str) -> bool:
     return ref.endswith((".yaml", ".yml", ".json")) or os.sep in ref or "/" in ref
+
+
+def card_of(param: str | dict | ModelCard) -> ModelCard:
+    """The card a graph step's parameter names: a built-in or zoo model by ``name[:version]``,
+    a card file by its path, or a whole card (JSON data, as a graph holds a user's card)."""
+    if isinstance(param, ModelCard):
+        return param
+    if isinstance(param, str):
+        return get(param)
+    if not isinstance(param, dict):
+        raise TypeError(f"a model is a zoo name[:version], a card file or a card, got {type(param).__name__}")
+    d = dict(param)
+    d.pop("build", None)  # a card inside a graph names its file; it is never built from there
+    where = d.get("card_path") or f"{d.get('name')}:{d.get('version')}"
+    return card_from_dict(d, where, base=None)
+
+
+def card_param(card: str | dict | ModelCard) -> str | dict:
+    """A card as a graph step holds it: a built-in by reference, else whole."""
+    card = card_of(card)
+    return card.ref if builtin(card.ref) == card else card.as_dict()

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 
 from beamzoo.zoo.card import ModelCard
+from beamzoo.zoo.repository import all_cards
 
 OPS = {">=": operator.ge, "<=": operator.le, "==": operator.eq, "!=": operator.ne, ">": operator.gt,
        "<": operator.lt}
@@ -76,7 +77,6 @@ def select(task: str | None = None, tags=(), where=(), cards: list[ModelCard] | 
     """The cards that match, cheapest first; ``where``: bounds such as ``"imagenet_top1>=0.76"``.
     Raises SelectorError saying which bound excluded which model when none matches."""
     if cards is None:
-        from beamzoo.zoo.repository import all_cards
         cards = all_cards()
     bounds = [b if isinstance(b, Bound) else bound(b) for b in ([where] if isinstance(where, str) else where)]
     tags = [tags] if isinstance(tags, str) else list(tags)
