@@ -9,8 +9,13 @@ image per TF Serving ``:predict`` request: a lone request at a time (its
 latency), then closed loops of C concurrent clients for each --concurrency
 (throughput, p50, p99), then an open loop at half the saturation throughput
 (arrivals on a fixed schedule; latency counted from when a request was due,
-so a slow server cannot hide its queue). Every phase is bounded by
---seconds and --max-requests. Prints one table; writes OUT/serve-n{N}.json.
+so a slow server cannot hide its queue); (3) fairness: small one-image
+requests on a fixed schedule (--small-rate), first alone, then while
+--big-clients clients send, back to back, requests of --big-rows images
+that are cheap to send but expensive to decode (--big-side px square
+PNGs of a few KB): the small requests' p50 and p99 under that load, against
+alone. Every phase is bounded by --seconds and --max-requests; --sections
+picks phases. Prints one table; writes OUT/serve-n{N}.json.
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
 
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
 from images import image_paths, make_set  # noqa: E402
 
 from beamzoo.serve.client import Client  # noqa: E402
@@ -43,7 +50,7 @@ MODEL = "efficientnet_lite0"
 def batch_child(files: str, out: str, workers: int | None) -> None:
     """The edge runner on the images (run in a fresh process): prints its result as JSON."""
     from beamzoo.pipeline import run, score_images
-    from beamzoo.runners import EdgeRunner
+    from beamzoo.runners.edge import EdgeRunner
     graph = score_images(os.path.join(files, "*.jpg"), out)
     t0 = time.perf_counter()
     stats = run(graph, "EdgeRunner", edge=EdgeRunner(workers=workers, progress=False))
@@ -139,6 +146,57 @@ def open_loop(url: str, reqs: list[bytes], rate: float, seconds: float, limit: i
     return summary(lat, errors[0], time.perf_counter() - t0, rate=rate)
 
 
+def expensive_png(side: int) -> bytes:
+    """A ``side`` px square PNG of a few stripes: a few KB to send, side**2 pixels to decode."""
+    img = np.full((side, side, 3), (40, 120, 200), np.uint8)
+    img[::7, :, 0] = 90
+    ok, buf = cv2.imencode(".png", img, [cv2.IMWRITE_PNG_COMPRESSION, 9])
+    if not ok:
+        raise RuntimeError("could not encode the PNG")
+    return buf.tobytes()
+
+
+def big_load(url: str, body: bytes, clients: int, stop: threading.Event) -> tuple[list[threading.Thread], dict]:
+    """``clients`` threads sending ``body`` back to back until ``stop``; what they got, counted."""
+    got = {"answered": 0, "errors": 0, "seconds": []}
+    lock = threading.Lock()
+
+    def loop():
+        with Client(url, timeout=300) as c:
+            while not stop.is_set():
+                t = time.perf_counter()
+                status, _ = c.request("POST", PATH, raw=body)
+                with lock:
+                    if status == 200:
+                        got["answered"] += 1
+                        got["seconds"].append(time.perf_counter() - t)
+                    else:
+                        got["errors"] += 1
+
+    threads = [threading.Thread(target=loop, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    return threads, got
+
+
+def fairness(url: str, reqs: list[bytes], args) -> dict:
+    """Small requests on a schedule, alone and while big expensive ones keep coming."""
+    png = expensive_png(args.big_side)
+    big = json.dumps({"instances": [{"b64": base64.b64encode(png).decode()}] * args.big_rows}).encode()
+    alone = open_loop(url, reqs, args.small_rate, args.seconds, args.max_requests, senders=8)
+    stop = threading.Event()
+    threads, got = big_load(url, big, args.big_clients, stop)
+    time.sleep(min(2.0, args.seconds / 4))  # the big requests' rows fill the queue first
+    under = open_loop(url, reqs, args.small_rate, args.seconds, args.max_requests, senders=8)
+    stop.set()
+    for t in threads:
+        t.join(300)
+    secs = got.pop("seconds")
+    return {"big_rows": args.big_rows, "big_clients": args.big_clients, "big_side": args.big_side,
+            "big_png_bytes": len(png), "big_body_bytes": len(big), "small_alone": alone, "small_under_big": under,
+            "big": {**got, "p50_ms": 1000 * quantile(secs, 0.5) if secs else None}}
+
+
 def quantile(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
@@ -155,7 +213,10 @@ def summary(lat: list[float], errors: int, wall: float, **kw) -> dict:
 
 
 def fmt(v, spec="8.1f"):
-    return format(v, spec) if isinstance(v, (int, float)) else format("n/a", ">8")
+    if isinstance(v, (int, float)):
+        return format(v, spec)
+    width = spec.split(".")[0]
+    return format("n/a", f">{width}") if width else "n/a"
 
 
 def main(argv=None) -> int:
@@ -176,66 +237,99 @@ def main(argv=None) -> int:
     p.add_argument("--max_delay_ms", type=float, default=5.0)
     p.add_argument("--max_queue", type=int, default=256)
     p.add_argument("--workers", type=int, default=None, help="server and edge runner threads (default: cores)")
+    p.add_argument("--sections", default="batch,lone,closed,open,fair",
+                   help="phases to run, of batch,lone,closed,open,fair (default all; open needs closed)")
+    p.add_argument("--small-rate", type=float, default=4.0, help="small requests per second in fair (default 4)")
+    p.add_argument("--big-rows", type=int, default=64, help="images per big request in fair (default 64)")
+    p.add_argument("--big-clients", type=int, default=2, help="clients sending big requests in fair (default 2)")
+    p.add_argument("--big-side", type=int, default=2000, help="side of a big request's PNGs in px (default 2000)")
     p.add_argument("--out", default=None, help="folder for serve-n{N}.json")
     args = p.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
+    sections = set(args.sections.split(","))
+    unknown = sections - {"batch", "lone", "closed", "open", "fair"}
+    if unknown or ("open" in sections and "closed" not in sections):
+        p.error(f"--sections: {', '.join(sorted(unknown)) or 'open'}: not a phase (or open without closed)")
 
     files = make_set(args.cache, args.n, args.seed)
     paths = image_paths(files)
     reqs = bodies(paths)
     print(f"{len(paths)} images; {len(os.sched_getaffinity(0))} cores; load {os.getloadavg()[0]:.2f}", flush=True)
-    batch = batch_throughput(str(files), len(paths), args.workers)
-    print(f"edge runner (batch): {batch['images_per_s']:.1f} images/s", flush=True)
+    result = {"n": len(paths), "settings": vars(args)}
+    batch = lone = half = fair = None
+    loops = []
+    if "batch" in sections:
+        batch = result["batch"] = batch_throughput(str(files), len(paths), args.workers)
+        print(f"edge runner (batch): {batch['images_per_s']:.1f} images/s", flush=True)
 
     proc, url = start_server(args)
     try:
         with Client(url) as c:
             for body in reqs[:8]:  # warm up
                 send(c, body)
-        lone = closed_loop(url, reqs, 1, args.seconds, args.lone)
-        print(f"lone request: p50 {lone['p50_ms']:.1f} ms", flush=True)
-        loops = []
-        for clients in levels:
+        if "lone" in sections:
+            lone = result["lone"] = closed_loop(url, reqs, 1, args.seconds, args.lone)
+            print(f"lone request: p50 {lone['p50_ms']:.1f} ms", flush=True)
+        for clients in levels if "closed" in sections else ():
             loops.append(closed_loop(url, reqs, clients, args.seconds, args.max_requests))
             r = loops[-1]
             print(f"  {clients:>3} clients: {r['images_per_s']:.1f} images/s  p50 {fmt(r['p50_ms'], '.1f')} ms  "
                   f"p99 {fmt(r['p99_ms'], '.1f')} ms  errors {r['errors']}", flush=True)
-        saturation = max(r["images_per_s"] for r in loops)
-        half = open_loop(url, reqs, saturation / 2, args.seconds, args.max_requests)
+        if loops:
+            result["closed_loops"] = loops
+            saturation = result["saturation_images_per_s"] = max(r["images_per_s"] for r in loops)
+        if "open" in sections:
+            half = result["half_saturation"] = open_loop(url, reqs, saturation / 2, args.seconds, args.max_requests)
+        if "fair" in sections:
+            fair = result["fairness"] = fairness(url, reqs, args)
     finally:
         proc.terminate()
         proc.wait(60)
 
-    lone_ms = lone["p50_ms"]
-    checks = [
-        {"target": "throughput at saturation >= 0.8x batch", "value": saturation / batch["images_per_s"],
-         "goal": 0.8},
-        {"target": "p99 at half of saturation <= 3x lone latency", "value": half["p99_ms"] / lone_ms,
-         "goal": 3.0, "at_most": True},
-    ]
+    checks = []
+    if batch and loops:
+        checks.append({"target": "throughput at saturation >= 0.8x batch",
+                       "value": saturation / batch["images_per_s"], "goal": 0.8})
+    if lone and half:
+        checks.append({"target": "p99 at half of saturation <= 3x lone latency",
+                       "value": half["p99_ms"] / lone["p50_ms"], "goal": 3.0, "at_most": True})
+    if fair and fair["small_under_big"]["p99_ms"] and fair["big"]["p50_ms"]:  # not all of a big one's work
+        checks.append({"target": "p99 of small requests among big ones <= 0.5x a big one's p50",
+                       "value": fair["small_under_big"]["p99_ms"] / fair["big"]["p50_ms"], "goal": 0.5,
+                       "at_most": True})
     for ch in checks:
         ch["met"] = ch["value"] <= ch["goal"] if ch.get("at_most") else ch["value"] >= ch["goal"]
+    result["checks"] = checks
+
+    def line(name, r, errors=None):
+        print(f"{name:<34}{fmt(r['images_per_s'], '10.1f')}{fmt(r['p50_ms'], '10.1f')}{fmt(r['p99_ms'], '10.1f')}"
+              f"{r['errors'] if errors is None else errors:>8}")
 
     print()
-    print(f"{'load':<28}{'images/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
-    print(f"{'edge runner, batch':<28}{batch['images_per_s']:>10.1f}{'':>10}{'':>10}{batch['failed']:>8}")
-    print(f"{'serve, lone request':<28}{lone['images_per_s']:>10.1f}{fmt(lone['p50_ms']):>10}"
-          f"{fmt(lone['p99_ms']):>10}{lone['errors']:>8}")
+    print(f"{'load':<34}{'images/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
+    if batch:
+        line("edge runner, batch", {**batch, "p50_ms": None, "p99_ms": None}, batch["failed"])
+    if lone:
+        line("serve, lone request", lone)
     for r in loops:
-        print(f"{'serve, ' + str(r['clients']) + ' clients':<28}{r['images_per_s']:>10.1f}{fmt(r['p50_ms']):>10}"
-              f"{fmt(r['p99_ms']):>10}{r['errors']:>8}")
-    print(f"{'serve, open loop %.1f/s' % half['rate']:<28}{half['images_per_s']:>10.1f}{fmt(half['p50_ms']):>10}"
-          f"{fmt(half['p99_ms']):>10}{half['errors']:>8}")
+        line(f"serve, {r['clients']} clients", r)
+    if half:
+        line(f"serve, open loop {half['rate']:.1f}/s", half)
+    if fair:
+        line(f"small {args.small_rate:g}/s, alone", fair["small_alone"])
+        line(f"small {args.small_rate:g}/s, among big", fair["small_under_big"])
+        b = fair["big"]
+        print(f"  big requests ({args.big_rows} x {args.big_side}px PNG, {fair['big_body_bytes'] // 1024} KB, "
+              f"{args.big_clients} clients): {b['answered']} answered, p50 {fmt(b['p50_ms'], '.0f')} ms, "
+              f"{b['errors']} errors")
     print()
     for ch in checks:
         print(f"{'met' if ch['met'] else 'MISSED':<7}{ch['target']}: {ch['value']:.2f} (goal {ch['goal']})")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        result = {"n": len(paths), "settings": vars(args), "batch": batch, "lone": lone, "closed_loops": loops,
-                  "saturation_images_per_s": saturation, "half_saturation": half, "checks": checks,
-                  "machine": {"cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
-                              "load_before": os.getloadavg()}}
+        result["machine"] = {"cores": len(os.sched_getaffinity(0)), "python": platform.python_version(),
+                             "load_before": os.getloadavg()}
         (out / f"serve-n{len(paths)}.json").write_text(json.dumps(result, indent=1))
     return 0
 

@@ -3,9 +3,13 @@ protocols, metrics, dynamic batching, a bounded queue, bad requests."""
 from __future__ import annotations
 
 import base64
+import http.client
+import itertools
 import json
 import os
 import re
+import select
+import socket
 import threading
 import time
 
@@ -13,7 +17,8 @@ import pytest
 
 from beamzoo.pipeline import score_images
 from beamzoo.samples import make_sample_set, sample_files
-from beamzoo.serve import Servable, Server
+from beamzoo.serve.models import Servable
+from beamzoo.serve.server import Server
 from beamzoo.serve.client import Client, ServerError
 from tests.badfiles import png_bomb
 from conftest import read, run_graph, tiny_card, tiny_colour_model, write_colour_image
@@ -168,9 +173,9 @@ def test_one_bad_instance_does_not_fail_the_others(tiny):
     assert status == 200
     p = body["predictions"]
     assert p[0]["label"] == "red" and p[4]["label"] == "blue"
-    assert p[1]["stage"] == "decode" and "not an image" in p[1]["error"]
+    assert p[1]["stage"] == "classify/decode" and "not an image" in p[1]["error"]
     assert p[2]["stage"] == "request" and "not valid base64" in p[2]["error"]
-    assert p[3]["stage"] == "decode" and "20000x20000" in p[3]["error"] and "over the limit" in p[3]["error"]
+    assert p[3]["stage"] == "classify/decode" and "20000x20000" in p[3]["error"] and "over the limit" in p[3]["error"]
 
 
 @pytest.mark.parametrize("raw, status, message", [
@@ -180,7 +185,7 @@ def test_one_bad_instance_does_not_fail_the_others(tiny):
     (b'{"signature_name": "a"}', 400, 'needs "instances"'),
     (b'{"instances": [{"b64": "@@"}]}', 400, "not valid base64"),
     (b'{"instances": [{"pixels": [1, 2]}]}', 400, 'expected {"b64"'),
-    (json.dumps({"instances": [{"b64": b64(b"GIF89a\x10\x00\x10\x00 not really")}]}).encode(), 400, "decode"),
+    (json.dumps({"instances": [{"b64": b64(b"GIF89a\x10\x00\x10\x00 not really")}]}).encode(), 400, "classify/decode"),
     (json.dumps({"instances": [{"b64": b64(png_bomb(30000, 30000))}]}).encode(), 400, "over the limit"),
     (b"[" * 50_000, 400, "JSON"),
     (b'{"instances": [' + b",".join([b'{"b64": "QQ=="}'] * 9) + b"]}", 413, "at most 8 in one request"),
@@ -233,10 +238,18 @@ def test_metrics_count_requests_batches_queue_time_and_dead_letters(tiny):
     assert grew("beamzoo_requests_total", model="tiny_colour", protocol="tf", outcome="partial") == 1
     assert grew("beamzoo_requests_total", model="tiny_colour", outcome="bad_request") == 1
     assert grew("beamzoo_request_seconds_count", model="tiny_colour", protocol="tf") == 2
-    assert grew("beamzoo_dead_letters_total", model="tiny_colour", stage="decode") == 1
+    assert grew("beamzoo_dead_letters_total", model="tiny_colour", stage="classify/decode") == 1
     assert grew("beamzoo_batch_rows_sum", model="tiny_colour") == 3
     assert grew("beamzoo_queue_seconds_count", model="tiny_colour") == 3
     assert "# TYPE beamzoo_request_seconds histogram" in text
+    # every step of the served graph, as Prometheus series: rows in = out + dead, its batches, its seconds
+    step = "classify/decode+resize"
+    assert grew("beamzoo_step_rows_total", model="tiny_colour", step=step, what="in") == 3
+    assert grew("beamzoo_step_rows_total", model="tiny_colour", step=step, what="out") == 2
+    assert grew("beamzoo_step_rows_total", model="tiny_colour", step=step, what="dead") == 1
+    assert grew("beamzoo_step_rows_total", model="tiny_colour", step="classify/infer", what="in") == 2
+    assert grew("beamzoo_step_batches_total", model="tiny_colour", step="classify/infer") >= 1
+    assert grew("beamzoo_step_seconds_total", model="tiny_colour", step="classify/infer", clock="cpu") > 0
 
 
 def test_rows_of_concurrent_requests_share_batches(tmp_path):
@@ -316,9 +329,190 @@ def test_a_request_not_answered_in_time_gets_504_and_the_server_goes_on(tmp_path
         with Client(running.url) as c:
             status, body = c.request("POST", "/v1/models/tiny_colour:predict", {"instances": [{"b64": b64(red)}]})
             assert status == 504 and "no answer within 0.3 s" in body["error"]
-            time.sleep(1.5)  # its row is answered into a cancelled future: nothing may break
+            time.sleep(1.5)  # its row was dropped unrun: nothing may break
             running.server.timeout_s = 30
             assert c.predict("tiny_colour", [red])[0]["label"] == "red"
             assert metric(c.request("GET", "/metrics")[1], "beamzoo_requests_total", outcome="timeout") == 1
     finally:
         running.stop()
+
+
+# ---------------------------------------------------------------- slow and greedy clients
+
+
+def guarded_server(tmp_path, **knobs) -> tuple:
+    """The tiny model served with ``knobs``; (running server, a red PNG's bytes)."""
+    card = tiny_card(tiny_colour_model(tmp_path / "tiny.onnx"))
+    red = open(write_colour_image(tmp_path / "r.png", (230, 20, 20)), "rb").read()
+    return Server([Servable.from_model(card)], workers=1, **knobs).start(), red
+
+
+def address(running) -> tuple[str, int]:
+    return "127.0.0.1", int(running.url.rsplit(":", 1)[1])
+
+
+def trickle(sock: socket.socket, data: bytes, every: float = 0.1, within: float = 10.0) -> tuple[bool, bytes]:
+    """Send ``data`` a byte at a time; (whether the server closed the connection within
+    ``within`` seconds, what it sent back)."""
+    got, deadline = b"", time.monotonic() + within
+    for i in itertools.cycle(range(len(data))):
+        if time.monotonic() > deadline:
+            return False, got
+        try:
+            sock.sendall(data[i:i + 1])
+            readable, _, _ = select.select([sock], [], [], every)
+            if readable:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return True, got
+                got += chunk
+        except (ConnectionResetError, BrokenPipeError):
+            return True, got
+
+
+def read_until_closed(sock: socket.socket, within: float = 10.0) -> tuple[bool, bytes]:
+    got, deadline = b"", time.monotonic() + within
+    sock.settimeout(0.2)
+    while time.monotonic() < deadline:
+        try:
+            chunk = sock.recv(65536)
+        except socket.timeout:
+            continue
+        except ConnectionResetError:
+            return True, got
+        if not chunk:
+            return True, got
+        got += chunk
+    return False, got
+
+
+def wait_for_metric(running, name: str, value: float, within: float = 10.0, **labels) -> float:
+    """The server's own metric (no connection made), once it reads ``value`` or ``within`` passed."""
+    deadline = time.monotonic() + within
+    while True:
+        v = metric(running.server.metrics.text().decode(), name, **labels)
+        if v == value or time.monotonic() > deadline:
+            return v
+        time.sleep(0.02)
+
+
+PREDICT = b"POST /v1/models/tiny_colour:predict HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+
+
+def test_a_client_trickling_its_request_head_is_disconnected(tmp_path):
+    running, _ = guarded_server(tmp_path, header_timeout_s=0.5)
+    try:
+        with socket.create_connection(address(running), timeout=10) as s:
+            closed, got = trickle(s, PREDICT + b"X-Slow: " + b"a" * 1000)
+        assert closed and got.startswith(b"HTTP/1.1 408"), got
+        with socket.create_connection(address(running), timeout=10) as s:  # one that sends nothing at all
+            closed, got = read_until_closed(s)
+        assert closed and got.startswith(b"HTTP/1.1 408"), got
+        assert wait_for_metric(running, "beamzoo_connections_closed_total", 2, reason="header_timeout") == 2
+        with Client(running.url) as c:  # the next client is served as ever
+            assert c.request("GET", "/v2/health/live")[0] == 200
+    finally:
+        running.stop()
+
+
+def test_a_client_trickling_its_body_gets_408_and_is_disconnected(tmp_path):
+    running, _ = guarded_server(tmp_path, body_timeout_s=0.5)
+    try:
+        with socket.create_connection(address(running), timeout=10) as s:
+            s.sendall(PREDICT + b"Content-Length: 100000\r\n\r\n")
+            closed, got = trickle(s, b'{"instances": [' + b" " * 1000)
+        assert closed and (got == b"" or got.startswith(b"HTTP/1.1 408")), got
+        assert wait_for_metric(running, "beamzoo_requests_total", 1, outcome="slow_body") == 1
+    finally:
+        running.stop()
+
+
+def test_a_body_answered_before_it_came_must_still_come_in_time(tmp_path):
+    running, _ = guarded_server(tmp_path, body_timeout_s=0.5, max_body_bytes=1000)
+    try:
+        with socket.create_connection(address(running), timeout=10) as s:
+            s.sendall(PREDICT + b"Content-Length: 5000\r\n\r\n{")  # over the limit: 413 at once
+            closed, got = trickle(s, b" " * 1000)
+        assert got.startswith(b"HTTP/1.1 413") and closed, got
+        assert wait_for_metric(running, "beamzoo_connections_closed_total", 1, reason="body_timeout") == 1
+    finally:
+        running.stop()
+
+
+def test_connections_past_the_cap_get_503_with_retry_after(tmp_path):
+    running, red = guarded_server(tmp_path, max_connections=2, header_timeout_s=60)
+    idle = [socket.create_connection(address(running), timeout=10) for _ in range(2)]
+    try:
+        assert wait_for_metric(running, "beamzoo_connections", 2) == 2
+        conn = http.client.HTTPConnection(*address(running), timeout=10)
+        conn.request("GET", "/v2/health/live")
+        r = conn.getresponse()
+        body = json.loads(r.read())
+        assert r.status == 503 and r.getheader("Retry-After") == "1", (r.status, r.headers)
+        assert "--max_connections" in body["error"]
+        conn.close()
+        idle.pop().close()
+        assert wait_for_metric(running, "beamzoo_connections", 1) == 1
+        with Client(running.url) as c:  # under the cap again: served
+            assert c.predict("tiny_colour", [red])[0]["label"] == "red"
+        assert metric(running.server.metrics.text().decode(), "beamzoo_connections_closed_total",
+                      reason="over_capacity") == 1
+    finally:
+        for s in idle:
+            s.close()
+        running.stop()
+
+
+def test_bodies_in_flight_past_the_cap_get_429_with_retry_after(tmp_path):
+    running, red = guarded_server(tmp_path, max_body_bytes=60_000, max_inflight_bytes=100_000)
+    held = socket.create_connection(address(running), timeout=10)
+    try:
+        held.sendall(PREDICT + b"Content-Length: 60000\r\n\r\n{")  # a body on its way: 60000 bytes held
+        assert wait_for_metric(running, "beamzoo_inflight_bytes", 60_000) == 60_000
+        with Client(running.url) as c:
+            status, body = c.request("POST", "/v1/models/tiny_colour:predict", raw=b" " * 50_000)
+            assert status == 429 and "--max_inflight_bytes" in body["error"], body
+            conn = http.client.HTTPConnection(*address(running), timeout=10)  # chunked: refused as it comes
+            conn.request("POST", "/v1/models/tiny_colour:predict", body=(b" " * 10_000 for _ in range(5)),
+                         encode_chunked=True, headers={"Transfer-Encoding": "chunked"})
+            r = conn.getresponse()
+            assert r.status == 429 and r.getheader("Retry-After") == "1", r.status
+            conn.close()
+            assert c.predict("tiny_colour", [red])[0]["label"] == "red"  # a small one fits
+            held.close()
+            assert wait_for_metric(running, "beamzoo_inflight_bytes", 0) == 0  # given back
+            assert c.predict("tiny_colour", [red])[0]["label"] == "red"
+        assert metric(running.server.metrics.text().decode(), "beamzoo_requests_total", outcome="busy") == 2
+    finally:
+        held.close()
+        running.stop()
+
+
+def test_the_rows_of_a_request_that_timed_out_are_not_run(tmp_path):
+    # the row waits for a batch due in 60 s; the request's budget is 0.3 s
+    running, red = guarded_server(tmp_path, max_batch=8, max_delay_ms=60_000, timeout_s=0.3)
+    try:
+        with Client(running.url) as c:
+            status, body = c.request("POST", "/v1/models/tiny_colour:predict", {"instances": [{"b64": b64(red)}]})
+        assert status == 504 and "no answer within 0.3 s" in body["error"]
+        text = running.server.metrics.text().decode()
+        assert metric(text, "beamzoo_queue_rows") == 0 and metric(text, "beamzoo_cancelled_rows_total") == 1
+    finally:
+        running.stop()  # runs whatever is still queued
+    text = running.server.metrics.text().decode()
+    assert metric(text, "beamzoo_batch_rows_count") == 0
+    assert metric(text, "beamzoo_step_rows_total", step="classify/decode+resize", what="in") == 0
+
+
+def test_the_rows_of_a_request_whose_client_went_away_are_not_run(tmp_path):
+    running, red = guarded_server(tmp_path, max_batch=8, max_delay_ms=60_000)
+    try:
+        body = json.dumps({"instances": [{"b64": b64(red)}] * 3}).encode()
+        with socket.create_connection(address(running), timeout=10) as s:
+            s.sendall(PREDICT + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+            assert wait_for_metric(running, "beamzoo_queue_rows", 3) == 3
+        assert wait_for_metric(running, "beamzoo_cancelled_rows_total", 3) == 3
+        assert metric(running.server.metrics.text().decode(), "beamzoo_queue_rows") == 0
+    finally:
+        running.stop()
+    assert metric(running.server.metrics.text().decode(), "beamzoo_batch_rows_count") == 0

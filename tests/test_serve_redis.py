@@ -8,12 +8,15 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 
-from beamzoo.serve import Servable, Server
-from beamzoo.serve.redis_queue import GROUP, QueueClient, RedisQueueFull, result_key
+from beamzoo.serve.models import Servable
+from beamzoo.serve.server import Server
+from beamzoo.serve.redis_queue import _READ, BACKOFF_S, GROUP, QueueClient, RedisQueueFull, backoff_s, result_key
 from conftest import tiny_card, tiny_colour_model, write_colour_image
 
 redis = pytest.importorskip("redis", reason="the Redis client ships in the serve extra (pip install -e '.[serve]')")
@@ -26,9 +29,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory):
-    """A redis-server of its own: no persistence, a free port, stopped afterwards."""
+def redis_binary() -> str:
     binary = shutil.which("redis-server")
     if binary is None:  # a fresh machine: the project's own script installs the Debian package
         got = subprocess.run([os.path.join(ROOT, ".ci", "install-redis")], capture_output=True, text=True)
@@ -36,21 +37,31 @@ def redis_url(tmp_path_factory):
         if binary is None:
             pytest.skip(f"redis-server is not installed and .ci/install-redis could not install it: "
                         f"{got.stderr.strip()}")
-    port = free_port()
-    proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no", "--dir", str(tmp_path_factory.mktemp("redis"))],
+    return binary
+
+
+def start_redis(port: int, folder) -> subprocess.Popen:
+    """A redis-server without persistence on ``port``, answering once this returns."""
+    proc = subprocess.Popen([redis_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--dir", str(folder)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
-    url = f"redis://127.0.0.1:{port}/0"
-    r = redis.Redis.from_url(url)
+    r = redis.Redis.from_url(f"redis://127.0.0.1:{port}/0")
     deadline = time.monotonic() + 20
     while True:
         try:
             r.ping()
-            break
+            return proc
         except redis.ConnectionError:
             assert proc.poll() is None and time.monotonic() < deadline, "redis-server did not start"
             time.sleep(0.05)
-    yield url
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory):
+    """A redis-server of its own: no persistence, a free port, stopped afterwards."""
+    port = free_port()
+    proc = start_redis(port, tmp_path_factory.mktemp("redis"))
+    yield f"redis://127.0.0.1:{port}/0"
     proc.terminate()
     proc.wait(10)
 
@@ -83,7 +94,7 @@ def test_enqueued_images_are_answered_by_uri(redis_url, images, tiny_server, req
         answer = client.query(f"img-{i}", timeout=30)
         assert answer["label"] == c and answer["model"] == "tiny_colour:1", answer
     junk = client.query("junk", timeout=30)
-    assert junk["stage"] == "decode" and "not an image" in junk["error"]
+    assert junk["stage"] == "classify/decode" and "not an image" in junk["error"]
     assert client.query("never-sent") is None
     r = redis.Redis.from_url(redis_url)
     assert r.xlen(stream) == 0, "answered entries are deleted from the stream"
@@ -175,3 +186,127 @@ def test_serve_refuses_an_unreachable_redis():
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: cannot use the Redis stream 'beamzoo'"), \
         proc.stderr
+
+
+def wait_for(what, check, timeout=60.0):
+    """Poll ``check`` until it is true; a bound whose passing means a hang."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"{what}: not after {timeout:g} s"
+        time.sleep(0.02)
+
+
+def http_ready(url: str) -> int:
+    try:
+        with urllib.request.urlopen(url + "/v2/health/ready", timeout=10) as got:
+            return got.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_a_redis_restarted_without_persistence_is_served_again(tmp_path, images, tiny_server, capsys):
+    port, stream = free_port(), "restarted"
+    url = f"redis://127.0.0.1:{port}/0"
+    proc = start_redis(port, tmp_path)
+    running = tiny_server.start()
+    try:
+        consumer = tiny_server.consume(url, stream)
+        client = QueueClient(url, stream)
+        client.enqueue("before", images["red"])
+        assert client.query("before", timeout=30)["label"] == "red"
+        assert http_ready(running.url) == 200
+        proc.kill()
+        proc.wait(30)
+        wait_for("not ready while Redis is away", lambda: http_ready(running.url) == 503)
+        assert not tiny_server.ready and not consumer.ready
+        time.sleep(1.5)  # an outage of several tries (0.05 s, 0.1 s, ... apart): still one log line
+        assert http_ready(running.url) == 503
+        proc = start_redis(port, tmp_path)  # empty: the stream and its group are gone
+        client = QueueClient(url, stream)
+        colours = ["red", "green", "blue"] * 10
+        for i, c in enumerate(colours):
+            client.enqueue(f"after-{i}", images[c])
+        answers = [client.query(f"after-{i}", timeout=60) for i in range(len(colours))]
+        assert [a and a.get("label") for a in answers] == colours, answers
+        wait_for("ready once Redis is back", lambda: http_ready(running.url) == 200)
+        assert tiny_server.ready
+        r = redis.Redis.from_url(url)
+        assert r.xlen(stream) == 0 and r.xpending(stream, GROUP)["pending"] == 0
+    finally:
+        running.stop()
+        proc.kill()
+        proc.wait(30)
+    log = capsys.readouterr().out.splitlines()
+    assert len([x for x in log if "not ready" in x]) == 1, log
+    assert len([x for x in log if "reachable again" in x]) == 1, log
+
+
+def test_a_stream_deleted_while_served_gets_its_group_again(redis_url, images, tiny_server, request):
+    stream = request.node.name
+    client = QueueClient(redis_url, stream)
+    tiny_server.consume(redis_url, stream)
+    client.enqueue("first", images["red"])
+    assert client.query("first", timeout=30)["label"] == "red"
+    redis.Redis.from_url(redis_url).delete(stream)  # the group goes with it
+    client.enqueue("second", images["blue"])
+    assert client.query("second", timeout=30)["label"] == "blue"
+    assert tiny_server.ready
+
+
+def test_an_oversized_entry_gets_an_error_and_never_leaves_redis(redis_url, images, tmp_path, request):
+    stream = request.node.name
+    card = tiny_card(tiny_colour_model(tmp_path / "tiny.onnx"))
+    server = Server([Servable.from_model(card)], max_batch=4, max_delay_ms=2, workers=1, max_body_bytes=64 << 10)
+    r = redis.Redis.from_url(redis_url)
+    client = QueueClient(redis_url, stream)
+    try:
+        sent = r.info("stats")["total_net_output_bytes"]
+        r.xadd(stream, {"uri": "huge", "data": b"x" * (4 << 20)})
+        long_uri = r.xadd(stream, {"uri": "y" * 5000, "data": b"x" * (1 << 20)}).decode()  # answered by entry id
+        client.enqueue("after", images["green"])
+        server.consume(redis_url, stream)
+        assert client.query("after", timeout=30)["label"] == "green"
+        huge = client.query("huge", timeout=30)
+        assert huge == {"error": f"the entry is {(4 << 20) + 11} bytes, over the limit of {64 << 10} bytes "
+                                 "(--max_body_bytes); send a smaller image", "stage": "request"}, huge
+        assert "over the limit" in client.query(long_uri, timeout=30)["error"]
+        assert r.xlen(stream) == 0 and r.xpending(stream, GROUP)["pending"] == 0
+        out = r.info("stats")["total_net_output_bytes"] - sent
+        assert out < (1 << 20), f"Redis sent {out} bytes: an oversized entry was read whole"
+        assert server.ready
+    finally:
+        server.close()
+
+
+def test_a_read_takes_at_most_count_entries_and_stops_at_its_byte_budget(redis_url, request):
+    stream = request.node.name
+    r = redis.Redis.from_url(redis_url)
+    r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    for i in range(10):
+        r.xadd(stream, {"uri": f"e{i}", "data": b"x" * 1000})
+    read = r.register_script(_READ)
+    # count 4, budget 100 kB: four entries
+    assert [e[1][1] for e in read(keys=[stream], args=[GROUP, "c", ">", 4, 100_000, 100_000, 0])] == \
+        [b"e0", b"e1", b"e2", b"e3"]
+    # budget 2500 bytes (entries of 1009): the read stops at the third, which passes it
+    assert len(read(keys=[stream], args=[GROUP, "c", ">", 8, 2500, 100_000, 0])) == 3
+    # entries of 1009 bytes over a cap of 1000: their data stays in Redis, their size comes instead
+    got = read(keys=[stream], args=[GROUP, "c", ">", 8, 100_000, 1000, 0])
+    assert got[0][1] == [b"oversize", b"1009", b"uri", b"e7"] and len(got) == 3
+    pending = read(keys=[stream], args=[GROUP, "c", "0", 20, 10_000_000, 10_000_000, 0])
+    assert len(pending) == 10 and pending[0][1][1] == b"e0"  # what "c" holds, from the first
+
+
+def test_enqueue_refuses_an_entry_over_max_bytes(redis_url, request):
+    stream = request.node.name
+    client = QueueClient(redis_url, stream, max_bytes=1000)
+    with pytest.raises(ValueError, match=r"the entry is 1010 bytes, over the limit of 1000 \(max_bytes"):
+        client.enqueue("big", b"x" * 1000)
+    client.enqueue("small", b"x" * 900)
+    assert redis.Redis.from_url(redis_url).xlen(stream) == 1
+
+
+def test_the_backoff_doubles_to_a_bound():
+    waits = [backoff_s(n) for n in range(1, 40)]
+    assert waits[0] == BACKOFF_S[0] and waits[1] == 2 * BACKOFF_S[0]
+    assert waits == sorted(waits) and max(waits) == BACKOFF_S[1] == waits[-1]

@@ -14,7 +14,7 @@ import pytest
 from beamzoo.bundle import export
 from beamzoo.pipeline import Classify, Pipeline, score_images
 from beamzoo.serve.client import Client
-from beamzoo.serve.remote import RemoteClassify
+from beamzoo import RemoteClassify, TooManyDeadLetters
 from beamzoo.transforms.flow import Merge, Route
 from beamzoo.transforms.sinks import WriteParquet
 from beamzoo.transforms.sources import Files
@@ -55,7 +55,7 @@ def cascade(images, card, endpoints, out, **remote):
 def tier(scene, tmp_path):
     """Two beamzoo servers of the tiny model's bundle, each answering a request after 150 ms."""
     _, _, card = scene
-    bundle = export(score_images(str(tmp_path / "x" / "*.png"), str(tmp_path / "x-out"), card=card, k=3),
+    bundle = export(score_images(str(tmp_path / "x" / "*.png"), str(tmp_path / "x-out"), card, topk=3),
                     tmp_path / "bundle")
     procs = [start("--bundle", bundle, "--workers", "1", "--max_batch", "2", "--max_delay_ms", "150")
              for _ in range(2)]
@@ -106,8 +106,12 @@ def test_with_no_endpoint_left_the_rows_dead_letter_and_the_run_ends(scene, tmp_
     images, truth, card = scene
     dead_a, dead_b = f"http://127.0.0.1:{free_port()}", f"http://127.0.0.1:{free_port()}"
     out = tmp_path / "out"
-    stats = run_graph(cascade(images, card, [dead_a, dead_b], out, timeout_s=5.0), runner)
+    with pytest.raises(TooManyDeadLetters, match="step 'remote' dead-lettered 27 of its 27 rows .*no endpoint "
+                                                 "answered") as failed:  # the dead-letter limit: a run that fails
+        run_graph(cascade(images, card, [dead_a, dead_b], out, timeout_s=5.0), runner)
+    stats = failed.value.stats
     assert stats.inputs == len(truth) and stats.failed == 27 and stats.scored == 9
+    assert len(rows(out / "predictions")) == 9  # what was done is committed
     dead = rows(out / "dead_letter")
     assert len(dead) == 27 and {d["stage"] for d in dead} == {"remote"}
     for d in dead:

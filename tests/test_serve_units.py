@@ -2,15 +2,18 @@
 from __future__ import annotations
 
 import base64
+import threading
 
 import pyarrow as pa
 import pytest
 
-from beamzoo.graph import GraphError
+from beamzoo.core.graph import GraphError
 from beamzoo.pipeline import score_images
 from beamzoo.serve import protocol as P
-from beamzoo.serve.batcher import Batcher, Closed, QueueFull
-from beamzoo.serve.graph import Engine, serving_graph
+from beamzoo.serve.batcher import BatchLoop, Batcher, Closed, QueueFull
+from beamzoo.core import RunContext
+from beamzoo.runners.inline import Engine
+from beamzoo.serve.graph import serving_ends
 from beamzoo.serve.models import Catalog, Servable, UnknownServable, signature
 from conftest import COLOURS, tiny_card, tiny_colour_model, write_colour_image
 
@@ -31,10 +34,10 @@ def test_a_full_batch_is_due_at_once_and_no_bigger_than_max_batch():
     b = Batcher(max_batch=4, max_delay=0.5, max_queue=100, clock=clock)
     b.offer(list("abc"))
     assert b.due_in() == pytest.approx(0.5) and b.take() == []
-    b.offer(list("def"))  # 6 waiting, 4 make a batch
+    b.offer(list("def"))  # 6 waiting, 4 make a batch: the two requests' rows in turn
     assert b.due_in() == 0.0
-    assert [r.item for r in b.take()] == list("abcd")
-    assert b.due_in() == pytest.approx(0.5)  # "ef" came at the same time: not due yet
+    assert [r.item for r in b.take()] == list("adbe")
+    assert len(b) == 2 and b.due_in() == pytest.approx(0.5)  # "c" and "f" came at the same time: not due yet
 
 
 def test_the_oldest_row_is_due_after_max_delay():
@@ -77,40 +80,110 @@ def test_batcher_refuses_nonsense_limits():
         Batcher(max_batch=0, max_delay=0, max_queue=1)
 
 
+def test_a_small_request_after_a_big_one_is_in_the_next_batch():
+    clock = Clock()
+    b = Batcher(max_batch=8, max_delay=0.005, max_queue=200, clock=clock)
+    b.offer([("A", i) for i in range(100)])
+    first = b.take()  # a batch of A's is cut (and running) when B comes
+    clock.t += 0.001
+    b.offer([("B", 0)])
+    batches = [first]
+    while len(b):
+        clock.t += 1
+        batches.append(b.take())
+    with_b = [i for i, batch in enumerate(batches) if ("B", 0) in [r.item for r in batch]]
+    assert with_b == [1], f"B's row came in batch {with_b} of {len(batches)}"
+    a_rows = [r.item for batch in batches for r in batch if r.item[0] == "A"]
+    assert a_rows == [("A", i) for i in range(100)]  # A's rows keep their order, none lost
+    assert all(len(batch) <= 8 for batch in batches)
+
+
+def test_batches_take_the_waiting_requests_rows_in_turn():
+    b = Batcher(max_batch=6, max_delay=0, max_queue=100, clock=Clock())
+    b.offer(["a1", "a2", "a3", "a4"])
+    b.offer(["b1"])
+    b.offer(["c1", "c2"])
+    assert [r.item for r in b.take()] == ["a1", "b1", "c1", "a2", "c2", "a3"]
+    assert [r.item for r in b.take()] == ["a4"] and len(b) == 0
+
+
+def test_dropping_a_request_forgets_its_rows_not_yet_taken():
+    clock = Clock()
+    b = Batcher(max_batch=4, max_delay=10, max_queue=12, clock=clock)
+    a = b.offer([f"a{i}" for i in range(10)])
+    c = b.offer(["c1", "c2"])
+    assert [r.item for r in b.take()] == ["a0", "c1", "a1", "c2"]
+    assert b.drop(a) == 8 and len(b) == 0 and b.due_in() is None
+    assert b.drop(a) == 0 and b.drop(c) == 0  # gone already, or all taken
+    b.offer([f"d{i}" for i in range(12)])  # the dropped rows' room is free again
+    assert len(b) == 12
+
+
+def test_the_batch_loop_serves_a_late_small_request_in_the_batch_after_the_running_one():
+    started, release = threading.Event(), threading.Event()
+    batches = []
+
+    def run(rows, worker):
+        batches.append([r.item for r in rows])
+        started.set()
+        release.wait(30)  # the first batch runs until the small request is queued
+
+    loop = BatchLoop(Batcher(max_batch=4, max_delay=0, max_queue=200), run, workers=1)
+    try:
+        loop.offer([("A", i) for i in range(64)])
+        assert started.wait(30)
+        loop.offer([("B", 0)])
+        release.set()
+    finally:
+        loop.close(60)
+    with_b = [i for i, batch in enumerate(batches) if ("B", 0) in batch]
+    assert with_b == [1], f"B's row ran in batch {with_b} of {len(batches)}"
+    assert sum(len(batch) for batch in batches) == 65
+
+
+def test_a_server_refuses_a_bytes_in_flight_cap_below_the_body_limit(tmp_path):
+    from beamzoo.serve.server import Server
+    servable = Servable.from_model(tiny_card(tiny_colour_model(tmp_path / "tiny.onnx")))
+    with pytest.raises(ValueError, match=r"--max_inflight_bytes \(1048576\) is below --max_body_bytes"):
+        Server([servable], max_body_bytes=2 << 20, max_inflight_bytes=1 << 20)
+
+
 # ---------------------------------------------------------------- the served graph
 
 
 def test_serving_graph_keeps_every_step_between_the_ends(tmp_path):
     g = score_images(str(tmp_path / "*.jpg"), str(tmp_path / "out"))
-    served = serving_graph(g)
+    served = serving_ends(g)
     inner = [s for s in g.steps if s.kind == "map" and s.op != "read_files"]
     assert [s for s in served.steps if s.kind == "map"][1:] == inner[1:]  # same params, same inputs
     first = next(s for s in served.steps if s.kind == "map")
     assert first.op == "decode_image" and first.inputs == ("requests",)
     assert [s.op for s in served.steps if s.kind in ("source", "sink")] == ["requests", "responses"]
+    assert [g.id for g in served.groups] == ["classify"]  # the composite, from the requests to its answer
 
 
 def test_serving_graph_refuses_a_graph_without_a_file_reader(tmp_path):
-    from beamzoo.graph import Graph
+    from beamzoo.core.graph import Graph
     from beamzoo.transforms.sinks import WriteParquet
     from beamzoo.transforms.sources import Files
     g = (Graph.source(Files(str(tmp_path / "*"))) | WriteParquet(str(tmp_path / "o"))).graph
-    with pytest.raises(GraphError, match="starts by reading files"):
-        serving_graph(g)
+    with pytest.raises(GraphError, match="starts by loading its inputs"):
+        serving_ends(g)
 
 
 def test_engine_answers_rows_and_names_the_step_that_refused_one(tmp_path):
     card = tiny_card(tiny_colour_model(tmp_path / "tiny.onnx"))
-    engine = Engine(Servable.from_model(card).plan)
+    engine = Engine(Servable.from_model(card).plan, RunContext())
     red = open(write_colour_image(tmp_path / "r.png", (230, 20, 20)), "rb").read()
     batch = pa.record_batch([pa.array(["a", "b"]), pa.array(["a", "b"]), pa.array([red, b"not an image"])],
                             schema=pa.schema([("id", pa.string(), False), ("path", pa.string(), False),
                                               ("data", pa.binary())]))
     answer = engine.run(batch)
-    assert answer.rows["a"]["label"] == "red" and answer.rows["a"]["model"] == "tiny_colour:1"
-    assert set(answer.rows["a"]) == {"label", "score", "topk_labels", "topk_scores", "model"}
-    stage, error = answer.errors["b"]
-    assert stage == "decode" and "not an image" in error
+    rows = answer.by_id("responses", ["label", "score", "topk_labels", "topk_scores", "model"])
+    assert rows["a"]["label"] == "red" and rows["a"]["model"] == "tiny_colour:1"
+    assert set(rows["a"]) == {"label", "score", "topk_labels", "topk_scores", "model"}
+    stage, error = answer.errors()["b"]
+    assert stage == "classify/decode" and "not an image" in error
 
 
 def test_catalog_serves_the_newest_version_by_default(tmp_path):
@@ -213,8 +286,8 @@ def test_v2_outputs_are_typed_tensors():
 def test_the_engine_shares_the_edge_runner_s_onnxruntime_session(tmp_path):
     from beamzoo.transforms.inference import OnnxInference
     card = tiny_card(tiny_colour_model(tmp_path / "tiny.onnx"))
-    engine = Engine(Servable.from_model(card, max_batch=16).plan)
-    served = [op for ops in engine.ops.values() for op in ops if op.op_name == "onnx_infer"]
+    engine = Engine(Servable.from_model(card, max_batch=16).plan, RunContext())
+    served = [op for ops in engine.ops.values() for op in ops if isinstance(op, OnnxInference)]
     assert len(served) == 1
     batch_side = OnnxInference(card, batch_size=4)  # as the batch pipeline's Classify makes it
     batch_side.setup()
@@ -230,15 +303,16 @@ def test_the_engine_runs_a_cascade_s_route_and_merge(tmp_path):
     fast, strong = tiny_card(path), tiny_card(path, name="tiny_strong")
     p = Pipeline()
     p | Files(str(tmp_path / "*.png")) | Cascade(fast, strong, below=0.99, topk=3) | WriteParquet(str(tmp_path / "out"))
-    engine = Engine(Servable.of(p.graph, fast).plan)
+    engine = Engine(Servable.of(p.graph, fast).plan, RunContext())
     sure = open(write_colour_image(tmp_path / "sure.png", (230, 20, 20)), "rb").read()
     unsure = open(write_colour_image(tmp_path / "unsure.png", (150, 110, 100)), "rb").read()
     batch = pa.record_batch([pa.array(["s", "u"]), pa.array(["s", "u"]), pa.array([sure, unsure])],
                             schema=pa.schema([("id", pa.string(), False), ("path", pa.string(), False),
                                               ("data", pa.binary())]))
     answer = engine.run(batch)
-    assert answer.errors == {}
-    s, u = answer.rows["s"], answer.rows["u"]
+    assert answer.errors() == {}
+    rows = answer.by_id("responses")
+    s, u = rows["s"], rows["u"]
     assert (s["label"], s["model"], s["escalation"]) == ("red", "tiny_colour:1", "not_needed")
     assert (u["label"], u["model"], u["escalation"]) == ("red", "tiny_strong:1", "escalated")
     assert u["fast_model"] == "tiny_colour:1" and u["fast_score"] < 0.99

@@ -14,31 +14,72 @@ from starlette.routing import Route
 
 from beamzoo.serve import protocol as P
 from beamzoo.serve.batcher import Closed, QueueFull
+from beamzoo.serve.limits import RETRY_AFTER_S, Busy
 from beamzoo.serve.models import UnknownServable, signature
+from beamzoo.version import __version__
 
 _TF_PATH = re.compile(r"^(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+))?(?P<tail>:predict|/metadata)?$")
 _V2_PATH = re.compile(r"^(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<tail>/infer|/ready)?$")
 # what went wrong in a whole request -> the outcome label of the requests counter
-_OUTCOME = {400: "bad_request", 404: "not_found", 405: "bad_request", 413: "too_large", 429: "queue_full",
-            503: "unavailable", 504: "timeout", 500: "error"}
+_OUTCOME = {400: "bad_request", 404: "not_found", 405: "bad_request", 408: "slow_body", 413: "too_large",
+            429: "queue_full", 503: "unavailable", 504: "timeout", 500: "error"}
 
 
 def error(status: int, message: str, **extra) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    headers = {"Retry-After": str(RETRY_AFTER_S)} if status in (429, 503) else {}
+    if status == 408:
+        headers["Connection"] = "close"  # what is left of the body is not read
     return JSONResponse({"error": message, **extra}, status, headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, hold, timeout: float) -> bytes:
+    """The body, held in ``hold`` (a ``limits.Hold``); 413 past ``limit``, 408 unless it has all
+    come within ``timeout`` seconds."""
+    try:
+        return await asyncio.wait_for(_read(request, limit, hold), timeout)
+    except asyncio.TimeoutError:
+        raise P.BadRequest(f"the body did not all come within {timeout:g} s (--body_timeout_s)", 408) from None
+
+
+async def _read(request: Request, limit: int, hold) -> bytes:
     length = request.headers.get("content-length")
     if length is not None and (not length.isdigit() or int(length) > limit):
         raise P.BadRequest(f"the body is over the limit of {limit} bytes (--max_body_bytes)", 413)
+    if length is not None:
+        hold.take(int(length))  # before a byte is read
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
             raise P.BadRequest(f"the body is over the limit of {limit} bytes (--max_body_bytes)", 413)
+        if length is None:
+            hold.take(len(chunk))
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+async def answer_of(request: Request, future, seconds: float, budget: float) -> list:
+    """The results of a service's ``future``; when ``seconds`` pass (504) or the client goes
+    away first, the future is cancelled: the request's rows not yet run are dropped."""
+    waiting = asyncio.wrap_future(future)
+    gone = asyncio.ensure_future(_disconnected(request))
+    done = set()
+    try:
+        done, _ = await asyncio.wait((waiting, gone), timeout=max(0.0, seconds),
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        dropped = future.cancel()
+    if not dropped:  # answered in time
+        return future.result()
+    if gone in done:
+        raise ClientDisconnect()
+    raise P.BadRequest(f"no answer within {budget:g} s", 504)
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":  # the body is read: only this comes
+        pass
 
 
 def make_app(server) -> Starlette:
@@ -47,12 +88,14 @@ def make_app(server) -> Starlette:
 
     async def predict(request: Request, protocol: str, name: str, version: str | None):
         start = time.perf_counter()
+        due = time.monotonic() + server.timeout_s  # the request's time budget, from its arrival
         label, ver, outcome = name, version or "", "error"
+        hold = server.inflight.hold()
         try:
             servable = catalog.get(name, version)
             label, ver = servable.name, servable.version
             service = server.services[(servable.name, servable.version)]
-            body = P.parse_json(await read_body(request, server.max_body_bytes))
+            body = P.parse_json(await read_body(request, server.max_body_bytes, hold, server.body_timeout_s))
             if protocol == "tf":
                 form, items = P.parse_tf(body)
             else:
@@ -62,10 +105,7 @@ def make_app(server) -> Starlette:
                                    f"{server.max_queue} in one request (--max_queue)", 413)
             good = [i for i in items if not isinstance(i, P.Unreadable)]
             future = service.submit(good)
-            try:
-                answers = iter(await asyncio.wait_for(asyncio.wrap_future(future), server.timeout_s))
-            except asyncio.TimeoutError:
-                raise P.BadRequest(f"no answer within {server.timeout_s:g} s", 504) from None
+            answers = iter(await answer_of(request, future, due - time.monotonic(), server.timeout_s))
             results = [{"error": str(i), "stage": "request"} if isinstance(i, P.Unreadable) else next(answers)
                        for i in items]
             for r in results:
@@ -96,6 +136,9 @@ def make_app(server) -> Starlette:
         except QueueFull as exc:
             outcome = "queue_full"
             return error(429, f"the server is busy: {exc}; retry later")
+        except Busy as exc:
+            outcome = "busy"
+            return error(429, f"the server is busy: {exc}; retry later")
         except Closed as exc:
             outcome = "unavailable"
             return error(503, str(exc))
@@ -103,6 +146,7 @@ def make_app(server) -> Starlette:
             outcome = "disconnected"
             return Response(status_code=400)
         finally:
+            hold.release()
             metrics.requests.labels(label, ver, protocol, outcome).inc()
             metrics.latency.labels(label, protocol).observe(time.perf_counter() - start)
 
@@ -170,7 +214,6 @@ def make_app(server) -> Starlette:
         return JSONResponse({"ready": server.ready}, 200 if server.ready else 503)
 
     async def v2_server(request):
-        from beamzoo import __version__
         return JSONResponse({"name": "beamzoo", "version": __version__, "extensions": []})
 
     async def metrics_text(request):

@@ -2,12 +2,17 @@
 
 ``Batcher`` is a plain state machine with an injected clock: ``offer`` takes
 all of a request's rows or none of them (the queue holds at most
-``max_queue`` rows), ``take`` cuts a batch of up to ``max_batch`` rows once
-that many wait, once the oldest has waited ``max_delay`` seconds, or once the
-batcher is closing. ``BatchLoop`` runs it with worker threads.
+``max_queue`` rows) and gives the request's key; ``take`` cuts a batch of up
+to ``max_batch`` rows once that many wait, once the oldest has waited
+``max_delay`` seconds, or once the batcher is closing. A batch is cut round
+robin, one row of each waiting request in turn, so a request with many rows
+cannot make one that came after it wait for all of them. ``drop`` forgets a
+request's rows not yet taken (it timed out, or its client went away).
+``BatchLoop`` runs it with worker threads.
 """
 from __future__ import annotations
 
+import itertools
 import sys
 import threading
 import time
@@ -36,44 +41,72 @@ class Batcher:
     max_delay: float
     max_queue: int
     clock: Callable[[], float] = time.monotonic
-    rows: deque = field(default_factory=deque)
+    waiting: dict = field(default_factory=dict)  # request key -> deque of its rows
+    turns: deque = field(default_factory=deque)  # request keys, in round-robin order
+    size: int = 0
     closing: bool = False
+    keys: Any = field(default_factory=itertools.count)
 
     def __post_init__(self):
         if self.max_batch < 1 or self.max_queue < 1 or self.max_delay < 0:
             raise ValueError("max_batch and max_queue must be >= 1 and max_delay >= 0")
 
-    def offer(self, items: list) -> None:
-        """Queue every item or none: ``QueueFull`` when they do not fit, ``Closed`` when closing."""
+    def offer(self, items: list) -> int:
+        """Queue every item or none, as one request; its key (for ``drop``). ``QueueFull`` when
+        they do not fit, ``Closed`` when closing."""
         if self.closing:
             raise Closed("the server is shutting down")
-        if len(self.rows) + len(items) > self.max_queue:
-            raise QueueFull(f"the queue holds {len(self.rows)} of at most {self.max_queue} rows; "
+        if self.size + len(items) > self.max_queue:
+            raise QueueFull(f"the queue holds {self.size} of at most {self.max_queue} rows; "
                             f"this request brings {len(items)}")
-        now = self.clock()
-        self.rows.extend(Row(i, now) for i in items)
+        key = next(self.keys)
+        if items:
+            now = self.clock()
+            self.waiting[key] = deque(Row(i, now) for i in items)
+            self.turns.append(key)
+            self.size += len(items)
+        return key
+
+    def drop(self, key: int) -> int:
+        """Forget the rows of request ``key`` not yet taken; how many there were."""
+        rows = self.waiting.pop(key, None)
+        if not rows:
+            return 0
+        self.turns.remove(key)
+        self.size -= len(rows)
+        return len(rows)
 
     def due_in(self) -> float | None:
         """Seconds until a batch is due (0: now), or None when nothing waits."""
-        if not self.rows:
+        if not self.size:
             return None
-        if self.closing or len(self.rows) >= self.max_batch:
+        if self.closing or self.size >= self.max_batch:
             return 0.0
-        return max(0.0, self.rows[0].enqueued + self.max_delay - self.clock())
+        oldest = min(rows[0].enqueued for rows in self.waiting.values())
+        return max(0.0, oldest + self.max_delay - self.clock())
 
     def take(self) -> list[Row]:
-        """The next batch if one is due, else []."""
+        """The next batch if one is due, else []: one row of each waiting request in turn."""
         if self.due_in() != 0.0:
             return []
-        n = min(self.max_batch, len(self.rows))
-        return [self.rows.popleft() for _ in range(n)]
+        batch = []
+        while len(batch) < self.max_batch and self.turns:
+            key = self.turns.popleft()
+            rows = self.waiting[key]
+            batch.append(rows.popleft())
+            if rows:
+                self.turns.append(key)
+            else:
+                del self.waiting[key]
+        self.size -= len(batch)
+        return batch
 
     def close(self) -> None:
         """Take no new rows; what waits is due at once."""
         self.closing = True
 
     def __len__(self):
-        return len(self.rows)
+        return self.size
 
 
 class BatchLoop:
@@ -90,10 +123,15 @@ class BatchLoop:
         for t in self.threads:
             t.start()
 
-    def offer(self, items: list) -> None:
+    def offer(self, items: list) -> int:
         with self.cv:
-            self.batcher.offer(items)
+            key = self.batcher.offer(items)
             self.cv.notify()
+            return key
+
+    def drop(self, key: int) -> int:
+        with self.cv:
+            return self.batcher.drop(key)
 
     def queued(self) -> int:
         with self.cv:

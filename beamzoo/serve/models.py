@@ -11,9 +11,14 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-from beamzoo.graph import Graph
-from beamzoo.plan import Plan, plan
-from beamzoo.serve.graph import serving_graph
+from beamzoo.bundle import BundleError, load
+from beamzoo.classify import Classify
+from beamzoo.core.compile import Plan
+from beamzoo.core.graph import Graph, GraphBuilder
+from beamzoo.serve.graph import served_plan
+from beamzoo.transforms.sinks import WriteParquet
+from beamzoo.transforms.sources import Files
+from beamzoo.zoo import card_of
 from beamzoo.zoo.repository import version_key
 
 
@@ -41,36 +46,32 @@ class Servable:
 
     @classmethod
     def of(cls, graph: Graph, card) -> Servable:
-        return cls(card.name, str(card.version), card, graph, plan(serving_graph(graph)))
+        return cls(card.name, str(card.version), card, graph, served_plan(graph))
 
     @classmethod
-    def from_model(cls, ref, max_batch: int = 8, topk: int | None = None,
-                   max_pixels: int = 100_000_000) -> Servable:
+    def from_model(cls, ref, max_batch: int | None = None, **knobs) -> Servable:
         """A zoo model (``name[:version]``, a card file, or a card) as the batch pipeline classifies;
-        ``topk`` labels per answer (default 5, or all a smaller model has)."""
-        from beamzoo import zoo
-        from beamzoo.pipeline import Classify, Pipeline
-        from beamzoo.transforms.sinks import WriteParquet
-        from beamzoo.transforms.sources import Files
-        card = zoo.get(ref) if isinstance(ref, str) else ref
-        topk = min(5, len(card.labels)) if topk is None else topk
+        ``knobs``: ``Classify``'s (``topk``, ``max_pixels``, ...); ``max_batch``: the rows of a batch."""
+        card = card_of(ref)
+        if max_batch is not None:
+            knobs.setdefault("batch_size", max_batch)
         nowhere = tempfile.gettempdir()  # the file source and the sink are replaced: never read or written
-        p = Pipeline()
-        preds = p | Files(os.path.join(nowhere, "*")) | Classify(card, topk=topk, batch_size=max_batch,
-                                                                 max_pixels=max_pixels)
+        b = GraphBuilder()
+        preds = b | Files(os.path.join(nowhere, "*")) | Classify(card, **knobs)
         preds | WriteParquet(os.path.join(nowhere, "predictions"))
-        return cls.of(p.graph, card)
+        return cls.of(b.graph, card)
 
     @classmethod
-    def from_bundle(cls, directory) -> Servable:
-        """An exported bundle (its lock checked), under its first model's name and version."""
-        from beamzoo.bundle import BundleError, load
+    def from_bundle(cls, directory, trust=()) -> Servable:
+        """An exported bundle (its lock checked, and signed by one of ``trust`` when given), under
+        its first model's name and version."""
         graph = load(directory, os.path.join(tempfile.gettempdir(), "*"),
-                     os.path.join(tempfile.gettempdir(), "beamzoo-serve"))
-        models = [s for s in graph.steps if s.op == "onnx_infer"]
+                     os.path.join(tempfile.gettempdir(), "beamzoo-serve"), trust=trust)
+        models = [(op, name) for op in (s.operator() for s in graph.steps) for name in op.model_knobs()]
         if not models:
             raise BundleError(f"bundle {directory} runs no model; there is nothing to serve")
-        return cls.of(graph, models[0].operator().card)  # the card as the step itself reads it
+        op, name = models[0]
+        return cls.of(graph, card_of(op.params[name]))  # the card as the step itself reads it
 
 
 class Catalog:

@@ -3,10 +3,13 @@
 ``Server.run`` serves in this thread until SIGTERM/SIGINT (uvicorn stops
 taking connections, answers what it accepted, then the services drain);
 ``Server.start`` serves from a background thread (tests, the benchmark).
+uvicorn runs its h11 protocol under the server's limits on clients
+(``beamzoo.serve.limits``: head and body deadlines, a connection cap).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import socket
@@ -14,34 +17,48 @@ import sys
 import threading
 import time
 
+from beamzoo.core.knobs import bind, declare
+from beamzoo.serve.app import make_app
+from beamzoo.serve.knobs import SERVER_KNOBS
+from beamzoo.serve.limits import ByteBudget, Guarded, Limits
 from beamzoo.serve.metrics import Metrics
 from beamzoo.serve.models import Catalog, Servable
+from beamzoo.serve.redis_queue import StreamConsumer
 from beamzoo.serve.service import ModelService
 
 
 class Server:
-    def __init__(self, servables: list[Servable], max_batch: int = 8, max_delay_ms: float = 5.0,
-                 max_queue: int = 256, max_body_bytes: int = 32 << 20, workers: int | None = None,
-                 timeout_s: float = 60.0):
-        for what, v in (("max_batch", max_batch), ("max_queue", max_queue), ("max_body_bytes", max_body_bytes)):
-            if not isinstance(v, int) or v < 1:
-                raise ValueError(f"{what} must be a whole number >= 1, got {v!r}")
-        if not max_delay_ms >= 0:
-            raise ValueError(f"max_delay_ms must be >= 0, got {max_delay_ms!r}")
+    """Serves ``servables`` (each a model's graph); its knobs are the batching and the limits."""
+
+    knobs = SERVER_KNOBS
+
+    def __init__(self, servables: list[Servable], **knobs):
+        p = bind(type(self).__name__, self.knobs, (), (), knobs)
+        max_batch, max_delay_ms, max_queue = p["max_batch"], p["max_delay_ms"], p["max_queue"]
+        max_body_bytes, workers, timeout_s = p["max_body_bytes"], p["workers"], p["timeout_s"]
         if not servables:
             raise ValueError("nothing to serve: give --model NAME[:V] or --bundle DIR")
+        if p["max_inflight_bytes"] < max_body_bytes:
+            raise ValueError(f"--max_inflight_bytes ({p['max_inflight_bytes']}) is below --max_body_bytes "
+                             f"({max_body_bytes}): no body that large could be read; raise it")
         self.catalog = Catalog(servables)
         self.metrics = Metrics()
         self.max_queue, self.max_body_bytes, self.timeout_s = max_queue, max_body_bytes, timeout_s
+        self.body_timeout_s = p["body_timeout_s"]
+        self.limits = Limits(p["header_timeout_s"], p["body_timeout_s"], p["max_connections"], self.metrics)
+        self.inflight = ByteBudget(p["max_inflight_bytes"], self.metrics.inflight)
         self.workers = workers or os.cpu_count() or 1
         self.services = {(s.name, s.version): ModelService(s, self.metrics, max_batch, max_delay_ms / 1000,
                                                            max_queue, self.workers)
                          for s in self.catalog}
         self.consumers = []
-        self.ready = True
         self._closed = False
-        from beamzoo.serve.app import make_app
         self.app = make_app(self)
+
+    @property
+    def ready(self) -> bool:
+        """Not closed, and every Redis stream it reads is reachable."""
+        return not self._closed and all(c.ready for c in self.consumers)
 
     def service_for(self, model: str | None = None) -> ModelService:
         """The service of ``name[:version]``; without a name, the only model served."""
@@ -56,7 +73,6 @@ class Server:
 
     def consume(self, url: str, stream: str, consumer: str | None = None, claim_idle_s: float = 30.0):
         """Also serve the requests of a Redis stream (``beamzoo.serve.redis_queue``)."""
-        from beamzoo.serve.redis_queue import StreamConsumer
         c = StreamConsumer(self, url, stream, consumer, claim_idle_s)
         self.consumers.append(c)
         return c
@@ -64,7 +80,7 @@ class Server:
     def close(self) -> None:
         """Answer what was accepted (stream entries in hand first), then stop."""
         if not self._closed:
-            self._closed, self.ready = True, False
+            self._closed = True
             for c in self.consumers:
                 c.close()
             for s in self.services.values():
@@ -89,6 +105,7 @@ class Server:
                         signal.signal(sig, handler)
 
         config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="on",
+                                http=functools.partial(Guarded, limits=self.limits),
                                 timeout_graceful_shutdown=self.timeout_s, timeout_keep_alive=30)
         return Uvicorn(config)
 
@@ -114,6 +131,9 @@ class Server:
         if not server.started:
             raise RuntimeError("the server did not start")
         return Running(self, server, t, f"http://{_url_host(host)}:{sock.getsockname()[1]}")
+
+
+declare(Server, extra=(), lead=("servables",))
 
 
 class Running:

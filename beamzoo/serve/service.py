@@ -1,7 +1,11 @@
 """One served model: its batcher, its worker threads, and the engine each runs.
 
 ``submit`` queues a request's instances (all or none) and returns a future of
-one result per instance: the answer's fields, or ``{"error", "stage"}``.
+one result per instance: the answer's fields, or ``{"error", "stage"}``;
+cancelling the future (the request timed out, its client went away) drops
+its rows not yet run from the queue. Each
+worker thread runs the served plan with the in-thread runner's ``Engine``, in
+one run context whose hook turns every step's metrics into Prometheus series.
 """
 from __future__ import annotations
 
@@ -11,10 +15,12 @@ from concurrent.futures import Future, InvalidStateError
 
 import pyarrow as pa
 
-from beamzoo.core import error_text
+from beamzoo.core.context import RunContext
+from beamzoo.core.op import error_text
+from beamzoo.runners.inline import Engine
 from beamzoo.serve.batcher import BatchLoop, Batcher, Row
-from beamzoo.serve.graph import REQUEST_SCHEMA, Engine
-from beamzoo.serve.metrics import Metrics
+from beamzoo.serve.graph import REQUEST_SCHEMA, answer_schema
+from beamzoo.serve.metrics import Metrics, StepSeries
 from beamzoo.serve.models import Servable
 
 _ids = iter(range(1 << 62))
@@ -52,8 +58,9 @@ class ModelService:
                  max_queue: int = 256, workers: int = 1, clock=time.monotonic):
         self.servable, self.metrics, self.clock = servable, metrics, clock
         self.label = servable.name
-        self.engines = [Engine(servable.plan) for _ in range(workers)]  # models load here, before serving
-        self.schema = self.engines[0].schema  # the answer fields
+        self.ctx = RunContext(f"serve-{servable.name}-{servable.version}", hooks=[StepSeries(metrics, self.label)])
+        self.engines = [Engine(servable.plan, self.ctx) for _ in range(workers)]  # models load here
+        self.schema = answer_schema(servable.plan)  # the answer fields
         self.fields = self.schema.names
         self.loop = BatchLoop(Batcher(max_batch, max_delay, max_queue, clock), self._run, workers,
                               name=f"beamzoo-{servable.name}")
@@ -65,13 +72,32 @@ class ModelService:
             ticket.future.set_result([])
             return ticket.future
         rid = _next_id()
-        self.loop.offer([(ticket, i, f"req{rid}/{i}", data) for i, data in enumerate(instances)])
+        key = self.loop.offer([(ticket, i, f"req{rid}/{i}", data) for i, data in enumerate(instances)])
         self.metrics.queued.labels(self.label).set(self.loop.queued())
+
+        def done(future):
+            if future.cancelled():
+                self._drop(key)
+
+        ticket.future.add_done_callback(done)
         return ticket.future
+
+    def _drop(self, key: int) -> None:
+        """A cancelled request: its rows not yet taken are not run."""
+        n = self.loop.drop(key)
+        if n:
+            self.metrics.cancelled.labels(self.label).inc(n)
+            self.metrics.queued.labels(self.label).set(self.loop.queued())
 
     def _run(self, rows: list[Row], worker: int) -> None:
         now = self.clock()
         m = self.metrics
+        live = [r for r in rows if not r.item[0].future.cancelled()]  # cancelled since the batch was cut
+        if len(live) < len(rows):
+            m.cancelled.labels(self.label).inc(len(rows) - len(live))
+            rows = live
+        if not rows:
+            return
         m.batch.labels(self.label).observe(len(rows))
         m.queued.labels(self.label).set(self.loop.queued())
         for r in rows:
@@ -82,7 +108,7 @@ class ModelService:
                                  pa.array([i[3] for i in items], pa.binary())], schema=REQUEST_SCHEMA)
         try:
             answer = self.engines[worker].run(batch)
-            rows_out, errors = answer.rows, answer.errors
+            rows_out, errors = answer.by_id("responses", self.fields), answer.errors()
         except Exception as exc:  # noqa: BLE001 - a failing batch answers its rows, the server goes on
             rows_out, errors = {}, {i: ("server", error_text(exc)) for i in ids}
         for ticket, index, rid, _ in items:
