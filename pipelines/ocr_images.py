@@ -17,39 +17,31 @@ refused.
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import sys
 
-from beamzoo.cli_args import check_leftovers, number
-from beamzoo.pipeline import interrupted, run, user_errors
-from beamzoo.runners import EdgeRunner
-from beamzoo.transforms.ocr.pipeline import ocr_images
+from beamzoo.cli_args import Parser, add_knobs, add_runner, check_leftovers, given
+from beamzoo.core.knobs import pick
+from beamzoo.core.limits import MAX_DEAD_FRACTION, TooManyDeadLetters
+from beamzoo.ocr import ReadText, ocr_images
+from beamzoo.pipeline import TOO_MANY_DEAD, interrupted, on_sigterm, run, user_errors
+from beamzoo.runners.edge import EdgeRunner
+
+FLAGS = {"intra_op_threads": "threads", "isolate": "no_isolation"}
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=os.path.basename(__file__), description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                allow_abbrev=False)
+def parser() -> Parser:
+    p = Parser(prog=os.path.basename(__file__), description=__doc__)
     p.add_argument("--input", required=True, help="glob of image files ('**' recurses; quote it) or a directory")
     p.add_argument("--output", required=True, help="folder for the results: OUTPUT/predictions, OUTPUT/dead_letter")
-    p.add_argument("--runner", default="DirectRunner",
-                   help="DirectRunner (default), EdgeRunner (no Beam) or FlinkRunner")
-    p.add_argument("--min_score", type=number(float, 0, 1), default=0.5,
-                   help="leave out lines recognized with a lower confidence (default 0.5)")
-    p.add_argument("--batch_size", type=number(int, 1), default=16, help="regions per recognition call")
-    p.add_argument("--max_ratio", type=number(float, 1), default=256.0,
-                   help="refuse regions longer than this many times their height (default 256)")
-    p.add_argument("--max_pixels", type=number(int, 1), default=100_000_000,
-                   help="refuse images with more pixels than this (decompression bombs)")
-    p.add_argument("--max_bytes", type=number(int, 1), default=256 << 20, help="refuse larger files")
-    p.add_argument("--threads", type=number(int, 0), default=1,
-                   help="onnxruntime intra-op threads per session (1: workers run side by side; 0: all cores)")
-    p.add_argument("--workers", type=number(int, 1), default=None, help="edge runner: worker threads")
+    add_runner(p)
+    add_knobs(p, ReadText.knobs, FLAGS)
+    add_knobs(p, pick(EdgeRunner, "workers", "progress"), {"progress": "no_progress"})
     p.add_argument("--resume", action="store_true",
                    help="continue a run in --output: inputs already done there are skipped")
-    p.add_argument("--no_progress", action="store_true", help="no progress bar")
+    p.add_argument("--profile", metavar="FILE", help="write the run's per-step metrics to FILE (JSON)")
+    add_knobs(p, {"max_dead_fraction": MAX_DEAD_FRACTION})
     return p
 
 
@@ -57,23 +49,34 @@ def parse(argv: list[str]):
     p = parser()
     args, rest = p.parse_known_args(argv)
     check_leftovers(p, args.runner, rest, "'scans/*.png'")
+    if args.isolate is False and (args.time_limit or args.memory_limit):
+        p.error("--no_isolation turns the limits off: give it or --time_limit/--memory_limit, not both")
     return args, rest
 
 
 def main(argv=None) -> int:
     args, beam_args = parse(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.ERROR)
+    on_sigterm()
+    progress = args.progress is not False
     try:
-        graph = ocr_images(args.input, args.output, min_score=args.min_score, rec_batch_size=args.batch_size,
-                           max_ratio=args.max_ratio, max_pixels=args.max_pixels, max_bytes=args.max_bytes,
-                           intra_op_threads=args.threads)
-        edge = EdgeRunner(workers=args.workers, progress=not args.no_progress)
-        stats = run(graph, args.runner, beam_args, edge=edge, resume=args.resume, progress=not args.no_progress)
-    except KeyboardInterrupt:
-        interrupted()
+        graph = ocr_images(args.input, args.output, **given(args, ReadText.knobs))
+        edge = EdgeRunner(**given(args, pick(EdgeRunner, "workers")), progress=progress)
+        stats = run(graph, args.runner, beam_args, edge=edge, resume=args.resume, progress=progress,
+                    **given(args, {"max_dead_fraction": MAX_DEAD_FRACTION}))
+    except KeyboardInterrupt as exc:
+        interrupted(exc)
+    except TooManyDeadLetters as exc:
+        if args.profile:
+            exc.stats.write_profile(args.profile)
+        print(f"error: {exc}", file=sys.stderr)
+        return TOO_MANY_DEAD
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.profile:
+        stats.write_profile(args.profile)
+        print(f"per-step metrics written to {args.profile}")
     print(stats.line())
     print(f"{stats.inputs / stats.seconds:.1f} images/s over {stats.seconds:.1f} s; results in {args.output}")
     return 0

@@ -13,7 +13,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from beamzoo.schemas import TensorSpec
+from beamzoo.core.schemas import TensorSpec
 from beamzoo.zoo import ModelCard, card_from_dict, sha256_of
 
 COLOURS = ("red", "green", "blue")
@@ -166,7 +166,7 @@ def assert_same_rows(a: list[dict], b: list[dict], tol=1e-5):
 def run_graph(graph, runner: str = "EdgeRunner", **kw):
     """Run a graph as the tests do: a small edge runner, no progress bar."""
     from beamzoo.pipeline import run
-    from beamzoo.runners import EdgeRunner
+    from beamzoo.runners.edge import EdgeRunner
     kw.setdefault("edge", EdgeRunner(workers=2, chunk_size=3, progress=False))
     return run(graph, runner, **kw)
 
@@ -187,3 +187,14 @@ def paths_batch(paths: list[str]):
     """The first batch of a file graph: ``id`` and ``path``."""
     from beamzoo.transforms.sources import Files
     return Files("x").to_batch(list(paths)).ok
+
+
+def error_line(stderr: str) -> str:
+    """The one ``error:`` line of a command's mistake; besides it, at most a hint to --help (and
+    the warnings libraries log when they are imported, Beam's missing-apitools one)."""
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith("WARNING:")]
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, stderr[-3000:]
+    rest = [line for line in lines if line not in errors]
+    assert len(rest) <= 1 and all("--help" in line for line in rest), stderr[-3000:]
+    return errors[0]

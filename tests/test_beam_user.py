@@ -17,8 +17,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 import beamzoo
 from beamzoo import SchemaMismatchError
-from beamzoo.transforms import beam as bz
-from conftest import ROOT, read
+from beamzoo import beam as bz
+from conftest import ROOT, error_line, read
 
 OPTIONS = ["--runner=DirectRunner", "--direct_num_workers=2"]
 
@@ -38,7 +38,7 @@ def test_paths_in_schemad_rows_and_dead_letters_out(colour_dir, tiny_model):
         picked = preds | beam.Select("path", "label") | beam.Map(lambda r: (r.path, r.label))
         assert_that(picked, equal_to(labels_of(paths)), label="labels")
         dead = bz.dead_letters(preds) | beam.Map(lambda r: (r.source, r.stage, r.error.split(":")[0]))
-        assert_that(dead, equal_to([(missing, "read", "FileNotFoundError")]), label="dead")
+        assert_that(dead, equal_to([(missing, "classify/read", "FileNotFoundError")]), label="dead")
 
 
 def test_fileio_matches_and_rows_with_fields_of_their_own(colour_dir, tiny_model):
@@ -168,7 +168,7 @@ def test_classify_beam_refuses_what_neither_it_nor_beam_takes(listed, tmp_path, 
     done = subprocess.run([sys.executable, os.path.join(ROOT, "pipelines", "classify_beam.py"), "--paths",
                            str(d / "paths.txt"), "--output", str(tmp_path / "preds"), *args],
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert done.returncode == 2 and line in done.stderr.splitlines()[-1], done.stderr[-2000:]
+    assert done.returncode == 2 and line in error_line(done.stderr), done.stderr[-2000:]
     assert "Traceback" not in done.stderr and not glob.glob(str(tmp_path / "preds*"))
 
 
@@ -188,7 +188,7 @@ def test_classify_beam_on_flink_gives_score_images_rows(listed, scored, tmp_path
 
 
 def test_a_model_is_loaded_once_per_process_and_shared_by_its_threads(colour_dir, tiny_model, monkeypatch):
-    from beamzoo import resources
+    from beamzoo.core import resources
     from beamzoo.transforms import inference
     resources.clear()
     made = []

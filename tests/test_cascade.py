@@ -9,8 +9,7 @@ import pytest
 
 from beamzoo import Cascade, Files, Graph, Pipeline, WriteParquet
 from beamzoo.cascade import calibrate, outcomes
-from beamzoo.core import KnobError
-from beamzoo.plan import plan
+from beamzoo.core import KnobError, compile
 from conftest import assert_same_rows, read, run_graph, tiny_card, tiny_colour_model, write_colour_image
 
 SURE = {"red": (230, 20, 20), "green": (20, 230, 20), "blue": (20, 20, 230)}
@@ -52,7 +51,7 @@ def cascade_graph(images, out, fast, strong, below=0.9, **kw) -> Graph:
 def check_answers(rows, dead, images):
     by_name = {os.path.basename(r["id"]): r for r in rows}
     assert sorted([*by_name, *(os.path.basename(d["id"]) for d in dead)]) == sorted(os.listdir(images))
-    assert [(os.path.basename(d["id"]), d["stage"]) for d in dead] == [("broken.png", "fast_decode")]
+    assert [(os.path.basename(d["id"]), d["stage"]) for d in dead] == [("broken.png", "cascade/fast/decode")]
     for name, r in by_name.items():
         unsure = name.removesuffix(".png") in UNSURE
         assert r["fast_model"] == "tiny_colour:1" and r["fast_label"] == COLOUR[name.removesuffix(".png")]
@@ -96,13 +95,14 @@ def test_below_zero_keeps_every_fast_answer_and_one_escalates_all(tmp_path, shad
 def test_the_strong_branch_decodes_again_at_its_own_size(tmp_path):
     fast, strong = models(tmp_path)
     g = cascade_graph(tmp_path, tmp_path / "out", fast, strong)
-    stages = {s.id: [(x.op, x.params.get("crop")) for x in s.steps] for s in plan(g).stages}
-    assert stages["read"] == [("read_files", None), ("rename", None), ("decode_resize", 32),
-                              ("onnx_infer", None), ("topk", None)]
-    assert stages["strong_bytes"] == [("rename", None), ("decode_resize", 24), ("onnx_infer", None),
-                                      ("topk", None)]
-    assert stages["fast_answer"] == [("rename", None), ("drop", None)]
-    assert "cascade_data" not in g.schema("drop_bytes").names and "data" in g.schema("strong_bytes").names
+    stages = {s.id: [(x.op, x.params.get("crop")) for x in s.steps] for s in compile(g).stages}
+    assert stages["cascade/read"] == [("read_files", None), ("rename", None), ("decode_resize", 32),
+                                      ("onnx_infer", None), ("topk", None)]
+    assert stages["cascade/strong_bytes"] == [("rename", None), ("decode_resize", 24), ("onnx_infer", None),
+                                              ("topk", None)]
+    assert stages["cascade/fast_answer"] == [("rename", None), ("drop", None)]
+    assert "cascade_data" not in g.schema("cascade/drop_bytes").names
+    assert "data" in g.schema("cascade/strong_bytes").names
 
 
 def test_bad_cascades_are_refused_when_built_naming_the_step_and_value(tmp_path):
@@ -113,19 +113,18 @@ def test_bad_cascades_are_refused_when_built_naming_the_step_and_value(tmp_path)
                                         r"but label 0 is 'red' for tiny_colour:1 and 'cyan' for cmy:1"):
         src | Cascade(fast, other)
     for below in (1.5, -0.1):
-        with pytest.raises(KnobError, match=rf"Escalate step 'confidence': the threshold must be between 0 and 1 "
-                                            rf"\(a confidence\), got {below}"):
+        with pytest.raises(KnobError, match=rf"Cascade: below must be between 0 and 1, got {below}"):
             src | Cascade(fast, strong, below=below, topk=2)
     text = cascade_graph(tmp_path, tmp_path / "o", fast, strong).to_json().replace('"below": 0.9', '"below": 2.0')
-    with pytest.raises(KnobError, match="'confidence'.*got 2.0"):
+    with pytest.raises(KnobError, match="Escalate: below must be between 0 and 1, got 2"):
         Graph.from_json(text)
     detector = tiny_card(tiny_colour_model(tmp_path / "d.onnx"), name="det", task="text-detection")
-    with pytest.raises(KnobError, match="Cascade 'cascade': the strong model det:1 is a text-detection model"):
+    with pytest.raises(KnobError, match="Cascade 'cascade': the strong model: det:1 is a text-detection model"):
         src | Cascade(fast, detector, topk=2)
     with pytest.raises(KnobError, match="placement is per branch .* got 'middle'"):
         src | Cascade(fast, strong, topk=2, placement={"middle": {"tier": "edge"}})
-    with pytest.raises(KnobError, match="step 'read': placement tier must be one of device, edge, cloud, "
-                                        "got 'moon'"):
+    with pytest.raises(KnobError, match="step '(cascade/)?read': placement tier must be one of device, edge, "
+                                        "cloud, got 'moon'"):
         src | Cascade(fast, strong, topk=2, placement={"fast": {"tier": "moon"}})
 
 
@@ -153,19 +152,21 @@ def test_placement_hints_are_data_outside_the_fingerprint_and_split_stages(tmp_p
     plain = cascade_graph(tmp_path, tmp_path / "o", fast, strong)
     assert placed.fingerprint() == plain.fingerprint() and placed != plain
     back = Graph.from_json(placed.to_json())
-    assert back == placed and dict(back.step("strong_infer").placement) == {"tier": "cloud", "device": "gpu"}
-    assert back.step("strong_infer").operator().placement == {"device": "gpu", "tier": "cloud"}
+    strong_infer = back.step("cascade/strong/infer")
+    assert back == placed and dict(strong_infer.placement) == {"tier": "cloud", "device": "gpu"}
+    assert strong_infer.operator().placement == {"device": "gpu", "tier": "cloud"}
     assert '"placement"' not in plain.to_json()
-    stages = {s.id: s.placement for s in plan(placed).stages}
-    assert stages["read"] == {"tier": "device"} and stages["strong_bytes"] == {"device": "gpu", "tier": "cloud"}
-    assert stages["answers"] == {}
+    stages = {s.id: s.placement for s in compile(placed).stages}
+    assert stages["cascade/read"] == {"tier": "device"}
+    assert stages["cascade/strong_bytes"] == {"device": "gpu", "tier": "cloud"}
+    assert stages["cascade/answers"] == {}
     # a placement the planner must respect: a chain of maps split where the hint changes
     from beamzoo import ReadFiles
     from beamzoo.transforms.preprocess import DecodeImage
     g = (Graph.source(Files(str(tmp_path))) | ReadFiles().placed(tier="edge") | DecodeImage().placed(tier="cloud")
          | WriteParquet(tmp_path / "x")).graph
-    assert [[x.op for x in s.steps] for s in plan(g).stages] == [["files"], ["read_files"], ["decode_image"],
-                                                                 ["parquet"]]
+    assert [[x.op for x in s.steps] for s in compile(g).stages] == [["files"], ["read_files"], ["decode_image"],
+                                                                    ["parquet"]]
     bad = placed.to_json().replace('"device": "gpu"', '"device": "tpu"', 1)
     with pytest.raises(KnobError, match="placement device must be one of cpu, gpu, got 'tpu'"):
         Graph.from_json(bad)
@@ -173,12 +174,12 @@ def test_placement_hints_are_data_outside_the_fingerprint_and_split_stages(tmp_p
 
 def test_a_composite_can_stand_in_for_the_strong_branch(tmp_path, shades):
     fast, strong = models(tmp_path)
-    from beamzoo.cascade import ClassifyBytes
-    branch = ClassifyBytes(strong, topk=2, name="remote")
+    from beamzoo.classify import ClassifyBytes
+    branch = ClassifyBytes(strong, topk=2, id="remote")
     p = Pipeline()
     p | Files(str(shades / "*.png")) | Cascade(fast, branch, below=0.9, topk=2) | WriteParquet(tmp_path / "o" / "a")
     p.dead_letters | WriteParquet(tmp_path / "o" / "dead", id="dead")
-    assert "remote_infer" in [s.id for s in p.graph.steps]
+    assert "cascade/remote/infer" in [s.id for s in p.graph.steps]
     run_graph(p.graph)
     rows = read(tmp_path / "o", "a")
     assert {r["model"] for r in rows if r["escalation"] == "escalated"} == {"tiny_strong:1"}
@@ -193,7 +194,7 @@ def test_a_placed_cascade_exports_to_a_bundle_that_runs_on_the_edge_runner(tmp_p
     d = bundle.export(graph, tmp_path / "bundle")
     assert len(os.listdir(d / "models")) == 2  # both models, by sha256
     loaded = bundle.load(d, str(shades / "*.png"), str(tmp_path / "run"))
-    assert dict(loaded.step("strong_infer").placement) == {"tier": "cloud"}
+    assert dict(loaded.step("cascade/strong/infer").placement) == {"tier": "cloud"}
     stats = run_graph(loaded)
     assert (stats.inputs, stats.scored, stats.failed) == (7, 6, 1)
     check_answers(read(tmp_path / "run", "answers"), read(tmp_path / "run", "dead_letter"), shades)

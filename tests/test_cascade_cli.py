@@ -79,15 +79,15 @@ def test_the_agreement_target_chooses_and_prints_the_threshold(tmp_path, photos)
 
 @pytest.mark.parametrize("args, message", [
     (["--escalate", "efficientnet_lite2", "--escalate_below", "1.5"],
-     "error: Escalate step 'confidence': the threshold must be between 0 and 1 (a confidence), got 1.5"),
+     "error: argument --escalate_below: must be between 0 and 1, got 1.5"),
     (["--escalate", "efficientnet_lite2", "--escalate_agreement", "2"], "--escalate_agreement: must be between 0"),
     (["--escalate_below", "0.3"], "--escalate_below and --escalate_agreement need --escalate MODEL"),
     (["--escalate", "no_such_model"], "--escalate: "),
-    (["--gate", "mean_score<0.3:stop"], "error: Gate step 'gate': unknown metric 'mean_score'"),
-    (["--gate", "mean_confidence<0.3:explode"], "error: Gate step 'gate': unknown action 'explode'"),
+    (["--gate", "mean_score<0.3:stop"], "error: Gate: metric must be one of mean_confidence, fraction_below, label_distance, bias, got 'mean_score'"),
+    (["--gate", "mean_confidence<0.3:explode"], "error: Gate: action must be one of warn, divert, stop, got 'explode'"),
     (["--gate", "label_distance>0.3"], "error: --gate 'label_distance>0.3': label_distance needs --gate_profile"),
     (["--gate", "mean_confidence<0.3:stop", "--runner=DirectRunner"],
-     "error: gate step 'gate' (mean_confidence<0.3:stop): the action stop needs the edge runner"),
+     "error: step 'gate' (mean_confidence<0.3:stop) may stop the run part-way: that needs the edge runner"),
 ])
 def test_mistakes_are_error_lines_with_exit_2(tmp_path, photos, args, message):
     out = score("--input", str(photos), "--output", str(tmp_path / "out"), *args, code=2)

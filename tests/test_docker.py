@@ -88,7 +88,7 @@ def test_image_is_built_on_the_beam_sdk_the_launcher_uses():
     run = " ".join(r[1] for r in rows if r[0] == "RUN")
     assert "pip install --no-cache-dir ." in run
     assert 'apache-beam==${BEAM_VERSION}' in run, "pip must keep the base image's Beam"
-    assert "zoo.get('efficientnet_lite0').onnx_path()" in run, "the model is baked in"
+    assert "zoo.onnx_path(zoo.get('efficientnet_lite0'))" in run, "the model is baked in"
     assert any(r[0] == "ENV" and "BEAMZOO_CACHE=/opt/beamzoo/cache" in r[1] for r in rows)
 
 
@@ -129,7 +129,7 @@ def test_serving_image_installs_the_serve_extra_without_beam():
     run = " ".join(r[1] for r in rows if r[0] == "RUN")
     assert 'pip install --no-cache-dir "./[serve]"' in run
     assert "beam" not in run.replace("beamzoo", ""), "the server needs no Beam"
-    assert "zoo.get('efficientnet_lite0').onnx_path()" in run, "the model is baked in"
+    assert "zoo.onnx_path(zoo.get('efficientnet_lite0'))" in run, "the model is baked in"
     assert any(r[0] == "ENV" and "BEAMZOO_CACHE=/opt/beamzoo/cache" in r[1] for r in rows)
     extras = re.search(r'extras_require=\{[^}]*"serve": SERVE', (ROOT / "setup.py").read_text())
     assert extras, "setup.py has no serve extra"

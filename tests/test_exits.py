@@ -105,3 +105,27 @@ def test_after_ctrl_c_only_the_main_thread_writes_to_stderr():
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
     assert done.stderr.count("from a worker") == 1 and done.stderr.splitlines()[-1] == "interrupted"
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_an_interrupted_edge_run_commits_what_it_wrote_and_a_resume_goes_on_from_there(photos, tmp_path, sig, code,
+                                                                                       word):
+    out = tmp_path / "out"
+    proc = start(photos, out)
+    deadline = time.monotonic() + 300
+    while not list((out / "predictions").glob(".beamzoo-*.tmp")) and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.02)  # rows are being written to a file not yet committed
+    assert proc.poll() is None, "the run ended before it was interrupted"
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == code and stderr.splitlines()[-1] == word, stderr[-3000:]
+    assert "Traceback" not in stderr
+    import pyarrow.parquet as pq
+    committed = [f for f in (out / "predictions").glob("part-*.parquet")]
+    kept = sum(pq.read_metadata(f).num_rows for f in committed)
+    assert kept > 0 and not list((out / "predictions").glob(".beamzoo-*.tmp"))  # committed, none left half-done
+    resumed = subprocess.run([*proc.args, "--resume"], capture_output=True, text=True, cwd=ROOT, timeout=600,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"inputs: 2000  scored: {2000 - kept}  dead letters: 0  already done: {kept}" in resumed.stdout

@@ -13,8 +13,8 @@ import pytest
 
 from beamzoo import Classify, EdgeRunner, Files, Gate, GraphError, Manifest, Pipeline, Rows, WriteParquet
 from beamzoo.core import KnobError
-from beamzoo.gates import (Bias, FractionBelow, GateState, LabelDistance, MeanConfidence, label_profile,
-                           load_profile, parse_gate, save_profile, with_gates)
+from beamzoo.gates import label_profile, load_profile, save_profile, with_gates
+from beamzoo.transforms.gate import Bias, FractionBelow, GateState, LabelDistance, MeanConfidence, parse_gate
 from beamzoo.samples import sample_files
 from conftest import FLINK, read, run_graph
 
@@ -60,16 +60,17 @@ def test_gate_specs_parse_and_bad_ones_are_refused():
 
 def test_unknown_metrics_actions_and_missing_columns_are_refused_when_built():
     src = Pipeline() | Rows([{"score": 0.5, "label": "cat"}])
-    with pytest.raises(KnobError, match="Gate step 'gate': unknown metric 'mean_score'; known: mean_confidence"):
+    with pytest.raises(KnobError, match="Gate: metric must be one of mean_confidence, fraction_below, "
+                                        "label_distance, bias, got 'mean_score'"):
         src | Gate(**parse_gate("mean_score<0.3:stop"))
-    with pytest.raises(KnobError, match="Gate step 'gate': unknown action 'explode'; known: warn, divert, stop"):
+    with pytest.raises(KnobError, match="Gate: action must be one of warn, divert, stop, got 'explode'"):
         src | Gate(**parse_gate("mean_confidence<0.3:explode"))
     with pytest.raises(KnobError, match="Gate step 'drift': label_distance needs a reference profile"):
         src | Gate(metric="label_distance", id="drift")
     with pytest.raises(Exception, match=r"Gate step 'gate' \(bias\(region\)<0.8:warn\) reads region, which its "
                                         "input lacks"):
         src | Gate(**parse_gate("bias(region)<0.8"), spec="bias(region)<0.8:warn")
-    with pytest.raises(KnobError, match="Gate: window must be >= 1, got 0"):
+    with pytest.raises(KnobError, match="Gate: window must be between 1 and 1000000, got 0"):
         src | Gate(window=0)
 
 
@@ -143,7 +144,7 @@ def test_stop_ends_the_run_cleanly_keeping_what_was_written(tmp_path, drifting):
 
 @pytest.mark.parametrize("beam_runner", ["DirectRunner", FLINK])
 def test_a_beam_runner_refuses_a_stop_gate_and_runs_a_divert_one(tmp_path, drifting, beam_runner):
-    with pytest.raises(GraphError, match="gate step 'gate' .*the action stop needs the edge runner"):
+    with pytest.raises(GraphError, match="step 'gate' .*mean_confidence<0.2:stop.* needs the edge runner"):
         run_graph(gated(Files(str(drifting)), tmp_path / "stop", "mean_confidence<0.2:stop"), beam_runner)
     stats = run_graph(gated(Files(str(drifting)), tmp_path / "d", "fraction_below(0.2)>0.5:divert"),
                       beam_runner)

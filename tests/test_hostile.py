@@ -19,7 +19,8 @@ import badfiles
 from badfiles import photo
 from beamzoo.pipeline import score_images
 from beamzoo.transforms.io import ReadFiles, list_files
-from beamzoo.transforms.preprocess import DecodeImage, ResizeCrop, decode
+from beamzoo.imaging import decode
+from beamzoo.transforms.preprocess import DecodeImage, ResizeCrop
 from conftest import write_colour_image
 from test_preprocess import run_chain
 from conftest import read, run_graph
@@ -53,12 +54,12 @@ def test_fifos_devices_and_dangling_links_are_dead_letters_not_hangs(tmp_path, t
     os.mkfifo(d / "fifo.png")  # opening it for reading would wait for a writer forever
     os.symlink("/dev/zero", d / "zero.png")  # endless bytes
     os.symlink("missing", d / "dangling.png")
-    stats = run_graph(score_images(str(d / "*"), str(tmp_path / "out"), tiny_model, k=3))
+    stats = run_graph(score_images(str(d / "*"), str(tmp_path / "out"), tiny_model, topk=3))
     assert (stats.inputs, stats.scored, stats.failed) == (4, 1, 3)
     reasons = {os.path.basename(r["source"]): (r["stage"], r["error"]) for r in read(tmp_path / "out", "dead_letter")}
-    assert reasons["fifo.png"] == ("read", "ValueError: not a regular file (a FIFO); only regular files are read")
-    assert reasons["zero.png"] == ("read", "ValueError: not a regular file (a device); only regular files are read")
-    assert reasons["dangling.png"][0] == "read" and "FileNotFoundError" in reasons["dangling.png"][1]
+    assert reasons["fifo.png"] == ("classify/read", "ValueError: not a regular file (a FIFO); only regular files are read")
+    assert reasons["zero.png"] == ("classify/read", "ValueError: not a regular file (a device); only regular files are read")
+    assert reasons["dangling.png"][0] == "classify/read" and "FileNotFoundError" in reasons["dangling.png"][1]
 
 
 def test_unreadable_file_is_a_read_dead_letter(tmp_path):
@@ -108,7 +109,7 @@ def test_non_utf8_and_very_long_names(tmp_path, tiny_model):
     write_colour_image(d / weird, (0, 0, 200))
     with open(os.path.join(os.fsencode(d), b"bad\xff\xfename.png"), "wb") as f:
         f.write((d / "plain.png").read_bytes())
-    stats = run_graph(score_images(str(d / "*"), str(tmp_path / "out"), tiny_model, k=3))
+    stats = run_graph(score_images(str(d / "*"), str(tmp_path / "out"), tiny_model, topk=3))
     assert (stats.inputs, stats.scored, stats.failed) == (4, 3, 1)
     labels = {os.path.basename(r["path"]): r["label"] for r in read(tmp_path / "out")}
     assert labels == {"plain.png": "red", long_name: "green", weird: "blue"}
@@ -140,7 +141,7 @@ def test_extreme_aspect_ratios_are_scored(tmp_path, tiny_model):
     d.mkdir()
     write_colour_image(d / "wide.png", (200, 0, 0), size=(10000, 1))
     write_colour_image(d / "tall.png", (0, 200, 0), size=(1, 10000))
-    stats = run_graph(score_images(str(d / "*"), str(tmp_path / "out"), tiny_model, k=3))
+    stats = run_graph(score_images(str(d / "*"), str(tmp_path / "out"), tiny_model, topk=3))
     assert (stats.scored, stats.failed) == (2, 0)
     labels = {os.path.basename(r["path"]): r["label"] for r in read(tmp_path / "out")}
     assert labels == {"wide.png": "red", "tall.png": "green"}
@@ -177,9 +178,9 @@ def test_a_directory_with_100000_entries(tmp_path, tiny_model):
             f.write(png if i % 10_000 == 0 else b"")
     assert len(list_files(str(d / "*"))) == 100_000
     assert len(list_files(str(d))) == 10  # a directory means its images
-    from beamzoo.runners import EdgeRunner
-    stats = run_graph(score_images(str(d / "*"), str(tmp_path / "out"), tiny_model, k=3, batch_size=64),
-                      edge=EdgeRunner(chunk_size=256, progress=False))
+    from beamzoo.runners.edge import EdgeRunner
+    stats = run_graph(score_images(str(d / "*"), str(tmp_path / "out"), tiny_model, topk=3, batch_size=64),
+                      edge=EdgeRunner(chunk_size=256, progress=False), max_dead_fraction=1.0)  # junk, on purpose
     assert (stats.inputs, stats.scored, stats.failed) == (100_000, 10, 99_990)
 
 
@@ -223,7 +224,7 @@ def test_png_chunk_declaring_more_bytes_than_the_file_is_refused_before_decoding
     blob = SEED_PNG[:at] + b"\x71" + SEED_PNG[at + 1:]  # IDAT now declares ~1.9 GB
     (tmp_path / "bad.png").write_bytes(blob)
     # VmHWM, not ru_maxrss: on Linux ru_maxrss keeps the (forked) parent's peak across exec
-    code = ("import sys; from beamzoo.transforms.preprocess import decode\n"
+    code = ("import sys; from beamzoo.imaging import decode\n"
             "try:\n    decode(open(sys.argv[1], 'rb').read(), 4_000_000)\n"
             "except ValueError as e:\n    print(e)\n"
             "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM')) // 1024)")
@@ -234,7 +235,7 @@ def test_png_chunk_declaring_more_bytes_than_the_file_is_refused_before_decoding
 
 
 def test_the_fuzz_seeds_cover_every_accepted_format_and_both_limits():
-    from beamzoo.transforms.preprocess import FORMATS, magic_format
+    from beamzoo.imaging import FORMATS, magic_format
     assert {magic_format(s) for s in SEEDS} == set(FORMATS)
     batch = _fuzz_batch(BOMBS)
     _, dl = DecodeImage(min_side=32, **FUZZ_LIMITS).process(batch)
@@ -279,7 +280,7 @@ def test_more_than_2_gib_of_files_in_one_chunk_and_on_resume(tmp_path, tiny_mode
     """15 files of 150 MB (a red JPEG, then a sparse hole) in one 16-row chunk: 2.25 GB, over
     Arrow's 2 GiB binary limit. They are read in pieces of at most batch_bytes, so the run (and
     its resume, with two more) ends, and little more than a file or two is in memory at once."""
-    from beamzoo.runners import EdgeRunner
+    from beamzoo.runners.edge import EdgeRunner
     d = tmp_path / "big"
     d.mkdir()
     red = cv2.imencode(".jpg", np.full((48, 64, 3), (0, 0, 200), np.uint8))[1].tobytes()
@@ -291,7 +292,7 @@ def test_more_than_2_gib_of_files_in_one_chunk_and_on_resume(tmp_path, tiny_mode
 
     for i in range(15):
         big(f"{i:02d}.jpg")
-    graph = score_images(str(d / "*.jpg"), str(tmp_path / "out"), tiny_model, k=3, max_bytes=200 << 20)
+    graph = score_images(str(d / "*.jpg"), str(tmp_path / "out"), tiny_model, topk=3, max_bytes=200 << 20)
     edge = EdgeRunner(workers=1, chunk_size=16, progress=False)
     stats = run_graph(graph, edge=edge)
     assert (stats.inputs, stats.scored, stats.failed) == (15, 15, 0)

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 from onnx import TensorProto
 
-from beamzoo.schemas import tensor_array
+from beamzoo.core.schemas import tensor_array
 from beamzoo.transforms.inference import OnnxInference
 from beamzoo.transforms.postprocess import TopK, softmax
 from beamzoo.zoo import CardError, ModelIntegrityError, get

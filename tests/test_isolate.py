@@ -19,8 +19,9 @@ import numpy as np
 import pytest
 
 import badfiles
-from beamzoo.isolate import IsolatedPool, IsolationFailure, Limits
-from beamzoo.transforms.preprocess import decode
+from beamzoo.core.isolate import IsolatedPool, IsolationFailure, Limits
+from beamzoo.imaging import decode
+from conftest import ROOT
 
 
 def decode_bgr(data: bytes) -> np.ndarray:
@@ -216,7 +217,7 @@ def test_twenty_timeouts_in_a_row_leak_no_process():
 
 CHILD = """
 import os, signal, sys
-from beamzoo.isolate import IsolatedPool, Limits
+from beamzoo.core.isolate import IsolatedPool, Limits
 pool = IsolatedPool(len, 2, Limits())
 assert pool.map([b"ab"] * 4) == [2] * 4
 while len(pool.pids()) < 2:
@@ -236,3 +237,32 @@ def test_workers_die_with_the_parent():
     while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not any(alive(p) for p in pids)
+
+
+@pytest.mark.parametrize("runner", ["EdgeRunner", "DirectRunner"])
+def test_a_users_script_without_a_main_guard_runs_and_leaves_no_process(tmp_path, colour_dir, runner):
+    """The decode workers start from beamzoo's own modules: they never run the user's script again
+    (which, without ``if __name__ == "__main__":``, would start the pipeline once more in each)."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "import beamzoo as bz\n"
+        "p = bz.Pipeline()\n"
+        f"preds = p | bz.Files({str(colour_dir / '*.png')!r}) | bz.Classify('efficientnet_lite0', topk=1)\n"
+        f"preds | bz.WriteParquet({str(tmp_path / 'out' / 'predictions')!r})\n"
+        f"p.dead_letters | bz.WriteParquet({str(tmp_path / 'out' / 'dead_letter')!r})\n"
+        f"print(p.run(['--runner={runner}']).line())\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ROOT}, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "inputs: 3  scored: 3  dead letters: 0" in done.stdout and done.stdout.count("inputs:") == 1
+    assert "Traceback" not in done.stderr
+    left = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+            except OSError:
+                continue
+            if str(script).encode() in cmd:
+                left.append(pid)
+    assert left == []

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from badfiles import photo
-from beamzoo.transforms.jpeg import jpeg_end
+from beamzoo.imaging.jpeg import jpeg_end
 
 RST_MARKERS = [bytes([0xFF, m]) for m in range(0xD0, 0xD8)]
 

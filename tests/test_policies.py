@@ -1,5 +1,5 @@
-"""Per-record deadlines, with an injected clock (no sleeping): the policy alone, its
-steps alone, and in a cascade on both local runners."""
+"""Per-record deadlines, with the run's clock injected (no sleeping): the policy alone, its
+steps alone, and in a cascade on both local runners; two runs in one process keep their own clocks."""
 from __future__ import annotations
 
 import os
@@ -8,7 +8,8 @@ import pyarrow as pa
 import pytest
 
 from beamzoo import Cascade, Deadline, Manifest, Pipeline, Rows, WriteParquet
-from beamzoo.policies import DeadlineCheck, DeadlinePolicy, now, use_clock
+from beamzoo.core import RunContext
+from beamzoo.transforms.deadline import DeadlineCheck, DeadlinePolicy
 from conftest import read, run_graph
 from test_cascade import SURE, UNSURE, models, write_colour_image
 
@@ -21,22 +22,25 @@ def test_the_policy_escalates_only_what_can_finish_in_time():
     assert DeadlinePolicy().can_escalate(100.0, 100.0)
 
 
-def test_the_clock_is_injected_and_restored():
-    with use_clock(lambda: 42.0):
-        assert now() == 42.0
-    assert abs(now() - 42.0) > 1e6
+def test_each_run_context_has_its_own_clock():
+    a, b, real = RunContext(clock=lambda: 42.0), RunContext(clock=lambda: 7.0), RunContext()
+    assert (a.now(), b.now()) == (42.0, 7.0) and abs(real.now() - 42.0) > 1e6
+    stamp_a, stamp_b = Deadline(seconds=1.0).bind(a), Deadline(seconds=1.0).bind(b)
+    batch = Rows([{"id": "x"}]).to_batch(["0"]).ok
+    assert stamp_a.process(batch).ok.column("deadline_at").to_pylist() == [43.0]
+    assert stamp_b.process(batch).ok.column("deadline_at").to_pylist() == [8.0]
 
 
 def test_deadline_stamps_each_row_and_the_check_dead_letters_late_rows():
     rows = Rows([{"id": "a", "budget_s": 5.0}, {"id": "b", "budget_s": None}, {"id": "c", "budget_s": -2.0}])
     batch = rows.to_batch(["0", "1", "2"]).ok
-    stamp = Deadline(seconds=3.0, field="budget_s")
     clock = {"t": 100.0}
-    with use_clock(lambda: clock["t"]):
-        stamped = stamp.process(batch).ok
-        assert stamped.column("deadline_at").to_pylist() == [105.0, 103.0, 98.0]
-        clock["t"] = 104.0  # four seconds later
-        ok, dead = DeadlineCheck(before="infer").process(stamped)
+    ctx = RunContext(clock=lambda: clock["t"])
+    stamp = Deadline(seconds=3.0, field="budget_s").bind(ctx)
+    stamped = stamp.process(batch).ok
+    assert stamped.column("deadline_at").to_pylist() == [105.0, 103.0, 98.0]
+    clock["t"] = 104.0  # four seconds later
+    ok, dead = DeadlineCheck(before="infer").bind(ctx).process(stamped)
     assert ok.column("id").to_pylist() == ["a"]
     assert dead.column("id").to_pylist() == ["b", "c"] and set(dead.column("stage").to_pylist()) == {"deadline"}
     assert dead.column("error").to_pylist()[0] == "DeadlineMissed: the deadline passed 1.000 s ago before infer answered"
@@ -63,8 +67,7 @@ def test_in_a_cascade_late_rows_keep_the_fast_answer_and_expired_ones_dead_lette
     (p | Manifest(str(tmp_path / "manifest.csv")) | Deadline(seconds=10, field="budget_s")
      | Cascade(fast, strong, below=0.9, topk=2, escalation_s=1.0) | WriteParquet(tmp_path / "out" / "answers"))
     p.dead_letters | WriteParquet(tmp_path / "out" / "dead", id="dead")
-    with use_clock(lambda: 1000.0):  # time stands still: only the budgets decide
-        stats = run_graph(p.graph, runner)
+    stats = run_graph(p.graph, runner, clock=lambda: 1000.0)  # time stands still: only the budgets decide
     rows = {r["name"]: r for r in read(tmp_path / "out", "answers")}
     dead = read(tmp_path / "out", "dead")
     assert (stats.inputs, stats.scored, stats.failed) == (5, 3, 2)

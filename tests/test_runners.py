@@ -13,9 +13,9 @@ import pytest
 
 from badfiles import make_all
 from beamzoo.core import Operator, register
-from beamzoo.graph import Graph
+from beamzoo.core.graph import Graph
 from beamzoo.pipeline import Pipeline, score_images
-from beamzoo.runners import EdgeRunner
+from beamzoo.runners.edge import EdgeRunner
 from beamzoo.runners.sinks import ParquetSink, count_rows
 from beamzoo.transforms.sinks import WriteParquet
 from beamzoo.transforms.sources import Files
@@ -31,7 +31,7 @@ def mixed_dir(colour_dir):
 def test_edge_and_direct_runner_give_the_same_rows(tmp_path, mixed_dir, tiny_model):
     results = {}
     for runner in ("EdgeRunner", "DirectRunner"):
-        graph = score_images(str(mixed_dir / "**" / "*"), str(tmp_path / runner), tiny_model, k=2)
+        graph = score_images(str(mixed_dir / "**" / "*"), str(tmp_path / runner), tiny_model, topk=2)
         results[runner] = run_graph(graph, runner)
     inputs = len(glob.glob(str(mixed_dir / "**" / "*"), recursive=True)) - 2  # less the two folders
     for stats in results.values():
@@ -47,7 +47,7 @@ def test_edge_and_direct_runner_give_the_same_rows(tmp_path, mixed_dir, tiny_mod
 
 def test_outputs_are_two_folders_that_pandas_reads(tmp_path, mixed_dir, tiny_model, runner):
     import pandas as pd
-    run_graph(score_images(str(mixed_dir / "**" / "*"), str(tmp_path), tiny_model, k=2), runner)
+    run_graph(score_images(str(mixed_dir / "**" / "*"), str(tmp_path), tiny_model, topk=2), runner)
     preds = pd.read_parquet(tmp_path / "predictions")
     dead = pd.read_parquet(tmp_path / "dead_letter")
     assert list(preds.columns) == ["id", "path", "key", "label", "score", "topk_labels", "topk_scores", "model"]
@@ -56,7 +56,7 @@ def test_outputs_are_two_folders_that_pandas_reads(tmp_path, mixed_dir, tiny_mod
 
 
 def test_edge_runner_bounded_queue_and_small_batches(tmp_path, colour_dir, tiny_model):
-    graph = score_images(str(colour_dir / "**" / "*.*"), str(tmp_path), tiny_model, k=3, batch_size=2)
+    graph = score_images(str(colour_dir / "**" / "*.*"), str(tmp_path), tiny_model, topk=3, batch_size=2)
     stats = run_graph(graph, edge=EdgeRunner(workers=1, chunk_size=1, queue_depth=1, progress=False))
     assert (stats.inputs, stats.scored, stats.failed) == (9, 9, 0)
     assert stats.first_result_s is not None and stats.first_result_s <= stats.seconds
@@ -83,9 +83,6 @@ class Boom(Operator):
 
     default_id = "boom"
 
-    def __init__(self, id=None):
-        super().__init__(id)
-
     def process(self, batch):
         raise RuntimeError("boom")
 
@@ -102,7 +99,7 @@ def test_a_failed_run_leaves_nothing_under_final_names(tmp_path, colour_dir, run
 
 
 def test_no_matching_files_is_a_clear_error(tmp_path, tiny_model):
-    graph = score_images(str(tmp_path / "nothing" / "*.jpg"), str(tmp_path / "out"), tiny_model, k=3)
+    graph = score_images(str(tmp_path / "nothing" / "*.jpg"), str(tmp_path / "out"), tiny_model, topk=3)
     with pytest.raises(FileNotFoundError, match="no files match .*quote it"):
         run_graph(graph)
 
@@ -112,10 +109,10 @@ def test_edge_runner_works_where_apache_beam_cannot_be_imported(tmp_path, colour
         import sys
         sys.modules["apache_beam"] = None  # any import of Beam now raises ImportError
         from beamzoo.pipeline import run, score_images
-        from beamzoo.runners import EdgeRunner
-        from beamzoo.zoo import ModelCard
-        card = ModelCard.from_param({tiny_model.as_dict()!r})
-        stats = run(score_images({str(colour_dir / '*')!r}, {str(tmp_path)!r}, card, k=3), "EdgeRunner",
+        from beamzoo.runners.edge import EdgeRunner
+        from beamzoo.zoo import card_of
+        card = card_of({tiny_model.as_dict()!r})
+        stats = run(score_images({str(colour_dir / '*')!r}, {str(tmp_path)!r}, card, topk=3), "EdgeRunner",
                     edge=EdgeRunner(progress=False))
         assert not any(m == "apache_beam" or m.startswith("apache_beam.")
                        for m, v in sys.modules.items() if v is not None)
@@ -126,27 +123,31 @@ def test_edge_runner_works_where_apache_beam_cannot_be_imported(tmp_path, colour
     assert "inputs: 6  scored: 6  dead letters: 0" in out.stdout
 
 
-def test_beam_metrics_count_rows_and_failures(tmp_path, mixed_dir, tiny_model):
+def test_beam_metrics_count_every_step_s_rows_and_failures(tmp_path, mixed_dir, tiny_model):
+    """In a user's own Beam pipeline too, beamzoo's steps report Beam metrics, per step."""
     import apache_beam as beam
     from apache_beam.metrics.metric import MetricsFilter
     from apache_beam.runners.portability.fn_api_runner import FnApiRunner
 
     from beamzoo.runners.beam import translate
 
-    graph = score_images(str(mixed_dir / "odd" / "*"), str(tmp_path), tiny_model, k=3)
+    graph = score_images(str(mixed_dir / "odd" / "*"), str(tmp_path), tiny_model, topk=3)
     p = beam.Pipeline(runner=FnApiRunner())
     translate(graph, p)
     result = p.run()
     result.wait_until_finish()
-    counters = {c.key.metric.name: c.committed
-                for c in result.metrics().query(MetricsFilter().with_namespace("beamzoo"))["counters"]}
-    assert counters["read_failed"] == 1 and counters["decode+resize_failed"] == 4
-    assert counters["inputs"] == 12 and counters["scored"] == 7 and counters["failed"] == 5
+    found = result.metrics().query(MetricsFilter().with_namespace("beamzoo"))
+    counters = {c.key.metric.name: c.committed for c in found["counters"]}
+    assert counters["classify/read|dead"] == 1 and counters["classify/decode+resize|dead"] == 4
+    assert counters["files|rows_in"] == 12 and counters["write|rows_in"] == 7
+    assert counters["write_dead_letters|rows_in"] == 5 and counters["classify/read|rows_out"] == 11
+    walls = {d.key.metric.name: d.committed for d in found["distributions"]}
+    assert walls["classify/infer|wall_us"].count == counters["classify/infer|batches"] >= 1
 
 
 def test_a_runner_refuses_an_unknown_primitive_by_name(tmp_path, colour_dir):
-    from beamzoo.graph import Step
-    from beamzoo.plan import UnknownPrimitive
+    from beamzoo.core.graph import Step
+    from beamzoo.core.compile import UnknownPrimitive
     graph = (Graph.source(Files(str(colour_dir / "*.png")))).graph
     odd = Graph((*graph.steps, Step("odd", "window", "nothing", "{}", ("files",))))
     with pytest.raises(UnknownPrimitive, match="EdgeRunner cannot run step 'odd': unknown primitive 'window'"):
@@ -195,20 +196,20 @@ def test_a_second_run_on_the_same_output_is_refused_naming_the_first(tmp_path, c
     try:
         assert holder.stdout.readline().strip() == "locked"
         with pytest.raises(OutputLocked, match=f"pid {holder.pid} on host .* is writing to {out}"):
-            run_graph(score_images(str(colour_dir / "*"), str(out), tiny_model, k=3))
+            run_graph(score_images(str(colour_dir / "*"), str(out), tiny_model, topk=3))
         assert not (out / "predictions").exists()
     finally:
         holder.communicate("")
-    stats = run_graph(score_images(str(colour_dir / "*"), str(out), tiny_model, k=3))  # free again
+    stats = run_graph(score_images(str(colour_dir / "*"), str(out), tiny_model, topk=3))  # free again
     assert stats.scored == 6
 
 
 @pytest.mark.parametrize("name, sibling", [("res?1", "resA1"), ("out*", "outX"), ("outdir[1]", "outdir1")])
 def test_output_folders_with_glob_characters(tmp_path, colour_dir, tiny_model, name, sibling):
     real, other = tmp_path / name, tmp_path / sibling
-    run_graph(score_images(str(colour_dir / "*"), str(other), tiny_model, k=3))  # a folder the pattern would match
+    run_graph(score_images(str(colour_dir / "*"), str(other), tiny_model, topk=3))  # a folder the pattern would match
     (other / "predictions" / ".beamzoo-left.tmp").write_text("a sibling's temporary file")
-    graph = score_images(str(colour_dir / "*"), str(real), tiny_model, k=3)
+    graph = score_images(str(colour_dir / "*"), str(real), tiny_model, topk=3)
     first = run_graph(graph)  # the sibling's results do not count as this folder's
     again = run_graph(graph, resume=True)
     assert (first.scored, again.scored, again.skipped) == (6, 0, 6)
@@ -217,7 +218,7 @@ def test_output_folders_with_glob_characters(tmp_path, colour_dir, tiny_model, n
 
 
 def test_resume_removes_only_beamzoos_own_temporaries(tmp_path, colour_dir, tiny_model):
-    graph = score_images(str(colour_dir / "*"), str(tmp_path), tiny_model, k=3)
+    graph = score_images(str(colour_dir / "*"), str(tmp_path), tiny_model, topk=3)
     run_graph(graph)
     mine = tmp_path / "predictions" / ".notes.tmp"
     mine.write_text("the user's")
@@ -237,12 +238,13 @@ def test_edge_channels_are_bounded_in_bytes_as_well_as_batches():
     second.start()
     second.join(0.5)
     assert second.is_alive() and ch.bytes == big.nbytes  # 1.4 MiB would be over the 1 MiB bound: it waits
-    assert ch.get()[1] is big
+    item, waited = ch.get()
+    assert item[1] is big and waited == 0.0  # it was there: no wait
     second.join(5)
     assert not second.is_alive() and ch.bytes == big.nbytes
     ch.get()
     huge = pa.record_batch([pa.array([b"x" * (3 << 20)], pa.binary())], names=["data"])
     ch.put((0, huge))  # bigger than the bound: an empty channel takes it alone
     assert ch.bytes == huge.nbytes
-    with pytest.raises(ValueError, match="queue_bytes must be an integer >= 1"):
+    with pytest.raises(ValueError, match="EdgeRunner: queue_bytes must be >= 1, got 0"):
         EdgeRunner(queue_bytes=0)

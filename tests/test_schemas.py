@@ -12,9 +12,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from beamzoo.core import Operator, register
-from beamzoo.graph import Graph
+from beamzoo.core.graph import Graph
 from beamzoo.transforms.sources import Files
-from beamzoo.schemas import SchemaMismatchError, TensorSpec, check_fits
+from beamzoo.core.schemas import SchemaMismatchError, TensorSpec, check_fits
 from beamzoo.transforms.inference import OnnxInference
 from beamzoo.transforms.io import ReadFiles
 from beamzoo.transforms.postprocess import TopK
@@ -99,9 +99,11 @@ def test_matching_graph_builds_and_types_flow(tiny_model):
 def test_graph_is_immutable_and_steps_are_named_once(tiny_model):
     base = Graph.source(Files("x/*.jpg")) | ReadFiles()
     longer = base | DecodeImage()
+    other = base | DecodeImage(channels="BGR")  # a second branch: its own graph, its step numbered
     assert len(base.graph.steps) == 2 and len(longer.graph.steps) == 3
+    assert [s.id for s in other.graph.steps] == ["files", "read", "decode_2"]
     with pytest.raises(ValueError, match="step id 'read' is used twice"):
-        longer | ReadFiles()
+        longer | ("read" >> ReadFiles())  # a name given twice is refused
     with pytest.raises(TypeError, match="must be a beamzoo operator"):
         base | (lambda b: b)
 

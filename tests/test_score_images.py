@@ -81,8 +81,8 @@ def test_output_schema(results):
     assert pred.field("model").type == pa.string()
     dead = read(out / "EdgeRunner", "dead_letter")
     assert {os.path.basename(r["source"]): r["stage"] for r in dead} == {
-        "empty.jpg": "read", "text.jpg": "decode", "truncated.jpg": "decode",
-        "truncated.png": "decode", "bomb.png": "decode"}
+        "empty.jpg": "classify/read", "text.jpg": "classify/decode", "truncated.jpg": "classify/decode",
+        "truncated.png": "classify/decode", "bomb.png": "classify/decode"}
 
 
 def test_quick_start_scores_the_embedded_sample_set(tmp_path):

@@ -38,7 +38,7 @@ def test_a_manifest_passes_its_other_columns_through(tmp_path, colour_dir, tiny_
     assert [os.path.basename(r["path"])[:3] for r in rows] == ["blu", "gre", "red"]
     assert [r["label"] for r in rows] == ["blue", "green", "red"]
     [dead] = read(tmp_path / "out", "dead_letter")
-    assert (dead["id"], dead["source"], dead["stage"]) == ("row:3", uris[3], "read")
+    assert (dead["id"], dead["source"], dead["stage"]) == ("row:3", uris[3], "classify/read")
 
 
 def test_a_manifest_without_its_uri_column_is_a_clear_error(tmp_path, tiny_model):

@@ -1,12 +1,5 @@
-"""Runners: the edge runner (no Beam) and the dispatch to Beam's runners."""
-from __future__ import annotations
+"""Executors: the edge runner (no Beam), Beam's runners, the in-thread runner of serving and
+calibration, and what they need (file writers, Beam options, Flink)."""
+from beamzoo.runners.registry import executor_class, is_beam, resolve
 
-from beamzoo.runners.edge import EdgeRunner, RunStats
-
-EDGE_NAMES = ("EdgeRunner", "beamzoo.runners.EdgeRunner", "edge")
-
-__all__ = ["EdgeRunner", "RunStats", "EDGE_NAMES", "is_edge"]
-
-
-def is_edge(runner: str | None) -> bool:
-    return runner in EDGE_NAMES
+__all__ = ["executor_class", "is_beam", "resolve"]

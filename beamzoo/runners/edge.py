@@ -1,13 +1,16 @@
 """The edge runner: a graph in one process, no Beam.
 
-The planner's stages become threads joined by bounded channels, one channel
+The plan's stages become threads joined by bounded channels, one channel
 into each stage, so memory stays bounded for any DAG: a stage that cannot
 hand on its output waits. Row-parallel stages (decode, inference with
 one-thread sessions) run in ``workers`` threads, each with its own operators
 (heavy state is shared per process); routes, merges, collects and sinks in
 one thread each. Dead letters go to one unbounded hub (they are small, and a
 bounded one could close a cycle of waits): it writes the dead-letter sinks
-and tells each collect how many of its children died.
+and tells each collect how many of its children died. What happens to a
+batch inside a stage is the shared kernels' (``beamzoo.core.kernels``), which
+report every step's metrics; the time a stage waits on its channels is
+reported too.
 """
 from __future__ import annotations
 
@@ -15,33 +18,18 @@ import os
 import sys
 import threading
 import time
-from collections import defaultdict, deque
-from dataclasses import dataclass, field
+from collections import deque
 
 import pyarrow as pa
 
-from beamzoo.gates import clear_stop, stop_reason
-from beamzoo.graph import DEAD, Graph, split_ref
-from beamzoo.plan import Plan, Stage, check_kinds, plan, run_fused
-from beamzoo.resume import run_id
-from beamzoo.runners.sinks import JsonlSink, ParquetSink
-
-
-@dataclass
-class RunStats:
-    inputs: int = 0
-    scored: int = 0
-    failed: int = 0
-    skipped: int = 0  # inputs already done (resume)
-    seconds: float = 0.0
-    first_result_s: float | None = None
-    written: dict = field(default_factory=dict)  # sink id -> rows
-    counters: dict = field(default_factory=dict)  # a step's own counts (a gate's rows held)
-    stopped: str | None = None  # why a gate stopped the run early (what was read is written)
-
-    def line(self) -> str:
-        done = f"  already done: {self.skipped}" if self.skipped else ""
-        return f"inputs: {self.inputs}  scored: {self.scored}  dead letters: {self.failed}{done}"
+from beamzoo.core.context import Hooks, RunContext
+from beamzoo.core.executor import Clock, Executor, kernel_table, stats
+from beamzoo.core.graph import DEAD, split_ref
+from beamzoo.core.kernels import Collector, record_sink, record_wait, run_map, run_merge, run_ports, run_source
+from beamzoo.core.knobs import Knob, bind, declare
+from beamzoo.core.compile import Plan, Stage
+from beamzoo.core.metrics import RunStats
+from beamzoo.runners.sinks import WRITERS
 
 
 class Aborted(Exception):
@@ -51,7 +39,8 @@ class Aborted(Exception):
 class Channel:
     """A queue of (tag, batch) with ``producers`` writers, holding at most ``maxsize`` items
     and ``max_bytes`` bytes of batches (an item bigger than that enters an empty channel
-    alone); ``get`` returns None once all writers closed and it is empty."""
+    alone); ``get`` returns None once all writers closed and it is empty. ``waited``: the
+    seconds the last ``put`` or ``get`` waited."""
 
     def __init__(self, maxsize: int, producers: int, max_bytes: int = 0):
         self.items, self.maxsize, self.open = deque(), maxsize, producers
@@ -64,29 +53,40 @@ class Channel:
             return True
         return bool(self.max_bytes and self.items and self.bytes + size > self.max_bytes)
 
-    def put(self, item) -> None:
+    def put(self, item) -> float:
+        """Queue ``item``; the seconds it waited for room."""
         size = _nbytes(item)
+        waited = 0.0
         with self.cv:
-            while self._full(size) and not self.aborted:
-                self.cv.wait()
+            if self._full(size) and not self.aborted:
+                t = time.perf_counter()
+                while self._full(size) and not self.aborted:
+                    self.cv.wait()
+                waited = time.perf_counter() - t
             if self.aborted:
                 raise Aborted
             self.items.append((item, size))
             self.bytes += size
             self.cv.notify_all()
+        return waited
 
     def get(self):
+        """The next item (None once closed and empty), and the seconds it waited for it."""
+        waited = 0.0
         with self.cv:
-            while not self.items and self.open > 0 and not self.aborted:
-                self.cv.wait()
+            if not self.items and self.open > 0 and not self.aborted:
+                t = time.perf_counter()
+                while not self.items and self.open > 0 and not self.aborted:
+                    self.cv.wait()
+                waited = time.perf_counter() - t
             if self.aborted:
                 raise Aborted
             if not self.items:
-                return None
+                return None, waited
             item, size = self.items.popleft()
             self.bytes -= size
             self.cv.notify_all()
-            return item
+            return item, waited
 
     def close_one(self) -> None:
         with self.cv:
@@ -104,10 +104,10 @@ def _nbytes(item) -> int:
     return batch.nbytes if isinstance(batch, pa.RecordBatch) else 0
 
 
-class EdgeRunner:
-    """Runs a graph in this process.
+class EdgeRunner(Executor):
+    """Runs a graph in this process, no Beam needed.
 
-    ``workers``: threads for each row-parallel stage (default: CPU count).
+    ``workers``: threads for each row-parallel stage (default: the CPU count).
     ``chunk_size``: rows per task. ``queue_depth``: batches waiting on each edge, and
     ``queue_bytes`` the bytes they may hold (one bigger batch passes alone); with the
     file reader's ``batch_bytes``, what is in memory is bounded in bytes, not only rows.
@@ -116,47 +116,77 @@ class EdgeRunner:
     """
 
     name = "EdgeRunner"
+    formats = frozenset(WRITERS)
+    knobs = {"workers": Knob(None, int, low=1, high=4096, results=False,
+                             doc="edge runner: threads for each row-parallel stage (default: the CPU count)"),
+             "chunk_size": Knob(16, int, low=1, high=1 << 20, results=False, doc="rows per task"),
+             "queue_depth": Knob(None, int, low=1, results=False,
+                                 doc="batches waiting on each edge (default: 4 x workers)"),
+             "queue_bytes": Knob(256 << 20, int, low=1, results=False, unit="bytes",
+                                 doc="bytes of batches waiting on each edge"),
+             "rows_per_file": Knob(10_000, int, low=1, results=False, doc="rows per committed output file"),
+             "seconds_per_file": Knob(60.0, float, low=0.0, results=False, unit="seconds",
+                                      doc="an output file is committed at least this often"),
+             "progress": Knob(True, bool, results=False, doc="a progress bar on a terminal")}
+    positional = ()
 
-    def __init__(self, workers: int | None = None, chunk_size: int = 16, queue_depth: int | None = None,
-                 progress: bool = True, rows_per_file: int = 10_000, seconds_per_file: float = 60.0,
-                 queue_bytes: int = 256 << 20):
-        for what, v in (("workers", workers), ("chunk_size", chunk_size), ("queue_depth", queue_depth),
-                        ("queue_bytes", queue_bytes)):
-            if v is not None and (not isinstance(v, int) or v < 1):
-                raise ValueError(f"EdgeRunner: {what} must be an integer >= 1, got {v!r}")
-        self.workers = workers or os.cpu_count() or 1
-        self.chunk_size = chunk_size
-        self.queue_depth = queue_depth or 4 * self.workers
-        self.progress, self.queue_bytes = progress, queue_bytes
-        self.rows_per_file, self.seconds_per_file = rows_per_file, seconds_per_file
+    def __init__(self, **knobs):
+        p = bind(type(self).__name__, self.knobs, (), (), knobs)
+        self.params = p
+        self.workers = p["workers"] or os.cpu_count() or 1
+        self.chunk_size = p["chunk_size"]
+        self.queue_depth = p["queue_depth"] or 4 * self.workers
+        self.progress, self.queue_bytes = p["progress"], p["queue_bytes"]
+        self.rows_per_file, self.seconds_per_file = p["rows_per_file"], p["seconds_per_file"]
 
-    def run(self, graph: Graph, run: str | None = None) -> RunStats:
-        clear_stop()
-        return _Run(self, plan(graph), run or run_id()).go()
-
-PLAN_FUNCTIONS = {}  # primitive kind -> how one thread of its stage runs
+    def execute(self, plan: Plan, ctx: RunContext) -> RunStats:
+        self.check(plan)
+        return _Run(self, plan, ctx).go()
 
 
-def _plans(kind):
-    def deco(fn):
-        PLAN_FUNCTIONS[kind] = fn
-        return fn
-    return deco
+declare(EdgeRunner, extra=())
+KERNELS = {}  # primitive kind -> how one thread of its stage runs
+_kernel = kernel_table(KERNELS)
+
+
+class _Bar(Hooks):
+    """The progress bar: rows written, dead-lettered or skipped, of the inputs listed."""
+
+    def __init__(self, enabled: bool, dead_sinks: set[str]):
+        from tqdm import tqdm
+        self.bar = tqdm(unit="row", disable=not (enabled and sys.stderr.isatty()), smoothing=0.1, mininterval=0.5)
+        self.dead_sinks = dead_sinks
+        self.lock = threading.Lock()
+
+    def batch_done(self, ctx, step, kind, sample):
+        with self.lock:
+            if kind == "source":
+                self.bar.total = (self.bar.total or 0) + sample.rows_in
+                self.bar.refresh()
+            done = sample.dead + sample.skipped + (sample.rows_in if kind == "sink" and step not in self.dead_sinks
+                                                   else 0)
+            if done:
+                self.bar.update(done)
 
 
 class _Run:
-    def __init__(self, runner: EdgeRunner, plan: Plan, run: str):
-        check_kinds(plan, PLAN_FUNCTIONS, runner.name)
-        self.r, self.plan, self.run_name = runner, plan, run
-        self.stats, self.lock = RunStats(), threading.Lock()
+    def __init__(self, runner: EdgeRunner, plan: Plan, ctx: RunContext):
+        self.r, self.plan, self.ctx = runner, plan, ctx
         self.error: BaseException | None = None
-        self.start = time.perf_counter()
+        self.interrupted = False  # Ctrl-C or SIGTERM: the sinks commit what they have written
+        self.clock = Clock()
+        self.first: float | None = None
+        self.lock = threading.Lock()
         self.threads_of = {s.id: self._threads(s) for s in plan.stages}
         self.inbox = {s.id: Channel(runner.queue_depth, self._feeds(s), runner.queue_bytes) for s in plan.stages
                       if s.kind != "source"}
         self.dead = Channel(0, sum(self.threads_of[s.id] for s in plan.stages if s.kind != "sink"))
         self.left = {s.id: self.threads_of[s.id] for s in plan.stages}
-        self.bar = _progress(runner.progress)
+        dead_sinks = {st.id for s in plan.stages if s.kind == "sink" and DEAD in s.inputs for st in s.steps}
+        self.bar = _Bar(runner.progress, dead_sinks)
+        self.consumers = {(s.id, port): [(c, c.inputs.index(f"{s.id}:{port}")) for c in plan.stages
+                                         if f"{s.id}:{port}" in c.inputs]
+                          for s in plan.stages for port in _ports_of(s)}
 
     def _threads(self, s: Stage) -> int:
         return self.r.workers if s.parallel and s.kind in ("map", "explode", "route") else 1
@@ -169,16 +199,17 @@ class _Run:
         return n
 
     # ------------------------------------------------------------- plumbing
-    def emit(self, stage: Stage, port: str, batch: pa.RecordBatch) -> None:
-        if batch.num_rows == 0:
-            return
-        for consumer in self.plan.consumers(stage, port):
-            tag = consumer.inputs.index(f"{stage.id}:{port}")
-            self.inbox[consumer.id].put((tag, batch))
-
-    def emit_dead(self, dead: pa.RecordBatch) -> None:
-        if dead.num_rows:
-            self.dead.put(("dead", dead))
+    def emit(self, stage: Stage, port: str, batch: pa.RecordBatch) -> float:
+        """Hand ``batch`` to the stages reading ``port``; the seconds it waited for room."""
+        if port == DEAD:
+            if batch.num_rows:
+                self.dead.put(("dead", batch))
+            return 0.0
+        waited = 0.0
+        if batch.num_rows:
+            for consumer, tag in self.consumers.get((stage.id, port), ()):
+                waited += self.inbox[consumer.id].put((tag, batch))
+        return waited
 
     def close(self, stage: Stage) -> None:
         """One thread of ``stage`` ended; the last one closes what it feeds."""
@@ -197,14 +228,9 @@ class _Run:
                     for _ in range(self.threads_of[stage.id]):
                         self.inbox[consumer.id].close_one()
 
-    def count(self, **kw) -> None:
-        with self.lock:
-            for k, v in kw.items():
-                setattr(self.stats, k, getattr(self.stats, k) + v)
-
     def thread(self, stage: Stage) -> None:
         try:
-            PLAN_FUNCTIONS[stage.kind](self, stage)
+            KERNELS[stage.kind](self, stage)
         except Aborted:
             return
         except BaseException as exc:  # noqa: BLE001 - stop every thread, re-raised by go()
@@ -220,6 +246,8 @@ class _Run:
             ch.abort()
 
     def go(self) -> RunStats:
+        self.ctx.hooks.append(self.bar)
+        self.ctx.started(self.plan)
         threads = [threading.Thread(target=self.thread, args=(s,), name=f"beamzoo-{s.id}", daemon=True)
                    for s in self.plan.stages for _ in range(self.threads_of[s.id])]
         threads.append(threading.Thread(target=self.hub_thread, name="beamzoo-dead", daemon=True))
@@ -229,24 +257,26 @@ class _Run:
             for t in threads:
                 while t.is_alive():
                     t.join(0.2)
-        except BaseException as exc:  # Ctrl-C: stop the threads, then raise it
+        except BaseException as exc:  # Ctrl-C, SIGTERM: stop the threads, commit what was written, raise it
+            self.interrupted = isinstance(exc, KeyboardInterrupt)
             self.fail(exc)
             for t in threads:
                 t.join()
         finally:
-            self.bar.close()
+            self.bar.bar.close()
+            self.ctx.hooks.remove(self.bar)
         if self.error is not None:
             raise self.error
-        self.stats.stopped = stop_reason()  # set even when every input had been read by then
-        self.stats.seconds = time.perf_counter() - self.start
-        return self.stats
+        out = stats(self.plan, self.ctx, self.clock(), self.first, self.r.name)
+        self.ctx.ended(out)
+        return out
 
     def hub_thread(self) -> None:
         sinks = [s for s in self.plan.stages if DEAD in s.inputs and s.kind == "sink"]
         waiting = {s.id: _upstream(self.plan, s) for s in self.plan.stages if s.kind == "collect"}
         finished: set[str] = set()
         try:
-            while (item := self.dead.get()) is not None:
+            while (item := self.dead.get()[0]) is not None:
                 what, value = item
                 if what == "closed":
                     finished.add(value)
@@ -254,8 +284,6 @@ class _Run:
                         del waiting[cid]  # nothing more can die upstream of it
                         self.inbox[cid].close_one()
                     continue
-                self.count(failed=value.num_rows)
-                self.bar.update(value.num_rows)
                 for s in sinks:
                     self.inbox[s.id].put((0, value))
                 if waiting and value.column("parent_id").null_count < value.num_rows:
@@ -269,168 +297,133 @@ class _Run:
         for s in sinks:
             self.inbox[s.id].close_one()
 
+    def written(self) -> None:
+        if self.first is None:
+            with self.lock:
+                if self.first is None:
+                    self.first = self.clock()
+
+
+def _ports_of(stage: Stage) -> tuple[str, ...]:
+    if stage.kind == "sink":
+        return ()
+    if stage.kind in ("route", "explode"):
+        return tuple(stage.steps[0].operator().ports)
+    return ("out",)
+
 
 def _upstream(plan: Plan, stage: Stage) -> set[str]:
     """The ids of every stage with a path to ``stage``."""
     seen: set[str] = set()
+    by_id = {s.id: s for s in plan.stages}
     todo = [split_ref(r)[0] for r in stage.inputs if r != DEAD]
     while todo:
         sid = todo.pop()
         if sid not in seen:
             seen.add(sid)
-            todo += [split_ref(r)[0] for r in next(s for s in plan.stages if s.id == sid).inputs if r != DEAD]
+            todo += [split_ref(r)[0] for r in by_id[sid].inputs if r != DEAD]
     return seen
 
 
-def _progress(enabled: bool):
-    from tqdm import tqdm
-    on = enabled and sys.stderr.isatty()
-    return tqdm(unit="row", disable=not on, smoothing=0.1, mininterval=0.5)
+def _bound(run: _Run, stage: Stage):
+    ops = stage.operators()
+    for op in ops:
+        op.bind(run.ctx)
+    return ops
 
 
-@_plans("source")
+@_kernel("source")
 def _source(run: _Run, stage: Stage) -> None:
-    (op,) = stage.operators()
-    chunk = []
+    (op,) = _bound(run, stage)
+    chunk: list[str] = []
 
     def flush():
-        ok, dead = op.to_batch(chunk)
-        run.count(inputs=len(chunk))
-        with run.lock:
-            run.bar.total = (run.bar.total or 0) + len(chunk)
-        run.emit_dead(dead)
-        run.emit(stage, "out", ok)
+        ok, dead = run_source(op, chunk, run.ctx)
+        run.emit(stage, DEAD, dead)
+        record_wait(run.ctx, op, run.emit(stage, "out", ok))
         chunk.clear()
 
     for ref in op.refs():
         chunk.append(ref)
         if len(chunk) >= run.r.chunk_size:
             flush()
-            if stop_reason():  # a gate stopped the run: read no more, finish what was read
+            if run.ctx.stop_reason:  # the run is stopping: read no more, finish what was read
                 return
     if chunk:
         flush()
 
 
-def _steps(ops, batch: pa.RecordBatch, run: _Run):
-    """Fused maps in order (``run_fused``): dead letters to the hub, rows a step drops
-    (resume) counted."""
-    def piece(op, rows, dead):
-        run.emit_dead(dead)
-        _add_counters(run, op)
-        return ()
-
-    def skipped(n):
-        run.count(skipped=n)
-        run.bar.update(n)
-    return run_fused(ops, batch, piece, skipped)
-
-
-def _add_counters(run: _Run, op) -> None:
-    """A step's own counts since it last reported (a gate's rows held, a remote step's
-    rows per endpoint) into the run's stats."""
-    if hasattr(op, "counters"):
-        with run.lock:
-            for k, v in op.counters().items():
-                run.stats.counters[k] = run.stats.counters.get(k, 0) + v
-
-
-@_plans("map")
+@_kernel("map")
 def _map(run: _Run, stage: Stage) -> None:
-    ops = stage.operators()
-    for op in ops:
-        op.setup()
-    inbox = run.inbox[stage.id]
-    while (item := inbox.get()) is not None:
-        for out in _steps(ops, item[1], run):
-            run.emit(stage, "out", out)
+    ops = _bound(run, stage)
+    inbox, last = run.inbox[stage.id], ops[-1]
+    while (got := inbox.get())[0] is not None:
+        (_, batch), waited = got
+        for port, out in run_map(ops, batch, run.ctx, waited):
+            waited_out = run.emit(stage, port, out)
+            if port != DEAD:
+                record_wait(run.ctx, last, waited_out)
 
 
-@_plans("route")
-@_plans("explode")
+@_kernel("route", "explode")
 def _ports(run: _Run, stage: Stage) -> None:
-    (op,) = stage.operators()
-    op.setup()
+    (op,) = _bound(run, stage)
     inbox = run.inbox[stage.id]
-    while (item := inbox.get()) is not None:
-        outs, dead = op.process(item[1])
-        run.emit_dead(dead)
-        _add_counters(run, op)
-        for port, batch in outs.items():
-            run.emit(stage, port, batch)
+    while (got := inbox.get())[0] is not None:
+        (_, batch), waited = got
+        for port, out in run_ports(op, batch, run.ctx, waited):
+            record_wait(run.ctx, op, run.emit(stage, port, out))
 
 
-@_plans("merge")
+@_kernel("merge")
 def _merge(run: _Run, stage: Stage) -> None:
-    (op,) = stage.operators()
+    (op,) = _bound(run, stage)
     op.output_schemas([run.plan.graph.schema(r) for r in stage.steps[0].inputs])
     inbox = run.inbox[stage.id]
-    while (item := inbox.get()) is not None:
-        run.emit(stage, "out", op.process(item[1]).ok)
+    while (got := inbox.get())[0] is not None:
+        (_, batch), waited = got
+        record_wait(run.ctx, op, run.emit(stage, "out", run_merge(op, batch, run.ctx, waited)))
 
 
-@_plans("collect")
+@_kernel("collect")
 def _collect(run: _Run, stage: Stage) -> None:
-    (op,) = stage.operators()
+    (op,) = _bound(run, stage)
     op.output_schemas([run.plan.graph.schema(r) for r in stage.steps[0].inputs])
-    wanted = ["id", *op.params["fields"]]
-    parents: dict[str, tuple[pa.RecordBatch, int]] = {}
-    kids: dict[str, list[dict]] = defaultdict(list)
-    died: dict[str, int] = defaultdict(int)
+    collector = Collector(op, run.ctx)
     inbox = run.inbox[stage.id]
-
-    def complete(pids) -> None:
-        done = [p for p in pids if p in parents and len(kids[p]) + died[p] >= parents[p][1]]
-        if done:
-            emit(done)
-
-    def emit(pids) -> None:
-        batch = pa.concat_batches([parents[p][0] for p in pids])
-        run.emit(stage, "out", op.assemble(batch, {p: kids[p] for p in pids}))
-        for p in pids:
-            parents.pop(p), kids.pop(p, None), died.pop(p, None)
-
-    while (item := inbox.get()) is not None:
-        tag, batch = item
-        if tag == "dead":
-            pids = [p for p in batch.column("parent_id").to_pylist() if p is not None]
-            for p in pids:
-                died[p] += 1
-        elif tag == 1:  # parents
-            pids = batch.column("id").to_pylist()
-            counts = batch.column("children").to_pylist()
-            for i, (p, n) in enumerate(zip(pids, counts)):
-                parents[p] = (batch.slice(i, 1), n)
-        else:  # children
-            pids = batch.column("parent_id").to_pylist()
-            for p, row in zip(pids, batch.select(wanted).to_pylist()):
-                kids[p].append(row)
-        complete(set(pids))
-    if parents:  # children that went elsewhere (another branch) are not waited for
-        emit(list(parents))
+    add = {0: collector.add_children, 1: collector.add_parents, "dead": collector.add_dead}
+    while (got := inbox.get())[0] is not None:
+        tag, batch = got[0]
+        for out in add[tag](batch):
+            record_wait(run.ctx, op, run.emit(stage, "out", out))
+    for out in collector.rest():  # children that went elsewhere (another branch) are not waited for
+        run.emit(stage, "out", out)
 
 
-@_plans("sink")
+@_kernel("sink")
 def _sink(run: _Run, stage: Stage) -> None:
-    (op,) = stage.operators()
+    (op,) = _bound(run, stage)
     ref = stage.steps[0].inputs[0]
     schema = op.file_schema(run.plan.graph.schema(ref))
-    kw = dict(rows_per_file=run.r.rows_per_file, seconds_per_file=run.r.seconds_per_file)
-    path = op.params["path"]
-    sink = ParquetSink(path, schema, run.run_name, **kw) if op.op_name == "parquet" else \
-        JsonlSink(path, schema, run.run_name, **kw)
-    is_dead = ref == DEAD
+    writer = WRITERS[op.format](op.path, schema, run.ctx.run_id, rows_per_file=run.r.rows_per_file,
+                                seconds_per_file=run.r.seconds_per_file)
+    answers = ref != DEAD
     inbox = run.inbox[stage.id]
-    with sink:
-        while (item := inbox.get()) is not None:
-            batch = item[1]
-            sink.write(batch.select(schema.names))
-            if not is_dead:
-                with run.lock:
-                    run.stats.scored += batch.num_rows
-                    run.stats.written[stage.id] = run.stats.written.get(stage.id, 0) + batch.num_rows
-                    if run.stats.first_result_s is None:
-                        run.stats.first_result_s = time.perf_counter() - run.start
-                run.bar.update(batch.num_rows)
-        if run.error is not None:
+    with writer:
+        try:
+            while (got := inbox.get())[0] is not None:
+                (_, batch), waited = got
+                t, c = time.perf_counter(), time.thread_time()
+                writer.write(batch.select(schema.names))
+                record_sink(run.ctx, op, batch.num_rows, time.perf_counter() - t, time.thread_time() - c, waited)
+                if answers:
+                    run.written()
+        except Aborted:
+            if not run.interrupted:
+                raise
+            return  # interrupted: every batch written is whole; the writer commits them (a resume skips them)
+        if run.error is not None and not run.interrupted:
             raise Aborted
+
+
+__all__ = ["Channel", "EdgeRunner", "KERNELS"]

@@ -20,7 +20,9 @@ import shutil
 import sys
 import threading
 
-from beamzoo.runners import EDGE_NAMES
+from beamzoo.runners import flink
+from beamzoo.runners.job_server import JobServer
+from beamzoo.runners.registry import UnknownRunner, is_beam, resolve
 
 FN_API_RUNNER = "apache_beam.runners.portability.fn_api_runner.FnApiRunner"
 
@@ -55,19 +57,12 @@ def _without_runner(argv: list[str]) -> list[str]:
 
 
 def check_runner(name: str) -> str:
-    """The runner's name as Beam knows it; refuses a misspelt one naming beamzoo's runners."""
-    if name in EDGE_NAMES or "." in name:
-        return name
+    """The runner's registered name (``beamzoo.runners.registry.RULE``); a misspelt one is refused,
+    naming the runners there are."""
     try:
-        from apache_beam.runners.runner import _RUNNER_MAP
-    except ImportError:
-        _RUNNER_MAP = {}
-    known = {k.lower(): v.rsplit(".", 1)[1] for k, v in _RUNNER_MAP.items()}
-    if name.lower() in known or name.lower() + "runner" in known:
-        return name
-    beam = sorted(set(known.values()) - {"DirectRunner", "FlinkRunner"})
-    raise OptionError(f"unknown runner {name!r}: beamzoo runs EdgeRunner (no Beam), DirectRunner and "
-                      f"FlinkRunner" + (f"; Beam also has {', '.join(beam)}" if beam else ""))
+        return resolve(name)
+    except UnknownRunner as exc:
+        raise OptionError(str(exc)) from None
 
 
 def with_direct_defaults(argv: list[str]) -> list[str]:
@@ -81,7 +76,6 @@ def with_direct_defaults(argv: list[str]) -> list[str]:
 def with_flink_defaults(argv: list[str]) -> list[str]:
     """Add what FlinkRunner needs (job server jar, Flink version, environment)
     for ``--flink_master`` (default ``[local]``), unless the user set it."""
-    from beamzoo.runners import flink
     given = _given(argv)
     master = next((a.split("=", 1)[1] for a in argv if a.startswith("--flink_master=")), "[local]")
     extra = [a for a in flink.pipeline_args(master) if a.split("=", 1)[0] not in given]
@@ -123,8 +117,6 @@ def flink_job_server(argv: list[str]):
     from apache_beam.options.pipeline_options import (
         FlinkRunnerOptions, JobServerOptions, PipelineOptions, PortableOptions)
     from apache_beam.runners.portability.flink_runner import FlinkRunner
-
-    from beamzoo.runners.job_server import JobServer
     options = PipelineOptions(argv)
     flink = options.view_as(FlinkRunnerOptions)
     if options.view_as(PortableOptions).job_endpoint or flink.flink_submit_uber_jar:
@@ -146,13 +138,13 @@ def beam_options(argv: list[str] | None = None):
     from apache_beam.options.pipeline_options import PipelineOptions
     argv = list(sys.argv[1:] if argv is None else argv)
     runner = check_runner(runner_of(argv))
-    if runner in EDGE_NAMES:
+    if not is_beam(runner):
         raise OptionError(f"--runner={runner} runs beamzoo graphs without Beam; a Beam pipeline needs "
                           "DirectRunner or FlinkRunner")
-    if runner.lower() in ("directrunner", "direct"):
+    if runner == "DirectRunner":
         yield PipelineOptions(with_direct_defaults(argv))
         return
-    if runner.lower() not in ("flinkrunner", "flink"):
+    if runner != "FlinkRunner":
         yield PipelineOptions(argv)
         return
     argv = with_flink_defaults(argv)
@@ -169,6 +161,12 @@ def unknown_beam_options(argv: list[str]) -> list[str]:
     arguments (Beam itself only warns)."""
     from apache_beam.options.pipeline_options import PipelineOptions
     parser = {}
-    PipelineOptions(argv).get_all_options(add_extra_args_fn=lambda p: parser.setdefault("p", p))
+    beam_log = logging.getLogger("apache_beam.options.pipeline_options")
+    level = beam_log.level
+    beam_log.setLevel(logging.ERROR)  # its "Discarding unparseable args": what is refused here, in one line
+    try:
+        PipelineOptions(argv).get_all_options(add_extra_args_fn=lambda p: parser.setdefault("p", p))
+    finally:
+        beam_log.setLevel(level)
     _, unknown = parser["p"].parse_known_args(argv)
     return unknown

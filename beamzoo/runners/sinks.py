@@ -148,6 +148,9 @@ class JsonlSink(FileSink):
         self._file.close()
 
 
+WRITERS = {"parquet": ParquetSink, "jsonl": JsonlSink}  # a sink's format -> its writer here
+
+
 def remove_stale_temporaries(directory: str) -> int:
     """Delete what a killed run left behind: beamzoo's hidden temporary files and
     Beam's ``beam-temp-*`` folders, nothing else. Returns how many were removed."""

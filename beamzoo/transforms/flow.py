@@ -2,7 +2,7 @@
 many children of one record, collect the children back per parent, drop columns.
 
 >>> from beamzoo.transforms.sources import Rows
->>> from beamzoo.graph import Graph
+>>> from beamzoo.core.graph import Graph
 >>> branches = Graph.source(Rows([{"score": 0.2}, {"score": 0.9}])) | Route(low="score < 0.5")
 >>> merged = (branches.low, branches.otherwise) | Merge()
 >>> merged.schema.names
@@ -16,8 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from beamzoo.core import NO_DEAD_LETTERS, Knob, Operator, Result, dead_letters, error_text, register
-from beamzoo.schemas import ID, PARENT_ID, SchemaMismatchError, describe
+from beamzoo.core.knobs import Knob
+from beamzoo.core.op import NO_DEAD_LETTERS, PIECE_BYTES, Operator, Result, dead_letters, error_text
+from beamzoo.core.schemas import ID, PARENT_ID, SchemaMismatchError, describe
 from beamzoo.transforms.preprocess import image_spec
 
 _COMPARE = {"<": pc.less, "<=": pc.less_equal, ">": pc.greater, ">=": pc.greater_equal,
@@ -41,22 +42,25 @@ def parse_predicate(text: str | dict) -> dict:
     return {"field": field, "op": op, "value": value}
 
 
-@register("route")
+def _branches(pairs) -> list:
+    return [[str(n), parse_predicate(p)] for n, p in pairs]
+
+
 class Route(Operator):
     """Send each row to the first branch whose predicate holds, else to ``otherwise``.
 
     ``Route(low="score < 0.5")`` has the ports ``low`` and ``otherwise``; a null never
-    satisfies a predicate.
+    satisfies a predicate. Branches named by keyword come after those in ``branches``.
     """
 
+    name = "route"
     kind = "route"
     default_id = "route"
-    knobs = {"branches": Knob(None, list, doc="[name, predicate] pairs, tried in order"),
-             "otherwise": Knob("otherwise", str)}
+    knobs = {"branches": Knob([], list, doc="[name, predicate] pairs, tried in order", convert=_branches),
+             "otherwise": Knob("otherwise", str, doc="the branch of rows no predicate holds for")}
 
-    def __init__(self, otherwise: str = "otherwise", id: str | None = None, branches=None, **named):
-        pairs = [list(b) for b in branches or ()] + [[k, v] for k, v in named.items()]
-        super().__init__(id, branches=[[n, parse_predicate(p)] for n, p in pairs], otherwise=otherwise)
+    def __init__(self, otherwise: str = "otherwise", id: str | None = None, branches=(), **named):
+        super().__init__(id=id, branches=[*branches, *named.items()], otherwise=otherwise)
 
     def configure(self):
         names = [n for n, _ in self.params["branches"]] + [self.params["otherwise"]]
@@ -90,17 +94,14 @@ class Route(Operator):
         return Result(out, NO_DEAD_LETTERS)
 
 
-@register("merge")
 class Merge(Operator):
     """The rows of every input, laid out as one schema: the union of their columns
     (a column some inputs lack is null there). ``(a, b) | Merge()``."""
 
+    name = "merge"
     kind = "merge"
     default_id = "merge"
     parallel = False
-
-    def __init__(self, id: str | None = None):
-        super().__init__(id)
 
     def output_schemas(self, inputs):
         fields: dict[str, pa.Field] = {}
@@ -121,15 +122,13 @@ class Merge(Operator):
         return Result(pa.record_batch(cols, schema=self.schema), NO_DEAD_LETTERS)
 
 
-@register("drop")
 class Drop(Operator):
     """Drop columns (say raw bytes or pixels before a sink)."""
 
+    name = "drop"
     default_id = "drop"
-    knobs = {"fields": Knob(None, list)}
-
-    def __init__(self, fields: list[str], id: str | None = None):
-        super().__init__(id, fields=list(fields))
+    knobs = {"fields": Knob(None, list, required=True, doc="the columns to drop")}
+    positional = ("fields",)
 
     def configure(self):
         self.consumes = tuple(self.params["fields"])
@@ -145,16 +144,15 @@ class Drop(Operator):
         return Result(batch.drop_columns(list(self.consumes)), NO_DEAD_LETTERS)
 
 
-@register("rename")
 class Rename(Operator):
     """Rename columns (``{"old": "new"}``); with ``copy`` keep the old ones too (no bytes
     are copied: both names share the column)."""
 
+    name = "rename"
     default_id = "rename"
-    knobs = {"fields": Knob(None, dict, doc="{old name: new name}"), "copy": Knob(False, bool)}
-
-    def __init__(self, fields: dict[str, str], copy: bool = False, id: str | None = None):
-        super().__init__(id, fields=dict(fields), copy=copy)
+    knobs = {"fields": Knob(None, dict, required=True, doc="{old name: new name}"),
+             "copy": Knob(False, bool, doc="keep the old names too")}
+    positional = ("fields",)
 
     def configure(self):
         self.consumes = () if self.params["copy"] else tuple(self.params["fields"])
@@ -203,44 +201,75 @@ class Explode(Operator):
         return {"out": pa.schema([ID, *kept, *self.produces]), "parents": parents}
 
     def children(self, image: dict) -> list[dict]:
+        """The children of one image: ``image`` has ``data`` (its pixels, a read-only
+        memoryview), ``height``, ``width`` and ``channels``."""
         raise NotImplementedError
 
     def process(self, batch):
-        self.setup()
+        return self._result(batch, [self._children(batch, i) for i in range(batch.num_rows)])
+
+    def process_pieces(self, batch):
+        """Images in order, handed on whenever their children hold over ``PIECE_BYTES``."""
+        start, found, size = 0, [], 0
+        for i in range(batch.num_rows):
+            found.append(self._children(batch, i))
+            size += _size(found[-1])
+            if size > PIECE_BYTES and i + 1 < batch.num_rows:
+                yield self._result(batch.slice(start, len(found)), found)
+                start, found, size = i + 1, [], 0
+        yield self._result(batch.slice(start, len(found)), found)
+
+    def _children(self, batch, i):
+        self.bind()
+        im = batch.column("image")[i]  # its pixels as a view of the batch's, not a copy
+        try:
+            return self.children({"data": memoryview(im["data"].as_buffer()), "height": im["height"].as_py(),
+                                  "width": im["width"].as_py(), "channels": im["channels"].as_py()})
+        except Exception as exc:  # noqa: BLE001 - a bad record must not kill the run
+            return exc
+
+    def _result(self, batch, found: list) -> Result:
         schemas = self.output_schemas([batch.schema])
         ids = batch.column("id").to_pylist()
         keep = {n: batch.column(n).to_pylist() for n in self.KEEP if n in batch.schema.names}
         rows, ok, counts, bad, errors = [], [], [], [], []
-        for i, im in enumerate(batch.column("image").to_pylist()):
-            try:
-                found = self.children(im)
-            except Exception as exc:  # noqa: BLE001 - a bad record must not kill the run
+        for i, kids in enumerate(found):
+            if isinstance(kids, Exception):
                 bad.append(i)
-                errors.append(error_text(exc))
+                errors.append(error_text(kids))
                 continue
             ok.append(i)
-            counts.append(len(found))
-            for n, child in enumerate(found):
+            counts.append(len(kids))
+            for n, child in enumerate(kids):
                 rows.append({"id": f"{ids[i]}#{n}", **{k: v[i] for k, v in keep.items()},
                              "parent_id": ids[i], self.INDEX: n, **child})
-        parents = batch.take(pa.array(ok, pa.int64())).drop_columns(["image"])
+        parents = batch.drop_columns(["image"]).take(pa.array(ok, pa.int64()))
         parents = parents.append_column(schemas["parents"].field("children"), pa.array(counts, pa.int32()))
         children = pa.RecordBatch.from_pylist(rows, schema=schemas["out"])
         return Result({"out": children, "parents": parents}, dead_letters(batch, bad, self.id, errors))
 
 
-@register("tiles")
+def _size(value) -> int:
+    """About the bytes ``value`` (children, or an exception) takes in a batch: its bytes values."""
+    if isinstance(value, (bytes, bytearray)):
+        return len(value)
+    if isinstance(value, dict):
+        return sum(_size(v) for v in value.values())
+    if isinstance(value, list):
+        return sum(_size(v) for v in value) if value and isinstance(value[0], (dict, bytes)) else 8 * len(value)
+    return 8
+
+
 class Tiles(Explode):
     """One-to-many: an image -> ``rows`` x ``cols`` tiles, one child record each
     (its ``tile`` number and its ``image``)."""
 
+    name = "tiles"
     default_id = "tiles"
-    knobs = {"rows": Knob(2, int, low=1, high=64), "cols": Knob(2, int, low=1, high=64),
-             "channels": Knob("RGB", str, choices=("RGB", "BGR"))}
+    knobs = {"rows": Knob(2, int, low=1, high=64, doc="tiles down"), "cols": Knob(2, int, low=1, high=64,
+                                                                                doc="tiles across"),
+             "channels": Knob("RGB", str, choices=("RGB", "BGR"), doc="channel order of the image")}
     INDEX = "tile"
-
-    def __init__(self, rows: int = 2, cols: int = 2, channels: str = "RGB", id: str | None = None):
-        super().__init__(id, rows=rows, cols=cols, channels=channels)
 
     def configure(self):
         self.requires = pa.schema([image_spec(self.params["channels"]).field("image")])
@@ -269,7 +298,6 @@ def _child_order(row: dict):
     return (head, int(n)) if n.isdigit() else (row["id"], -1)
 
 
-@register("collect")
 class Collect(Operator):
     """Gather children back per parent: ``(children, parents) | Collect(["label"])``.
 
@@ -278,13 +306,13 @@ class Collect(Operator):
     one-to-many step: children = collected + dead-lettered children.
     """
 
+    name = "collect"
     kind = "collect"
     default_id = "collect"
     parallel = False
-    knobs = {"fields": Knob(None, list), "prefix": Knob("", str)}
-
-    def __init__(self, fields: list[str], prefix: str = "", id: str | None = None):
-        super().__init__(id, fields=list(fields), prefix=prefix)
+    knobs = {"fields": Knob(None, list, required=True, doc="the children's columns to collect"),
+             "prefix": Knob("", str, doc="of the collected list columns")}
+    positional = ("fields",)
 
     def produced(self, inputs):
         return [self.params["prefix"] + f for f in self.params["fields"]]

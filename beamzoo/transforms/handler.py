@@ -21,7 +21,7 @@ import numpy as np
 from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 
 from beamzoo.transforms.inference import _session
-from beamzoo.zoo import ModelCard
+from beamzoo.zoo import ModelCard, card_of
 
 
 class ElementMismatch(ValueError):
@@ -33,7 +33,7 @@ class CardModelHandler(ModelHandler):
                  providers: Sequence[str] = ("CPUExecutionProvider",), **batching):
         """``batching``: Beam's ``min_batch_size``, ``max_batch_size``, ``max_batch_duration_secs``, ..."""
         super().__init__(**batching)
-        self.card = ModelCard.from_param(model)
+        self.card = card_of(model)
         self.threads, self.providers = intra_op_threads, tuple(providers)
 
     def load_model(self):

@@ -4,11 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from beamzoo.core import (NO_DEAD_LETTERS, Knob, KnobError, Operator, Result, dead_letters, error_text, register,
-                          with_columns)
-from beamzoo.resources import shared
-from beamzoo.schemas import tensor_array
-from beamzoo.zoo import ModelCard
+from beamzoo.core.knobs import Knob, KnobError
+from beamzoo.core.op import NO_DEAD_LETTERS, Operator, Result, dead_letters, error_text, with_columns
+from beamzoo.core.schemas import tensor_array
+from beamzoo.transforms.model import INTRA_OP_THREADS, MODEL
+from beamzoo.zoo import ModelCard, card_of, model_bytes
+from beamzoo.zoo.verify import not_loadable
 
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
 
@@ -20,15 +21,26 @@ def _session(card: ModelCard, threads: int, inter: int, optimization: str, spin:
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = inter
     opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
+    opts.log_severity_level = 4  # a failed run raises, and becomes a dead letter with the reason: no log lines
     opts.graph_optimization_level = getattr(
         ort.GraphOptimizationLevel,
         {"disable": "ORT_DISABLE_ALL", "basic": "ORT_ENABLE_BASIC",
          "extended": "ORT_ENABLE_EXTENDED", "all": "ORT_ENABLE_ALL"}[optimization])
     # The bytes whose sha256 and signature were checked are the bytes the session is made of.
-    return ort.InferenceSession(card.model_bytes(), opts, providers=list(providers))
+    data = model_bytes(card)
+    try:
+        return ort.InferenceSession(data, opts, providers=list(providers))
+    except Exception as exc:  # custom operators, an opset it does not know: the card's problem
+        raise not_loadable(card, data, exc) from None
 
 
-@register("onnx_infer")
+def _available(asked: tuple[str, ...]) -> tuple[str, ...]:
+    """Of the providers asked for, those this onnxruntime has (the CPU's always)."""
+    import onnxruntime as ort
+    have = set(ort.get_available_providers())
+    return tuple(p for p in asked if p in have) or ("CPUExecutionProvider",)
+
+
 class OnnxInference(Operator):
     """tensors -> tensors with onnxruntime, ``batch_size`` rows per run.
 
@@ -47,37 +59,27 @@ class OnnxInference(Operator):
     so only the bad rows dead-letter.
     """
 
+    name = "onnx_infer"
     default_id = "infer"
     knobs = {
-        "model": Knob(None, object, doc="a zoo name[:version] or a whole card"),
-        "input_field": Knob("pixels", str), "output_field": Knob("logits", str),
+        "model": MODEL,
+        "input_field": Knob("pixels", str, doc="the column a one-input model reads"),
+        "output_field": Knob("logits", str, doc="the column a one-output model writes"),
         "inputs": Knob(None, dict, doc="{model input: column}, for a model with several inputs"),
         "outputs": Knob(None, dict, doc="{model output: column}: the outputs to keep and their columns"),
-        "keep_input": Knob(False, bool),
-        "batch_size": Knob(4, int, low=1, high=65536, results=False, doc="rows per inference call"),
-        "intra_op_threads": Knob(1, int, low=0, high=1024, results=False),
-        "inter_op_threads": Knob(0, int, low=0, high=1024, results=False),
-        "optimization": Knob("all", str, choices=_OPT_LEVELS, results=False),
-        "spin": Knob(False, bool, results=False),
-        "providers": Knob(None, list, results=False),
+        "keep_input": Knob(False, bool, doc="keep the input columns (a cascade feeds them to a second model)"),
+        "batch_size": Knob(4, int, low=1, high=65536, results=False, doc="images per inference call"),
+        "intra_op_threads": INTRA_OP_THREADS,
+        "inter_op_threads": Knob(0, int, low=0, high=1024, results=False, doc="onnxruntime inter-op threads"),
+        "optimization": Knob("all", str, choices=_OPT_LEVELS, results=False, doc="onnxruntime graph optimizations"),
+        "spin": Knob(False, bool, results=False, doc="let idle onnxruntime threads spin"),
+        "providers": Knob(None, list, results=False, doc="onnxruntime execution providers, in order"),
     }
-
-    def __init__(self, model: ModelCard | str | dict, input_field: str = "pixels",
-                 output_field: str = "logits", batch_size: int = 4, intra_op_threads: int = 1,
-                 inter_op_threads: int = 0, optimization: str = "all", spin: bool = False,
-                 providers: list[str] | None = None, keep_input: bool = False,
-                 inputs: dict[str, str] | None = None, outputs: dict[str, str] | None = None,
-                 id: str | None = None):
-        card = ModelCard.from_param(model)
-        self.card = card
-        super().__init__(id, model=card.to_param(), input_field=input_field, output_field=output_field,
-                         inputs=inputs, outputs=outputs, batch_size=batch_size,
-                         intra_op_threads=intra_op_threads, inter_op_threads=inter_op_threads,
-                         optimization=optimization, spin=spin, providers=providers, keep_input=keep_input)
+    positional = ("model",)
 
     def configure(self):
         p = self.params
-        self.card = card = ModelCard.from_param(p["model"])
+        self.card = card = card_of(p["model"])
         self.feeds = self._columns("inputs", card.inputs, p["inputs"], p["input_field"], every=True)
         self.fetches = self._columns("outputs", card.outputs, p["outputs"], p["output_field"], every=False)
         specs = {t.name: t.spec for t in (*card.inputs, *card.outputs)}
@@ -116,29 +118,28 @@ class OnnxInference(Operator):
         return {**super().result_params(), "model": self.card.identity()}
 
     def __getstate__(self):
-        return {**self.__dict__, "_session": None}  # a session is made again where it is used
+        return {**super().__getstate__(), "_session": None}  # a session is made again where it is used
 
     def setup(self):
-        if self._session is None:
-            p = self.params
-            key = (self.card.ref, self.card.file, self.card.sha256, p["intra_op_threads"],
-                   p["inter_op_threads"], p["optimization"], p["spin"], tuple(p["providers"] or self._placed()))
-            self._session = shared(key, lambda: _session(self.card, *key[3:7],
-                                                         key[7] or ("CPUExecutionProvider",)))
+        p = self.params
+        asked = tuple(p["providers"] or self._placed() or ("CPUExecutionProvider",))
+        providers = _available(asked)
+        key = (self.card.ref, self.card.file, self.card.sha256, p["intra_op_threads"],
+               p["inter_op_threads"], p["optimization"], p["spin"], providers)
+        self.ctx.note(self.id, "providers_asked", list(asked))
+        self.ctx.note(self.id, "providers", list(providers))
+        self._session = self.ctx.shared(key, lambda: _session(self.card, *key[3:7], providers))
 
     def _placed(self) -> tuple[str, ...]:
-        """A step placed on a GPU (``placed(device="gpu")``) asks for CUDA where onnxruntime has it."""
-        if self.placement.get("device") != "gpu":
-            return ()
-        import onnxruntime as ort
-        return ("CUDAExecutionProvider", "CPUExecutionProvider") \
-            if "CUDAExecutionProvider" in ort.get_available_providers() else ()
+        """A step placed on a GPU (``placed(device="gpu")``) asks onnxruntime for CUDA first (an
+        onnxruntime without it runs on the CPU)."""
+        return ("CUDAExecutionProvider", "CPUExecutionProvider") if self.placement.get("device") == "gpu" else ()
 
     def run(self, x: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self._session.run(list(self.fetches), x)
 
     def process(self, batch: pa.RecordBatch) -> Result:
-        self.setup()
+        self.bind()
         x = {t: batch.column(c).to_numpy_ndarray() for t, c in self.feeds.items()}
         n, b = batch.num_rows, self.batch_size
         try:

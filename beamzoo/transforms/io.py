@@ -13,8 +13,9 @@ from concurrent.futures import TimeoutError as FutureTimeout
 
 import pyarrow as pa
 
-from beamzoo.core import Knob, RowOperator, register
-from beamzoo.schemas import PATH
+from beamzoo.core.knobs import Knob
+from beamzoo.core.op import RowOperator
+from beamzoo.core.schemas import PATH
 from beamzoo.transforms.isolated import DEFAULT_TIME_LIMIT, Refused
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -176,15 +177,9 @@ def read_within(path: str, max_bytes: int, seconds: float) -> bytes:
         raise Refused(f"timeout: reading took over {seconds:g} s (raise time_limit to allow more)") from None
 
 
-def read_limits(limits: dict) -> dict:
-    """Of the per-input ``limits`` a composite takes, those its ReadFiles takes too."""
-    return {"time_limit": limits["time_limit"]} if limits.get("time_limit") is not None else {}
-
-
 BINARY_LIMIT = (2 << 30) - 1  # the bytes one Arrow binary array can hold
 
 
-@register("read_files")
 class ReadFiles(RowOperator):
     """path -> data (the file's bytes). Refuses empty files, files over ``max_bytes``,
     anything that is not a regular file, and reads that take over ``time_limit``.
@@ -194,18 +189,17 @@ class ReadFiles(RowOperator):
     bounded in bytes and no batch reaches Arrow's 2 GiB binary limit.
     """
 
+    name = "read_files"
     default_id = "read"
-    knobs = {"max_bytes": Knob(256 << 20, int, low=1, high=BINARY_LIMIT - 1, doc="refuse files larger than this"),
-             "batch_bytes": Knob(256 << 20, int, low=1, high=BINARY_LIMIT, results=False,
+    knobs = {"max_bytes": Knob(256 << 20, int, low=1, high=BINARY_LIMIT - 1, unit="bytes",
+                               doc="refuse larger files"),
+             "batch_bytes": Knob(256 << 20, int, low=1, high=BINARY_LIMIT, results=False, unit="bytes",
                                  doc="file bytes a batch holds at most (a larger file goes alone)"),
-             "time_limit": Knob(DEFAULT_TIME_LIMIT, float, low=0.01, results=False,
+             "time_limit": Knob(DEFAULT_TIME_LIMIT, float, low=0.01, results=False, unit="seconds",
                                 doc="seconds of wall time one file may take to read")}
     requires = pa.schema([PATH])
     produces = pa.schema([pa.field("data", pa.binary())])
-
-    def __init__(self, max_bytes: int = 256 << 20, batch_bytes: int = 256 << 20,
-                 time_limit: float = DEFAULT_TIME_LIMIT, id: str | None = None):
-        super().__init__(id, max_bytes=max_bytes, batch_bytes=batch_bytes, time_limit=time_limit)
+    loads_input = True  # a path in, the input's content out: resume keys rows after this step
 
     def process_pieces(self, batch):
         rows, budget = self.rows(batch), self.params["batch_bytes"]

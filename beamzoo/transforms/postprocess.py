@@ -4,8 +4,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from beamzoo.core import NO_DEAD_LETTERS, Knob, KnobError, Operator, Result, register, with_columns
-from beamzoo.zoo import ModelCard
+from beamzoo.core.knobs import Knob, KnobError
+from beamzoo.core.op import NO_DEAD_LETTERS, Operator, Result, with_columns
+from beamzoo.transforms.model import MODEL
+from beamzoo.zoo import card_of
 
 PREDICTION_FIELDS = pa.schema([
     pa.field("label", pa.string()),
@@ -21,7 +23,6 @@ def softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-@register("topk")
 class TopK(Operator):
     """logits -> label, score, topk_labels, topk_scores, model (softmax scores).
 
@@ -29,20 +30,22 @@ class TopK(Operator):
     two TopK steps in one graph keep both answers.
     """
 
+    name = "topk"
     default_id = "topk"
-    knobs = {"model": Knob(None, object, doc="the card whose labels to use"),
-             "k": Knob(5, int, low=1), "input_field": Knob("logits", str), "prefix": Knob("", str)}
-
-    def __init__(self, model: ModelCard | str | dict, k: int = 5, input_field: str = "logits",
-                 prefix: str = "", id: str | None = None):
-        super().__init__(id, model=ModelCard.from_param(model).to_param(), k=k, input_field=input_field,
-                         prefix=prefix)
+    DEFAULT_K = 5
+    knobs = {"model": MODEL.but(doc="the model whose labels to use"),
+             "k": Knob(None, int, low=1, doc=f"labels kept per image (default {DEFAULT_K}, or all of a model "
+                                              "with fewer)"),
+             "input_field": Knob("logits", str, doc="the column of scores"),
+             "prefix": Knob("", str, doc="of the prediction columns (two TopK steps in one graph need two)")}
+    positional = ("model",)
 
     def configure(self):
         p = self.params
-        self.card, self.k, self.input_field = ModelCard.from_param(p["model"]), p["k"], p["input_field"]
+        self.card, self.input_field = card_of(p["model"]), p["input_field"]
         if not self.card.labels:
             raise ValueError(f"model {self.card.ref} has no labels; TopK needs them")
+        self.k = p["k"] if p["k"] is not None else min(self.DEFAULT_K, len(self.card.labels))
         if self.k > len(self.card.labels):
             raise KnobError(f"TopK: k must be between 1 and {len(self.card.labels)} "
                              f"(the model's labels), got {self.k}")
@@ -53,7 +56,7 @@ class TopK(Operator):
         self._labels = np.array(self.card.labels, dtype=object)
 
     def result_params(self):
-        return {**super().result_params(), "model": self.card.identity()}
+        return {**super().result_params(), "model": self.card.identity(), "k": self.k}
 
     def process(self, batch: pa.RecordBatch) -> Result:
         probs = softmax(batch.column(self.input_field).to_numpy_ndarray().astype(np.float64))

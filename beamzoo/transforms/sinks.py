@@ -1,7 +1,8 @@
-"""Sinks: where a graph's rows go. A sink names a folder (Parquet) or a file
-prefix (JSON lines); each runner writes it with its own means (the edge runner
-with ``beamzoo.runners.sinks``, Beam with its file IOs), files complete or not
-at all.
+"""Sinks: where a graph's rows go. A sink declares its ``format``; each executor writes
+that format with its own means (the edge runner with ``beamzoo.runners.sinks``, Beam
+with its file IOs), files complete or not at all. File sinks name a folder (Parquet)
+or a file prefix (JSON lines); ``resumable``: its rows carry resume keys and can be
+read back, so a resumed run skips what it holds.
 """
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import os
 
 import pyarrow as pa
 
-from beamzoo.core import Knob, Operator, register
-from beamzoo.schemas import IMAGE_STRUCT, TensorSpec
+from beamzoo.core.knobs import Knob
+from beamzoo.core.op import Operator
+from beamzoo.core.schemas import IMAGE_STRUCT, TensorSpec
 from beamzoo.transforms.io import is_remote
 
 
@@ -21,18 +23,21 @@ def is_raw(field: pa.Field) -> bool:
             or isinstance(field.type, pa.ExtensionType))
 
 
+def _local(path):
+    path = os.fspath(path)
+    return path if not isinstance(path, str) or is_remote(path) else os.path.abspath(path)
+
+
+DERIVED_ONLY = Knob(False, bool, doc="write only derived columns: no raw bytes, images or tensors of an input")
+
+
 class Sink(Operator):
+    """A step rows end in: no output port."""
+
     kind = "sink"
     parallel = False
-    knobs = {"path": Knob(None, str),
-             "derived_only": Knob(False, bool, doc="drop raw bytes, images and tensors before writing")}
-
-    def __init__(self, path: str, derived_only: bool = False, id: str | None = None):
-        if isinstance(path, os.PathLike):
-            path = os.fspath(path)
-        if isinstance(path, str) and not is_remote(path):
-            path = os.path.abspath(path)
-        super().__init__(id, path=path, derived_only=derived_only)
+    format = ""  # what an executor writes: parquet, jsonl or memory
+    resumable = False
 
     @property
     def ports(self):
@@ -42,24 +47,46 @@ class Sink(Operator):
         return {}
 
     def file_schema(self, schema: pa.Schema) -> pa.Schema:
-        """What is written: all columns, or with ``derived_only`` only what was derived."""
+        """What is written of rows of ``schema``."""
+        return schema
+
+
+class FileSink(Sink):
+    """A sink that writes files at ``path``."""
+
+    knobs = {"path": Knob(None, str, convert=_local, required=True, doc="where the rows go"),
+             "derived_only": DERIVED_ONLY}
+    positional = ("path",)
+
+    @property
+    def path(self) -> str:
+        return self.params["path"]
+
+    def file_schema(self, schema: pa.Schema) -> pa.Schema:
+        """All columns, or with ``derived_only`` only what was derived."""
         if not self.params["derived_only"]:
             return schema
         return pa.schema([f for f in schema if not is_raw(f)])
 
 
-@register("parquet")
-class WriteParquet(Sink):
+class WriteParquet(FileSink):
     """Rows -> ``PATH/part-<run>-*.parquet`` (a folder ``pd.read_parquet(PATH)`` reads)."""
 
+    name = "parquet"
     default_id = "write"
+    format = "parquet"
+    resumable = True
 
 
-@register("jsonl")
-class WriteJsonl(Sink):
+class WriteJsonl(FileSink):
     """Rows -> ``PATH-<run>-*.jsonl``, one JSON object a line (tensors left out)."""
 
+    name = "jsonl"
     default_id = "write_jsonl"
+    format = "jsonl"
 
     def file_schema(self, schema):
         return pa.schema([f for f in super().file_schema(schema) if not is_raw(f)])
+
+
+__all__ = ["DERIVED_ONLY", "FileSink", "Sink", "WriteJsonl", "WriteParquet", "is_raw"]

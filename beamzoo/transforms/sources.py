@@ -3,23 +3,35 @@
 Each source gives every record an ``id``: a file's path, a manifest's
 ``row:N``, or an in-memory row's own ``id`` field (else ``row:N``). A source
 lists references (``refs``) and turns a list of them into a record batch
-(``to_batch``), so a runner can list once and spread the work.
+(``to_batch``), so an executor can list once and spread the work. ``input_knob``
+names the knob that says what it reads (what a bundle's ``--input`` fills in).
 """
 from __future__ import annotations
 
+import base64
 import os
 from collections.abc import Iterator
 
 import pyarrow as pa
 
-from beamzoo.core import NO_DEAD_LETTERS, Knob, Operator, Result, dead_letters, register
-from beamzoo.schemas import ID, PATH
-from beamzoo.transforms.io import encodable, is_remote, iter_files, printable
+from beamzoo.core.knobs import Knob
+from beamzoo.core.op import NO_DEAD_LETTERS, Operator, Result, dead_letters
+from beamzoo.core.schemas import ID, PATH
+from beamzoo.transforms.io import any_file, encodable, is_remote, iter_files, printable
+
+
+class NoInputs(FileNotFoundError):
+    """Nothing matches an input pattern."""
 
 
 class Source(Operator):
     kind = "source"
     parallel = False
+    external = False  # fed from outside the graph, not listed
+    input_knob: str | None = None  # the knob naming what it reads
+
+    def check_inputs(self) -> None:
+        """Raise (a user's mistake) when there is nothing to read; called before a run."""
 
     def output_schemas(self, inputs):
         return {"out": self.schema}
@@ -41,22 +53,27 @@ def _ids_paths(paths: list[str]) -> pa.RecordBatch:
     return pa.record_batch([arr, arr], schema=pa.schema([ID, PATH]))
 
 
-@register("files")
+def _local_path(p):
+    p = os.fspath(p)
+    return p if not isinstance(p, str) or is_remote(p) else os.path.abspath(p.removeprefix("file://"))
+
+
 class Files(Source):
     """Files matching a glob (``**`` recurses), a directory (its images) or an fsspec URL
     pattern -> ``id`` and ``path`` (both the file's path; local paths made absolute,
     so workers started elsewhere find them). A name that is not valid UTF-8 becomes
     a dead letter of step ``list``."""
 
+    name = "files"
     default_id = "files"
-    knobs = {"pattern": Knob(None, str, doc="glob, directory or URL pattern")}
+    knobs = {"pattern": Knob(None, str, doc="glob, directory or URL pattern", convert=_local_path, required=True)}
+    positional = ("pattern",)
+    input_knob = "pattern"
 
-    def __init__(self, pattern: str, id: str | None = None):
-        if isinstance(pattern, os.PathLike):
-            pattern = os.fspath(pattern)
-        if isinstance(pattern, str) and not is_remote(pattern):
-            pattern = os.path.abspath(pattern.removeprefix("file://"))
-        super().__init__(id, pattern=pattern)
+    def check_inputs(self):
+        if not any_file(self.params["pattern"]):
+            raise NoInputs(f"no files match {self.params['pattern']!r}; check the pattern, and quote it so the "
+                           "shell does not expand it (e.g. --input 'photos/**/*.jpg')")
 
     @property
     def schema(self):
@@ -92,19 +109,18 @@ def _open(path: str):
     return open(path, "rb")
 
 
-@register("manifest")
 class Manifest(Source):
     """A Parquet or CSV table with one input per row: its ``uri_column`` becomes
     ``path`` and its other columns pass through to the outputs; ids are ``row:N``."""
 
+    name = "manifest"
     default_id = "manifest"
-    knobs = {"table": Knob(None, str, doc="the Parquet or CSV file"),
+    knobs = {"table": Knob(None, str, doc="the Parquet or CSV file", convert=_local_path, required=True),
              "uri_column": Knob("uri", str, doc="the column with each input's path or URL")}
+    positional = ("table",)
+    input_knob = "table"
 
-    def __init__(self, table: str, uri_column: str = "uri", id: str | None = None):
-        if not is_remote(table):
-            table = os.path.abspath(table)
-        super().__init__(id, table=table, uri_column=uri_column)
+    def configure(self):
         self._table = None
 
     def table(self) -> pa.Table:
@@ -138,16 +154,15 @@ class Manifest(Source):
                       pa.RecordBatch.from_pylist([], schema=taken.schema), NO_DEAD_LETTERS)
 
 
-@register("rows")
 class Rows(Source):
     """In-memory rows (a list of dicts of JSON values), for tests and serving.
     A row's ``id`` field is its id; else it gets ``row:N``."""
 
+    name = "rows"
     default_id = "rows"
-    knobs = {"rows": Knob(None, list, doc="the rows, each a dict")}
-
-    def __init__(self, rows: list[dict], id: str | None = None):
-        super().__init__(id, rows=[dict(r) for r in rows])
+    knobs = {"rows": Knob(None, list, doc="the rows, each a dict", convert=lambda rows: [dict(r) for r in rows],
+                          required=True)}
+    positional = ("rows",)
 
     def configure(self):
         rows = self.params["rows"]
@@ -173,3 +188,26 @@ class Rows(Source):
 
     def to_batch(self, refs):
         return Result(self.batch().take(pa.array([int(r) for r in refs], pa.int64())), NO_DEAD_LETTERS)
+
+
+class Input(Source):
+    """A graph's open input: batches fed from outside the graph (a Beam PCollection, in a
+    user's Beam pipeline), laid out as ``schema`` (Arrow IPC, base64)."""
+
+    name = "input"
+    default_id = "input"
+    knobs = {"schema": Knob(None, str, results=False, doc="the Arrow schema of the batches",
+                            convert=lambda s: base64.b64encode(s.serialize().to_pybytes()).decode()
+                            if isinstance(s, pa.Schema) else s, required=True)}
+    positional = ("schema",)
+    external = True  # its batches come from outside: an executor is handed them
+
+    @property
+    def schema(self):
+        return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(self.params["schema"])))
+
+    def refs(self):
+        raise RuntimeError("an input step is fed from outside the graph; it lists nothing")
+
+    def to_batch(self, refs):
+        return Result(pa.RecordBatch.from_pylist([], schema=self.schema), NO_DEAD_LETTERS)

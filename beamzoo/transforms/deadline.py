@@ -1,44 +1,27 @@
 """Per-record deadlines.
 
 ``Deadline(seconds=2)`` stamps each row with ``deadline_at`` (seconds since the
-epoch, by this module's clock); a row may carry its own budget in a column
+epoch, by the run's clock); a row may carry its own budget in a column
 (``Deadline(field="budget_s")``, e.g. from a manifest). ``DeadlineCheck``
 before a model dead-letters, with stage ``deadline``, the rows whose deadline
 passed before they had any answer. A cascade asks ``DeadlinePolicy`` whether a
 row has time to be escalated; one that has not keeps its fast answer, marked.
 
-The clock is injectable (``use_clock``), so the policy and the steps are
-tested without sleeping; it is read where a step runs, so it is the real
-clock on workers of other processes.
+The clock is the run context's (``run(..., clock=...)``), so the policy and the
+steps are tested without sleeping; on workers of other processes it is the
+real clock.
 """
 from __future__ import annotations
 
-import contextlib
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
-from beamzoo.core import Knob, KnobError, Operator, Result, dead_letters, register
+from beamzoo.core.knobs import Knob, KnobError
+from beamzoo.core.op import Operator, Result, dead_letters
 
 DEADLINE_AT = pa.field("deadline_at", pa.float64())
-_clock = time.time
-
-
-def now() -> float:
-    return _clock()
-
-
-@contextlib.contextmanager
-def use_clock(clock):
-    """Read time from ``clock()`` (a function giving seconds) inside the block."""
-    global _clock
-    before, _clock = _clock, clock
-    try:
-        yield
-    finally:
-        _clock = before
 
 
 @dataclass(frozen=True)
@@ -58,21 +41,18 @@ class DeadlinePolicy:
         return now + self.escalation_s <= deadline_at
 
 
-@register("deadline")
 class Deadline(Operator):
     """Stamp ``deadline_at`` = now + ``seconds`` (or + the row's ``field``, a budget in
     seconds; a null budget falls back to ``seconds``)."""
 
+    name = "deadline"
     default_id = "deadline"
-    knobs = {"seconds": Knob(2.0, float, low=0.0, doc="each row's budget"),
+    knobs = {"seconds": Knob(2.0, float, low=0.0, unit="seconds",
+                             doc="each row's deadline, this many seconds after it is listed"),
              "field": Knob(None, str, doc="a column with each row's own budget in seconds")}
-
-    def __init__(self, seconds: float = 2.0, field: str | None = None, id: str | None = None):
-        super().__init__(id, seconds=seconds, field=field)
-
-    def configure(self):
-        self.produces = pa.schema([DEADLINE_AT])
-        self.requires = pa.schema([])
+    positional = ("seconds",)
+    requires = pa.schema([])
+    produces = pa.schema([DEADLINE_AT])
 
     def output_schemas(self, inputs):
         f = self.params["field"]
@@ -83,7 +63,7 @@ class Deadline(Operator):
         return super().output_schemas(inputs)
 
     def process(self, batch):
-        n, t = batch.num_rows, now()
+        n, t = batch.num_rows, self.ctx.now()
         budget = np.full(n, self.params["seconds"])
         if self.params["field"]:
             given = batch.column(self.params["field"]).cast(pa.float64()).to_numpy(zero_copy_only=False)
@@ -92,20 +72,17 @@ class Deadline(Operator):
                       dead_letters(batch, [], self.id, []))
 
 
-@register("deadline_check")
 class DeadlineCheck(Operator):
     """Dead-letter (stage ``deadline``) the rows whose deadline has passed, before
     ``before`` (the step that would answer them) runs."""
 
+    name = "deadline_check"
     default_id = "deadline_check"
     knobs = {"before": Knob("", str, results=False, doc="the step the rows were waiting for")}
     requires = pa.schema([DEADLINE_AT])
 
-    def __init__(self, before: str = "", id: str | None = None):
-        super().__init__(id, before=before)
-
     def process(self, batch):
-        t = now()
+        t = self.ctx.now()
         at = batch.column("deadline_at").to_numpy(zero_copy_only=False)
         late = np.flatnonzero(t > at)
         if not len(late):
@@ -115,3 +92,6 @@ class DeadlineCheck(Operator):
         errors = [f"DeadlineMissed: the deadline passed {t - at[i]:.3f} s ago{before}" for i in late]
         return Result(batch.take(pa.array(keep, pa.int64())),
                       dead_letters(batch, late.tolist(), "deadline", errors))
+
+
+__all__ = ["DEADLINE_AT", "Deadline", "DeadlineCheck", "DeadlinePolicy"]

@@ -1,7 +1,7 @@
 """beamzoo's operators as Beam PTransforms, for users' own Beam pipelines.
 
     import apache_beam as beam
-    from beamzoo.transforms import beam as bz
+    from beamzoo import beam as bz
 
     preds = paths | bz.Classify("efficientnet_lite0", topk=5)   # paths: PCollection[str]
     preds | beam.Select("path", "label", "score")                 # schema'd rows
@@ -12,13 +12,12 @@ A transform takes a PCollection of path strings, ``fileio`` matches
 with a ``path``), and returns schema'd rows whose Beam schema is derived from
 the Arrow schema: every column but tensors and decoded images, which stay
 inside beamzoo (chained beamzoo transforms hand each other Arrow batches).
-Each wraps a beamzoo graph with one open input, run by the same translation
-as beamzoo's own pipelines, so schemas are checked while the pipeline is
-built: a missing preprocessing step raises ``SchemaMismatchError`` at once.
+Each wraps a beamzoo graph with one open input, compiled and translated as
+beamzoo's own pipelines are on Beam runners, so schemas are checked while the
+pipeline is built: a missing preprocessing step raises ``SchemaMismatchError`` at once.
 """
 from __future__ import annotations
 
-import base64
 import typing
 import uuid
 
@@ -26,12 +25,12 @@ import apache_beam as beam
 import pyarrow as pa
 from apache_beam.typehints.row_type import RowTypeConstraint
 
-from beamzoo.core import NO_DEAD_LETTERS, Knob, Result, register
-from beamzoo.graph import Graph, Stream
+from beamzoo.classify import Classify as ClassifyGraph
+from beamzoo.core.graph import GraphBuilder, Stream
+from beamzoo.core.schemas import DEAD_LETTER_SCHEMA, ID, IMAGE_STRUCT, PATH, TensorSpec
 from beamzoo.runners.beam import flatten, translate
-from beamzoo.schemas import DEAD_LETTER_SCHEMA, ID, IMAGE_STRUCT, PATH, TensorSpec
 from beamzoo.transforms import flow, inference, io, postprocess, preprocess
-from beamzoo.transforms.sources import Source
+from beamzoo.transforms.sources import Input
 
 # ---------------------------------------------------------------- schemas
 
@@ -129,32 +128,6 @@ class _ToBatch(beam.DoFn):
         yield pa.RecordBatch.from_pylist(rows, schema=self.schema)
 
 
-# ---------------------------------------------------------------- the open input
-
-
-@register("input")
-class Input(Source):
-    """A graph's open input: batches fed by a Beam PCollection (``schema``: Arrow IPC, base64)."""
-
-    default_id = "input"
-    knobs = {"schema": Knob(None, str, results=False)}
-
-    def __init__(self, schema: pa.Schema | str, id: str | None = None):
-        if isinstance(schema, pa.Schema):
-            schema = base64.b64encode(schema.serialize().to_pybytes()).decode()
-        super().__init__(id, schema=schema)
-
-    @property
-    def schema(self):
-        return pa.ipc.read_schema(pa.py_buffer(base64.b64decode(self.params["schema"])))
-
-    def refs(self):
-        raise RuntimeError("an input step is fed by a Beam PCollection; it lists nothing")
-
-    def to_batch(self, refs):
-        return Result(pa.RecordBatch.from_pylist([], schema=self.schema), NO_DEAD_LETTERS)
-
-
 class _Lineage:
     """What a beamzoo output carries for the next beamzoo transform."""
 
@@ -182,28 +155,19 @@ class Apply(beam.PTransform):
                        | "Batch" >> beam.BatchElements(min_batch_size=16, max_batch_size=16)
                        | "ToArrow" >> beam.ParDo(_ToBatch(schema)))
             lineage = _Lineage(batches, schema, [])
-        stream = Graph.source(Input(lineage.schema))
+        stream = GraphBuilder() | Input(lineage.schema)
         for part in self.parts:
             stream = stream | part
         if not isinstance(stream, Stream):
             raise TypeError("a beamzoo Beam transform must end in one output (not a route's branches)")
         t = translate(stream.graph, pcoll.pipeline, inputs={"input": lineage.batches})
-        out = t.ports[_stage_ref(t, stream.ref)]
+        out = t.ports[t.plan.stage_port(stream.ref)]
         schema = stream.schema
         dead = t.dead_letters() | "DeadRows" >> beam.ParDo(_ToRows(DEAD_LETTER_SCHEMA)).with_output_types(
             row_type(DEAD_LETTER_SCHEMA))
         rows = out | "Rows" >> beam.ParDo(_ToRows(schema)).with_output_types(row_type(schema))
         rows._beamzoo = _Lineage(out, schema, [*lineage.dead, dead])
         return rows
-
-
-def _stage_ref(t, ref: str) -> str:
-    """The stage port that carries a logical step's output (the planner may have fused it)."""
-    step, _, port = ref.partition(":")
-    for stage in t.plan.stages:
-        if step in stage.steps[-1].id.split("+"):
-            return f"{stage.id}:{port or 'out'}"
-    raise KeyError(ref)
 
 
 def dead_letters(pcoll) -> beam.PCollection:
@@ -216,11 +180,11 @@ def dead_letters(pcoll) -> beam.PCollection:
 
 
 def _wrap(cls):
-    """A PTransform class taking the same arguments as the beamzoo operator ``cls``."""
+    """A PTransform class taking the same arguments as the beamzoo operator or composite ``cls``."""
     def __init__(self, *args, label: str | None = None, **kw):
         Apply.__init__(self, cls(*args, **kw), label=label)
     return type(cls.__name__, (Apply,), {"__init__": __init__, "__doc__": cls.__doc__,
-                                          "__module__": __name__})
+                                          "__module__": __name__, "__signature__": getattr(cls, "__signature__", None)})
 
 
 ReadFiles = _wrap(io.ReadFiles)
@@ -232,13 +196,9 @@ TopK = _wrap(postprocess.TopK)
 Drop = _wrap(flow.Drop)
 
 
-class Classify(Apply):
-    """paths -> predictions: read, decode and resize for the model, infer, top-k
-    (``beamzoo.pipeline.Classify`` as one Beam transform)."""
-
-    def __init__(self, model="efficientnet_lite0", topk: int = 5, label: str | None = None, **knobs):
-        from beamzoo.pipeline import Classify as Core
-        super().__init__(Core(model, topk=topk, **knobs), label=label)
+Classify = _wrap(ClassifyGraph)
+Classify.__doc__ = """paths -> predictions: read, decode and resize for the model, infer, top-k
+(``beamzoo.Classify`` as one Beam transform)."""
 
 
 __all__ = ["Apply", "Classify", "DecodeImage", "DecodeResize", "Drop", "OnnxInference", "ReadFiles",

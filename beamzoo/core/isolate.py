@@ -182,6 +182,9 @@ class _Popen(multiprocessing.popen_forkserver.Popen):
         from multiprocessing import reduction, spawn, util
         from multiprocessing.context import set_spawning_popen
         prep_data = spawn.get_preparation_data(process_obj._name)
+        if process_obj.fn_module != "__main__":  # the user's script is not run again in the worker
+            prep_data.pop("init_main_from_path", None)
+            prep_data.pop("init_main_from_name", None)
         buf = io.BytesIO()
         set_spawning_popen(self)
         try:
@@ -199,6 +202,7 @@ class _Popen(multiprocessing.popen_forkserver.Popen):
 
 class _Process(multiprocessing.context.ForkServerProcess):
     env: tuple = ()
+    fn_module = "__main__"
 
     def _Popen(self, process_obj):  # noqa: N802 - multiprocessing's name
         return _Popen(process_obj)
@@ -269,11 +273,14 @@ class IsolatedPool:
             with socket.socket(fileno=os.dup(c.fileno())) as sock:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
         proc = _Process(target=_serve, args=(self.fn, there, self._alive_r, self.limits), daemon=True)
-        proc.env = self._env
+        proc.env, proc.fn_module = self._env, self.fn.__module__
         with self._lock, _START_LOCK:
             if self._closed:
                 return IsolationFailure("error", _CLOSED)
-            _server(self._env, ["__main__", __name__, self.fn.__module__])  # imported once, there
+            # imported once, there; a script of the user's only where the function is its own (a
+            # script without a main guard would run again in every worker)
+            main = ["__main__"] if self.fn.__module__ == "__main__" else []
+            _server(self._env, [*main, __name__, self.fn.__module__])
             proc.start()
             self._procs[proc.pid] = proc
         there.close()

@@ -1,12 +1,28 @@
-"""The engine-independent operator model.
+"""The engine-independent operator: a spec (knobs, schemas, traits) and a kernel.
 
 An operator turns an Arrow record batch into a record batch plus a batch of
-dead letters. It declares the fields it ``requires``, ``produces`` and
-``consumes`` (drops), and its knobs: each with a default, a domain and
-whether it changes results (only those enter a graph's fingerprint). An
-operator is built from JSON parameters alone, so a graph step is data; heavy
-state (an onnxruntime session) is made in ``setup`` and shared per process
-(``beamzoo.resources``). Operators know nothing of Beam.
+dead letters. Its **spec** is data: its knobs (``beamzoo.core.knobs``), from
+which its constructor and its JSON parameters are derived; the fields it
+``requires``, ``produces`` and ``consumes`` (drops); and its **traits**, which
+generic code (the compiler, the executors, resume, serving, bundles) asks
+instead of recognising an op by its name:
+
+- ``kind``: its primitive (``source``, ``map``, ``explode``, ``route``, ``merge``,
+  ``collect``, ``sink``), hence its cardinality (``cardinality``);
+- ``parallel``: row-parallel (several threads may run it at once);
+- ``drops_rows``: it may drop a row without a dead letter (what a resume skips);
+- ``fuse(reader)``: the rewrite rule it registers with the step that reads it;
+- ``model_knobs()``: the knobs that name model cards (bundles, serving);
+- ``loads_input``: it turns an input's reference into its content (resume keys
+  rows after it; serving answers requests in its place);
+- ``stops_run()``: it may ask the run to read no more inputs;
+- sources: ``input_knob`` (what a bundle's ``--input`` fills in), ``check_inputs()``;
+- sinks: ``format`` (``parquet``, ``jsonl``, ``memory``), ``resumable`` (its rows
+  carry resume keys and can be read back), ``path``.
+
+Its **kernel** is bound at run time (``bind``): heavy state (an onnxruntime
+session) comes from the run context's resources, made once per process and
+shared by its threads (``beamzoo.core.resources``).
 
 Every record carries a framework-owned ``id``; a record made by a one-to-many
 step also carries its ``parent_id``. Dead letters name the record, its source
@@ -15,20 +31,27 @@ step also carries its ``parent_id``. Dead letters name the record, its source
 from __future__ import annotations
 
 import traceback
-from dataclasses import dataclass
 from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import pyarrow as pa
 
-from beamzoo.schemas import DEAD_LETTER_SCHEMA, ID, PARENT_ID
+from beamzoo.core.context import STANDALONE, RunContext
+from beamzoo.core.knobs import Knob, KnobError, bind, checked, declare
+from beamzoo.core.schemas import DEAD_LETTER_SCHEMA
 
 PRIMITIVES = ("source", "map", "explode", "route", "merge", "collect", "sink")
+CARDINALITY = {"source": "0:n", "map": "1:1", "explode": "1:n", "route": "1:1", "merge": "n:1 (streams)",
+               "collect": "n:1", "sink": "1:0"}
 PLACEMENT = {"tier": ("device", "edge", "cloud"), "device": ("cpu", "gpu")}  # hints a step may carry
 
 
+# What a step that can split its output hands on in one batch at most (a binary Arrow array ends at 2 GiB).
+PIECE_BYTES = 256 << 20
+
+
 class Result(NamedTuple):
-    ok: pa.RecordBatch
+    ok: Any  # a record batch, or {port: record batch} for a step with several ports
     dead: pa.RecordBatch
 
 
@@ -63,120 +86,88 @@ def error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg}"
 
 
-class KnobError(ValueError):
-    """A step was given an option it does not have, or a value outside the option's domain."""
-
-
-@dataclass(frozen=True)
-class Knob:
-    """One declared parameter of an operator.
-
-    ``type``: int, float, str, bool, list or object (any JSON value).
-    ``low``/``high`` bound numbers; ``choices`` lists the allowed values.
-    ``results``: whether the knob can change the rows (it then enters the
-    graph's fingerprint) or only speed (batch sizes, threads).
-    """
-
-    default: Any = None
-    type: type = object
-    low: float | None = None
-    high: float | None = None
-    choices: tuple | None = None
-    results: bool = True
-    doc: str = ""
-
-    def check(self, op: str, name: str, value: Any) -> Any:
-        if value is None and self.default is None:
-            return None
-        if self.type is float and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if self.type is list and isinstance(value, tuple):
-            value = list(value)
-        if self.type is not object and (not isinstance(value, self.type)
-                                        or (self.type is int and isinstance(value, bool))):
-            raise KnobError(f"{op}: {name} must be {self.type.__name__}, got {value!r}")
-        if self.choices is not None and value not in self.choices:
-            raise KnobError(f"{op}: {name} must be one of {list(self.choices)}, got {value!r}")
-        if self.low is not None and value < self.low:
-            raise KnobError(f"{op}: {name} must be >= {_number(self.low)}, got {value!r}")
-        if self.high is not None and value > self.high:
-            raise KnobError(f"{op}: {name} must be <= {_number(self.high)}, got {value!r}")
-        return value
-
-
-def _number(v: float) -> str:
-    return f"{v:g}" if isinstance(v, float) else str(v)
-
-
-OPS: dict[str, type[Operator]] = {}
-
-
-def register(name: str):
-    """Class decorator: make an operator known by ``name`` in graph JSON."""
-    def deco(cls):
-        cls.op_name = name
-        OPS[name] = cls
-        return cls
-    return deco
-
-
-def op_class(name: str) -> type[Operator]:
-    import beamzoo.transforms  # noqa: F401 - registers the built-in operators
-    try:
-        return OPS[name]
-    except KeyError:
-        raise ValueError(f"unknown operator {name!r}; known: {', '.join(sorted(OPS))}") from None
+def check_placement(step: str, hints: dict) -> dict:
+    for k, v in hints.items():
+        if k not in PLACEMENT:
+            raise KnobError(f"step {step!r}: unknown placement hint {k!r}; hints: {', '.join(PLACEMENT)}")
+        if v not in PLACEMENT[k]:
+            raise KnobError(f"step {step!r}: placement {k} must be one of {', '.join(PLACEMENT[k])}, got {v!r}")
+    return dict(sorted(hints.items()))
 
 
 class Operator:
-    """Base class of every step's implementation.
+    """Base class of every step.
 
-    Subclasses set ``kind`` (a primitive), ``knobs`` and ``default_id``,
-    call ``super().__init__(id, **params)`` and derive the rest in
-    ``configure``. ``requires``/``produces`` are ``pa.Schema``s;
-    ``consumes`` names required fields dropped from the output.
+    Subclasses set ``name`` (what graph JSON calls it), ``kind``, ``default_id``,
+    ``knobs`` (and ``positional``: the knobs that may be given by position); the
+    constructor comes from them. ``configure`` derives schemas and settings from
+    ``self.params``; ``setup`` loads heavy state when the kernel is bound.
     """
 
+    name = ""
     kind = "map"
-    op_name = ""
     default_id = "step"
     knobs: dict[str, Knob] = {}
-    parallel = True  # may run in several threads at once (work that drops the GIL)
+    positional: tuple[str, ...] = ()
+    parallel = True  # row-parallel: may run in several threads at once (work that drops the GIL)
+    drops_rows = False  # may drop rows without a dead letter (a resume's skips)
+    loads_input = False  # turns an input's reference into its content
     requires: pa.Schema = pa.schema([])
     produces: pa.Schema = pa.schema([])
     consumes: tuple[str, ...] = ()
+    ctx: RunContext = STANDALONE
 
-    def __init__(self, id: str | None = None, **params):
-        self._refuse_unknown(params)
+    def __init_subclass__(cls, **kw):
+        super().__init_subclass__(**kw)
+        declare(cls)
+
+    def __init__(self, *args, id: str | None = None, **params):
+        self._start(bind(type(self).__name__, self.knobs, self.positional, args, params), id)
+
+    def _start(self, params: dict, id: str | None) -> None:
+        self.params = params
         self.id = id or self.default_id
-        self.params = {k: knob.check(type(self).__name__, k, params.get(k, knob.default))
-                       for k, knob in self.knobs.items()}
+        self.named = id is not None
+        self.placement: dict = {}
+        self._bound = False
         self.configure()
+
+    @classmethod
+    def from_params(cls, params: dict, id: str | None = None) -> Operator:
+        """The operator of a step's JSON parameters (checked, never converted again)."""
+        op = cls.__new__(cls)
+        op._start(checked(cls.__name__, cls.knobs, params), id)
+        return op
 
     def configure(self) -> None:
         """Derive schemas and settings from ``self.params``."""
 
-    placement: dict = {}
+    # ---------------------------------------------------------------- traits
+    @property
+    def cardinality(self) -> str:
+        return CARDINALITY[self.kind]
+
+    @classmethod
+    def model_knobs(cls) -> list[str]:
+        """The knobs whose values name model cards."""
+        return [n for n, k in cls.knobs.items() if k.role == "model"]
+
+    def fuse(self, reader: Operator) -> Operator | None:
+        """One step doing this step's work and that of ``reader`` (its only reader, a map of the
+        same placement), with the same rows out; None where there is none."""
+        return None
+
+    def stops_run(self) -> bool:
+        """Whether the step may ask its run to read no more inputs (a gate's ``stop``)."""
+        return False
 
     def placed(self, tier: str | None = None, device: str | None = None) -> Operator:
         """Hint where the step should run (``tier``: device, edge or cloud; ``device``: cpu or
-        gpu). Runners that understand a hint read it, the rest ignore it; it never changes
+        gpu). Executors that understand a hint read it, the rest ignore it; it never changes
         the rows, so it stays out of the fingerprint."""
         given = {k: v for k, v in (("tier", tier), ("device", device)) if v is not None}
         self.placement = check_placement(self.id, given)
         return self
-
-    @classmethod
-    def from_params(cls, params: dict, id: str | None = None) -> Operator:
-        cls._refuse_unknown(params)  # before the constructor's own TypeError
-        return cls(id=id, **params)
-
-    @classmethod
-    def _refuse_unknown(cls, params: dict) -> None:
-        unknown = sorted(set(params) - set(cls.knobs))
-        if unknown:
-            raise KnobError(f"{cls.__name__} has no option {', '.join(map(repr, unknown))}; "
-                            f"its options: {', '.join(sorted(cls.knobs)) or 'none'}")
 
     def result_params(self) -> dict:
         """The parameters that can change results: what a fingerprint hashes."""
@@ -197,8 +188,18 @@ class Operator:
         """The names of the columns this step adds (each may not exist before it)."""
         return self.produces.names
 
+    # ---------------------------------------------------------------- kernel
+    def bind(self, ctx: RunContext | None = None) -> Operator:
+        """Ready the kernel for a run (``ctx``: its context): ``setup`` once."""
+        if ctx is not None:
+            self.ctx = ctx
+        if not self._bound:
+            self._bound = True
+            self.setup()
+        return self
+
     def setup(self) -> None:
-        """Load models and other heavy state; called once per worker before ``process``."""
+        """Load models and other heavy state (``self.ctx.shared``); once per bound operator."""
 
     def process(self, batch: pa.RecordBatch) -> Result:
         raise NotImplementedError
@@ -208,17 +209,25 @@ class Operator:
         for one batch splits it); by default one piece."""
         yield self.process(batch)
 
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state.pop("ctx", None)  # a kernel is bound again where it runs
+        state["_bound"] = False
+        return state
+
+    # ---------------------------------------------------------------- building graphs
     def __rrshift__(self, label: str) -> Operator:
         """``"name" >> Op(...)`` names the step, as in Beam."""
         if not isinstance(label, str):
             return NotImplemented
-        return type(self).from_params(self.params, id=label)
+        op = type(self).from_params(self.params, id=label)
+        op.placement = dict(self.placement)
+        return op
 
     def __ror__(self, left):
         """``(a, b) | Merge()`` and ``(children, parents) | Collect(...)``."""
-        from beamzoo.graph import Stream, apply
-        if isinstance(left, (tuple, list)) and left and all(isinstance(s, Stream) for s in left):
-            return apply(self, list(left))
+        if isinstance(left, (tuple, list)) and left and all(getattr(s, "is_stream", False) for s in left):
+            return left[0].join(self, list(left))  # streams of a graph (beamzoo.core.graph.Stream)
         return NotImplemented
 
     def __repr__(self):
@@ -250,6 +259,7 @@ class RowOperator(Operator):
         return [{n: c[i] for n, c in columns.items()} for i in range(batch.num_rows)]
 
     def process(self, batch: pa.RecordBatch) -> Result:
+        self.bind()
         return self.result(batch, self.process_rows(self.rows(batch)))
 
     def result(self, batch: pa.RecordBatch, outs: list) -> Result:
@@ -282,20 +292,11 @@ class RowOperator(Operator):
         return pa.array(values, field.type)
 
 
-def check_placement(step: str, hints: dict) -> dict:
-    for k, v in hints.items():
-        if k not in PLACEMENT:
-            raise KnobError(f"step {step!r}: unknown placement hint {k!r}; hints: {', '.join(PLACEMENT)}")
-        if v not in PLACEMENT[k]:
-            raise KnobError(f"step {step!r}: placement {k} must be one of {', '.join(PLACEMENT[k])}, got {v!r}")
-    return dict(sorted(hints.items()))
-
-
 def with_columns(batch: pa.RecordBatch, schema: pa.Schema, produced: dict[str, pa.Array]) -> pa.RecordBatch:
     """``batch``'s columns laid out as ``schema``, the produced ones taken from ``produced``."""
     return pa.record_batch([produced[f.name] if f.name in produced else batch.column(f.name)
                             for f in schema], schema=schema)
 
 
-__all__ = ["ID", "PARENT_ID", "PLACEMENT", "Knob", "KnobError", "NO_DEAD_LETTERS", "OPS", "Operator", "PRIMITIVES", "Result",
-           "RowOperator", "check_placement", "dead_letters", "error_text", "op_class", "register", "with_columns"]
+__all__ = ["CARDINALITY", "NO_DEAD_LETTERS", "Operator", "PIECE_BYTES", "PLACEMENT", "PRIMITIVES", "Result",
+           "RowOperator", "check_placement", "dead_letters", "error_text", "with_columns"]
