@@ -37,9 +37,9 @@ def timed(pattern: str, out: str, fast, strong=None, below: float = 0.5) -> tupl
     image (every thread of this process: what the machine's load disturbs least), the load
     average before."""
     from beamzoo.pipeline import run, score_images
-    from beamzoo.runners import EdgeRunner
+    from beamzoo.runners.edge import EdgeRunner
     load = os.getloadavg()[0]
-    graph = score_images(pattern, out, fast, escalate=strong, escalate_below=below, derived_only=True)
+    graph = score_images(pattern, out, fast, escalate=strong, below=below, derived_only=True)
     cpu = time.process_time()
     stats = run(graph, "EdgeRunner", edge=EdgeRunner(progress=False))
     cpu = time.process_time() - cpu

@@ -110,7 +110,7 @@ def limit(ctx: Ctx) -> dict:
         sess = session(ctx.model, threads)
         name = sess.get_inputs()[0].name
         for _ in range(2):
-            for batch in (1, 8, 32):
+            for batch in (b for b in (1, 8, 32) if b <= len(x_all)):  # a tiny smoke run has few inputs
                 sess.run(None, {name: x_all[:batch]})  # warm up
                 n = len(x_all) - len(x_all) % batch
                 c0, t0 = time.process_time(), time.perf_counter()
@@ -220,13 +220,13 @@ def beam_stock(ctx: Ctx) -> dict:
 
 def _beamzoo(ctx: Ctx, runner: str, beam_args=(), **limits) -> dict:
     from beamzoo.pipeline import run, score_images
-    from beamzoo.runners import EdgeRunner
+    from beamzoo.runners.edge import EdgeRunner
     from beamzoo import zoo
 
     importlib.import_module("beamzoo.runners.options")  # run() imports it lazily
     if runner != "EdgeRunner":  # import Beam before the clock starts
         importlib.import_module("beamzoo.runners.beam")
-        importlib.import_module("beamzoo.transforms.beam")
+        importlib.import_module("beamzoo.beam")
         importlib.import_module("apache_beam.io.parquetio")  # beamzoo.runners.beam imports it lazily
     # writes ctx.work/predictions/part-*.parquet and ctx.work/dead_letter/part-*.parquet
     graph = score_images(os.path.join(ctx.files, "*.jpg"), ctx.work, zoo.get("efficientnet_lite0"), **limits)
@@ -239,13 +239,14 @@ def _beamzoo(ctx: Ctx, runner: str, beam_args=(), **limits) -> dict:
         first = seconds - stats.seconds + stats.first_result_s
     labels = parquet_labels(os.path.join(ctx.work, "predictions"), "*.parquet")
     return {"seconds": seconds, "cpu_s": cpu, "first_result_s": first, "scored": stats.scored,
-            "failed": stats.failed, "labels": labels}
+            "failed": stats.failed, "labels": labels,
+            "steps": {k: v.to_dict() for k, v in stats.steps.items()}}  # where the time went, per step
 
 
 def decode_workers_cpu() -> float:
     """CPU seconds of the live decode workers of this process (none are replaced in a clean run)."""
-    from beamzoo import resources
-    from beamzoo.isolate import IsolatedPool
+    from beamzoo.core import resources
+    from beamzoo.core.isolate import IsolatedPool
     total = 0.0
     for pool in [v for v in resources._made.values() if isinstance(v, IsolatedPool)]:
         for pid in pool.pids():

@@ -24,9 +24,9 @@ from concurrent.futures import ThreadPoolExecutor
 import cv2
 import numpy as np
 
-from beamzoo.isolate import IsolatedPool, Limits
+from beamzoo.core.isolate import IsolatedPool, Limits
 from beamzoo.samples import sample_files
-from beamzoo.transforms.preprocess import decode, resize_crop
+from beamzoo.imaging import decode, resize_crop
 
 SIZES = [(640, 480), (800, 600), (1024, 768), (1280, 960), (1600, 1200)]
 _ECHO = {n: np.ones(n, np.uint8) for n in (1, 224 * 224 * 3, 224 * 224 * 3 * 4)}

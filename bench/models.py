@@ -46,10 +46,12 @@ def pixels(paths: list[str], card) -> np.ndarray:
 
 def session(card):
     import onnxruntime as ort
+
+    from beamzoo import zoo
     so = ort.SessionOptions()
     so.intra_op_num_threads = so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    return ort.InferenceSession(card.model_bytes(), so, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(zoo.model_bytes(card), so, providers=["CPUExecutionProvider"])
 
 
 def run_pair(cards, x: np.ndarray, batch: int, warmup: int) -> dict:
@@ -103,7 +105,7 @@ def main(argv=None) -> int:
             prob = np.exp(logits - logits.max(1, keepdims=True))
             prob /= prob.sum(1, keepdims=True)
             rows[c.name] = {"card": c.ref, "input": c.preprocess["crop"], "resize": c.preprocess["resize"],
-                            "gflops": count_flops(c.model_bytes()) / 1e9, "top1": logits.argmax(1),
+                            "gflops": count_flops(zoo.model_bytes(c)) / 1e9, "top1": logits.argmax(1),
                             "p_top1": prob.max(1), "cpu_ms": float(np.median(res[c.name]["cpu_ms"])),
                             "wall_ms": float(np.median(res[c.name]["wall_ms"])),
                             "batches_timed": len(res[c.name]["cpu_ms"])}

@@ -65,8 +65,8 @@ def run_rapidocr(paths: list[str]) -> dict:
 def run_beamzoo(paths: list[str], runner: str) -> dict:
     import pyarrow.parquet as pq
     from beamzoo.pipeline import run
-    from beamzoo.runners import EdgeRunner
-    from beamzoo.transforms.ocr.pipeline import ocr_images
+    from beamzoo.runners.edge import EdgeRunner
+    from beamzoo.ocr import ocr_images
     out = tempfile.mkdtemp(prefix="bench-ocr-")
     try:
         start = time.perf_counter()

@@ -2,13 +2,14 @@
 
     python bench/profile_edge.py --n 500 [--cprofile]
 
-Wraps each step's ``process`` to add up its thread CPU time, runs the edge
-runner with its defaults (through beamzoo.pipeline.run, as the benchmark
-does) on the benchmark image set, and prints CPU ms per image for each step
-beside the same work done with plain OpenCV/onnxruntime (bench/pixels.py) at
-the same settings (one intra-op thread, batches of 4). With --cprofile it
-also profiles the steps before inference in one thread and prints the top
-functions by own time.
+Runs the edge runner with its defaults (through beamzoo.pipeline.run, as the
+benchmark does) on the benchmark image set and prints, from the run's own
+per-step metrics (``RunStats.steps``), CPU ms per image in each step's thread,
+its wall time and what it waited, beside the same work done with plain
+OpenCV/onnxruntime (bench/pixels.py) at the same settings (one intra-op thread,
+batches of 4). The decode step's CPU is mostly in its worker processes, added
+up apart. With --cprofile it also profiles the steps before inference in one
+thread and prints the top functions by own time.
 """
 from __future__ import annotations
 
@@ -18,36 +19,10 @@ import os
 import pstats
 import sys
 import tempfile
-import threading
 import time
-from collections import defaultdict
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-
-
-def timed_operators(original, cpu: dict, calls: dict):
-    """A ``Stage.operators`` whose operators add up the thread CPU time of their ``process``
-    (each runner thread builds its own operators from the planned stage)."""
-    lock = threading.Lock()
-
-    def operators(stage):
-        ops = original(stage)
-        for op in ops:
-            if op.kind in ("source", "sink"):  # the runner reads and writes these itself
-                continue
-            inner = op.process
-
-            def timed(batch, inner=inner, name=op.id):
-                c0 = time.thread_time()
-                out = inner(batch)
-                with lock:
-                    cpu[name] += time.thread_time() - c0
-                    calls[name] += 1
-                return out
-            op.process = timed
-        return ops
-    return operators
 
 
 def bare_costs(paths: list[str], model: str, batch: int) -> dict:
@@ -89,51 +64,42 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import images
-    from beamzoo.pipeline import run, score_images
-    from beamzoo.plan import Stage, plan
-    from beamzoo.runners import EdgeRunner
+    from contenders import decode_workers_cpu
+
     from beamzoo import zoo
+    from beamzoo.pipeline import run, score_images
+    from beamzoo.runners.edge import EdgeRunner
 
     directory = images.make_set(args.cache, args.n, args.seed)
     paths = images.image_paths(directory)
-    edge = EdgeRunner(progress=False)
-    cpu, calls, seen = defaultdict(float), defaultdict(int), {}
-    original_run, original_operators = EdgeRunner.run, Stage.operators
-
-    def wrapped_run(self, g, *a, **kw):  # the graph the runner really gets (with resume keys)
-        seen["graph"] = g
-        return original_run(self, g, *a, **kw)
-    EdgeRunner.run = wrapped_run
-    Stage.operators = timed_operators(original_operators, cpu, calls)  # time the planned steps
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            graph = score_images(os.path.join(directory, "*.jpg"), os.path.join(tmp, "out"),
-                                 zoo.get("efficientnet_lite0"))
-            c0, t0 = time.process_time(), time.perf_counter()
-            stats = run(graph, "EdgeRunner", edge=edge)
-            total_cpu, wall = time.process_time() - c0, time.perf_counter() - t0
-    finally:
-        EdgeRunner.run, Stage.operators = original_run, original_operators
+    with tempfile.TemporaryDirectory() as tmp:
+        graph = score_images(os.path.join(directory, "*.jpg"), os.path.join(tmp, "out"), zoo.get("efficientnet_lite0"))
+        c0, t0 = time.process_time(), time.perf_counter()
+        stats = run(graph, "EdgeRunner", edge=EdgeRunner(progress=False))
+        total_cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+        workers_cpu = decode_workers_cpu()
     n = len(paths)
-    print(f"edge runner: {n / wall:.1f} images/s, process CPU {total_cpu / n * 1e3:.2f} ms/image, "
-          f"scored {stats.scored} (load average {os.getloadavg()[0]:.1f})")
-    width = max([10, *map(len, cpu)])  # planned step ids, e.g. "decode+resize"
-    print(f"{'step':<{width}} {'thread CPU ms/img':>18} {'calls':>6}")
-    for name, v in cpu.items():
-        print(f"{name:<{width}} {v / n * 1e3:18.2f} {calls[name]:>6}")
-    print(f"{'(other)':<{width}} {(total_cpu - sum(cpu.values())) / n * 1e3:18.2f}   "
-          "(model loading, the runner between steps, Parquet)")
-    batch = seen["graph"].step("infer").params["batch_size"]
-    bare = bare_costs(paths, str(zoo.get("efficientnet_lite0").onnx_path()), batch)
+    print(f"edge runner: {n / wall:.1f} images/s, process CPU {total_cpu / n * 1e3:.2f} ms/image "
+          f"(+ decode workers {workers_cpu / n * 1e3:.2f}), scored {stats.scored} "
+          f"(load average {os.getloadavg()[0]:.1f})")
+    width = max([10, *map(len, stats.steps)])
+    print(f"{'step':<{width}} {'thread CPU ms/img':>18} {'wall s':>8} {'waits in/out s':>15} {'batches':>8}")
+    for name, m in stats.steps.items():
+        print(f"{name:<{width}} {m.cpu_s / n * 1e3:18.2f} {m.wall_s:8.2f} {m.wait_in_s:7.2f}/{m.wait_out_s:<7.2f} "
+              f"{m.batches:>8}")
+    print(f"{'(other)':<{width}} {(total_cpu - sum(m.cpu_s for m in stats.steps.values())) / n * 1e3:18.2f}   "
+          "(model loading, the runner between steps)")
+    infer = next(s for s in graph.steps if s.op == "onnx_infer")
+    bare = bare_costs(paths, str(zoo.onnx_path(zoo.get("efficientnet_lite0"))), infer.params["batch_size"])
     print("same work without beamzoo (one thread):")
     for k, v in bare.items():
         print(f"  {k:<48} {v:6.2f} ms/img")
 
     if args.cprofile:
-        stages = plan(seen["graph"]).stages  # as the runner planned it (decode and resize fused)
+        stages = EdgeRunner().compile(graph).stages  # as the runner compiled it (decode and resize fused)
         (source,) = next(s for s in stages if s.kind == "source").operators()
-        chain = next(s for s in stages if any(st.id == "infer" for st in s.steps)).operators()
-        head = chain[:[op.id for op in chain].index("infer")]
+        chain = next(s for s in stages if any(st.op == "onnx_infer" for st in s.steps)).operators()
+        head = chain[:[op.name for op in chain].index("onnx_infer")]
         for op in head:
             op.setup()
         refs = list(source.refs())

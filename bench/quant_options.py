@@ -70,7 +70,7 @@ def main(argv=None) -> int:
     from models import pixels
 
     card = zoo.get(f"efficientnet_{args.variant}")
-    fp32 = card.model_bytes()
+    fp32 = zoo.model_bytes(card)
     calib = calibration_inputs(card.preprocess["resize"], card.preprocess["crop"])
     paths = images.image_paths(images.make_set(args.cache, 2000, 0))[1000:1000 + args.n]
     x = pixels(paths, card)

@@ -56,9 +56,10 @@ def sess(data: bytes, threads: int):
 
 
 def time_models(card, files, rounds):
+    from beamzoo import zoo
     c = card.preprocess["crop"]
     x = np.random.default_rng(0).uniform(-1, 1, (8, 3, c, c)).astype(np.float32)
-    s = {"fp32": sess(card.model_bytes(), 1), **{f: sess(Path(f).read_bytes(), 1) for f in files}}
+    s = {"fp32": sess(zoo.model_bytes(card), 1), **{f: sess(Path(f).read_bytes(), 1) for f in files}}
     t = {k: [] for k in s}
     for v in s.values():
         v.run(None, {"images": x})
@@ -94,7 +95,7 @@ def main(argv=None) -> int:
         time_models(card, args.options, args.rounds)
         return 0
     which = ",".join(args.options).split(",")
-    fp32, pre = card.model_bytes(), card.preprocess
+    fp32, pre = zoo.model_bytes(card), card.preprocess
     paths = images.image_paths(images.make_set(args.cache, 2000, 0))[1000:1400]
     x = pixels(paths, card)
 

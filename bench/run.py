@@ -187,6 +187,23 @@ def targets(results: dict, rss: dict | None) -> list[dict]:
     return checks
 
 
+def step_lines(results: dict, n: int) -> str:
+    """Where beamzoo's time goes, per step of the compiled graph (its run's per-step metrics): CPU
+    ms per image in the step's own thread, and the step's share of the steps' wall time."""
+    out = []
+    for name, res in results.items():
+        steps = res.get("steps") if "error" not in res else None
+        if not steps:
+            continue
+        wall = sum(s["wall_s"] for s in steps.values()) or 1.0
+        out.append(f"{TITLES.get(name, name)}, per step (CPU ms/img in the step's thread, share of step wall time):")
+        for sid, s in sorted(steps.items(), key=lambda kv: -kv[1]["wall_s"]):
+            if s["batches"]:
+                out.append(f"  {sid:<34} {s['cpu_s'] / n * 1e3:8.2f} ms  {s['wall_s'] / wall:6.1%}  "
+                           f"rows {s['rows_in']}  batches {s['batches']}")
+    return "\n".join(out)
+
+
 def target_lines(checks: list[dict]) -> str:
     out = ["targets:"]
     for c in checks:
@@ -241,8 +258,8 @@ def main(argv=None) -> int:
     import images
     from beamzoo import zoo
 
-    model = str(zoo.get("efficientnet_lite0").onnx_path())  # built and cached before any timing
-    labels = str(Path(sys.modules["beamzoo.zoo"].__file__).parent / "imagenet_labels.txt")
+    card = zoo.get("efficientnet_lite0")
+    model = str(zoo.onnx_path(card))  # built and cached before any timing
     base_dir = images.make_set(args.cache, args.n, args.seed)
     paths = images.image_paths(base_dir)
     warm_cache(paths)
@@ -253,6 +270,9 @@ def main(argv=None) -> int:
 
     results, runs = {}, {}
     with tempfile.TemporaryDirectory(prefix="beamzoo-bench-") as tmp:
+        labels = os.path.join(tmp, "labels.txt")  # the card's labels, for the contenders that are not beamzoo
+        Path(labels).write_text("\n".join(card.labels) + "\n", encoding="utf-8")
+
         def ctx_for(directory, tag):
             return contenders.Ctx(files=str(directory), work=os.path.join(tmp, tag), model=model,
                                   labels=labels, cores=cores(), limit_sample=args.limit_sample,
@@ -290,6 +310,7 @@ def main(argv=None) -> int:
               f"{fmt(rss['big']['peak_rss_mib'], '.0f')} MiB at N={rss['big']['n']}: "
               f"growth {fmt(rss['growth_pct'], '+.1f')}%")
     print(target_lines(checks))
+    print(step_lines(results, args.n))
 
     for res in results.values():
         res.pop("labels", None)

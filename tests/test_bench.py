@@ -1,0 +1,45 @@
+"""The benchmark cannot rot: a tiny run of bench/run.py, every contender but Flink, in the tests."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+
+@pytest.mark.slow
+def test_a_tiny_benchmark_runs_every_contender(tmp_path):
+    contenders = ["limit", "reference", "beam_stock", "beamzoo_edge", "beamzoo_edge_inproc", "beamzoo_direct"]
+    done = subprocess.run([sys.executable, "bench/run.py", "--n", "6", "--limit-sample", "4", "--only", *contenders,
+                           "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                          timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "results-n6.json").read_text())
+    for name in contenders:
+        res = report["results"][name]
+        assert "error" not in res, (name, res.get("log_tail"))
+        assert res["images_per_s"] > 0, name
+    assert report["agreement"]["all"] == {"files": 6, "agree": 1.0}  # every contender, the same top-1s
+    steps = report["results"]["beamzoo_edge"]["steps"]
+    assert steps["classify/infer"]["rows_in"] == 6 and "per step" in done.stdout  # where the time goes
+
+
+@pytest.mark.slow
+def test_a_tiny_serve_benchmark_measures_small_requests_among_big_ones(tmp_path):
+    done = subprocess.run([sys.executable, "bench/serve.py", "--n", "4", "--sections", "lone,fair", "--seconds", "1",
+                           "--lone", "3", "--small-rate", "4", "--big-rows", "3", "--big-clients", "1",
+                           "--big-side", "400", "--workers", "1", "--out", str(tmp_path / "out"),
+                           "--cache", str(tmp_path / "cache")],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    fair = json.loads((tmp_path / "out" / "serve-n4.json").read_text())["fairness"]
+    for phase in ("small_alone", "small_under_big"):
+        assert fair[phase]["requests"] > 0 and fair[phase]["errors"] == 0, fair[phase]
+    assert fair["big"]["answered"] >= 1 and fair["big"]["errors"] == 0, fair["big"]
+    assert "among big" in done.stdout
