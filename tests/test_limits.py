@@ -34,7 +34,7 @@ def test_bombs_over_the_limits_are_dead_letters_and_the_run_goes_on(tmp_path, ti
     (d / "b_memory.png").write_bytes(badfiles.png_bomb(20000, 20000))  # 1.2 GB of pixels; the header is honest
     (d / "c_cpu.jpg").write_bytes(badfiles.jpeg_many_scans(3000))  # tens of KB, seconds of CPU
     write_colour_image(d / "d_blue.png", (0, 0, 200))
-    graph = score_images(str(d / "*"), str(tmp_path / "out"), tiny_model, topk=3, max_pixels=10**9,
+    graph = score_images(str(d / "*"), str(tmp_path / "out"), tiny_model, topk=3, max_pixels=700_000_000,
                          time_limit=1.0, memory_limit=512 << 20)
     stats = run_graph(graph, runner)
     seen = outcome(tmp_path / "out")
@@ -183,7 +183,7 @@ def test_the_decode_limit_is_cpu_time_so_a_busy_machine_does_not_refuse_a_good_i
     batch = pa.record_batch([pa.array(["good", "bomb"]), pa.array(["good", "bomb"]),
                              pa.array([good, badfiles.jpeg_many_scans(3000)], pa.binary())],
                             names=["id", "path", "data"])
-    step = DecodeImage(max_pixels=10**9, time_limit=1.0)
+    step = DecodeImage(max_pixels=700_000_000, time_limit=1.0)
     step.setup()  # the workers start before the machine gets busy
     burners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(3)]
     try:
