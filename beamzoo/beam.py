@@ -15,15 +15,23 @@ inside beamzoo (chained beamzoo transforms hand each other Arrow batches).
 Each wraps a beamzoo graph with one open input, compiled and translated as
 beamzoo's own pipelines are on Beam runners, so schemas are checked while the
 pipeline is built: a missing preprocessing step raises ``SchemaMismatchError`` at once.
+Each also declares its Beam type hints (``INPUT_TYPE`` in, ``beam.Row`` out), so
+that Beam's pipeline type check refuses a PCollection of anything else (ints,
+say) with a ``TypeCheckError`` naming the transform, when it is applied.
 """
 from __future__ import annotations
 
+import re
 import typing
 import uuid
 
 import apache_beam as beam
 import pyarrow as pa
+from apache_beam import pvalue, typehints
+from apache_beam.io import fileio
+from apache_beam.typehints.decorators import IOTypeHints, TypeCheckError
 from apache_beam.typehints.row_type import RowTypeConstraint
+from apache_beam.typehints.typehints import is_consistent_with
 
 from beamzoo.classify import Classify as ClassifyGraph
 from beamzoo.core.graph import GraphBuilder, Stream
@@ -85,8 +93,33 @@ def _arrow_type(py) -> pa.DataType | None:
             bytes: pa.binary()}.get(py)
 
 
+# ---------------------------------------------------------------- type hints
+
+INPUT_TYPE = typehints.Union[str, fileio.FileMetadata, fileio.ReadableFile, beam.Row,
+                             typehints.Dict[str, typehints.Any]]
+TAKES = ("path strings, fileio matches (FileMetadata, ReadableFile) or rows with a 'path' field "
+         "(beam.Row, a NamedTuple or dataclass, a dict)")
+
+
+def _as_row(element_type):
+    """A NamedTuple or dataclass element type as the schema'd row type Beam makes of it."""
+    row = RowTypeConstraint.from_user_type(element_type) if isinstance(element_type, type) else None
+    if row is None:
+        return element_type
+    try:  # annotations written as strings (``from __future__ import annotations``)
+        hints = typing.get_type_hints(element_type)
+    except NameError:
+        return row
+    return RowTypeConstraint.from_fields([(name, hints.get(name, t)) for name, t in row._fields])
+
+
+def _shown_type(t) -> str:
+    return re.sub(r"<class '(?:[\w.]+\.)?(\w+)'>", r"\1", str(t))
+
+
 def _input_schema(element_type) -> pa.Schema:
     """The Arrow schema of the batches a user's PCollection becomes."""
+    element_type = _as_row(element_type)
     fields = [ID, PATH]
     if isinstance(element_type, RowTypeConstraint):
         names = [n for n, _ in element_type._fields]
@@ -147,6 +180,33 @@ class Apply(beam.PTransform):
     def default_label(self):
         return "+".join(type(p).__name__ for p in self.parts)
 
+    def default_type_hints(self):
+        return IOTypeHints.empty().with_input_types(INPUT_TYPE).with_output_types(beam.Row)
+
+    def _name(self) -> str:
+        name = f"beamzoo.beam.{type(self).__name__}"
+        return f"{name}({self.default_label()})" if type(self) is Apply else name
+
+    def type_check_inputs(self, pvalueish):
+        """Beam's check when the transform is applied, in beamzoo's words."""
+        if not isinstance(pvalueish, pvalue.PCollection):
+            raise TypeCheckError(f"{self._name()} takes a PCollection of {TAKES}, not {type(pvalueish).__name__}")
+        hints = self.get_type_hints().input_types
+        hint, got = hints[0][0] if hints and hints[0] else None, _as_row(pvalueish.element_type)
+        if hint is None or got is None:
+            return
+        if not is_consistent_with(got, hint):
+            expected = _shown_type(hint)
+        elif (isinstance(got, RowTypeConstraint) and getattr(pvalueish, "_beamzoo", None) is None
+              and "path" not in [n for n, _ in got._fields]):
+            expected = "rows that have a 'path' field"
+        else:
+            return
+        takes = f"takes {TAKES}; " if hint == INPUT_TYPE else ""
+        where = f" (from {pvalueish.producer.full_label!r})" if pvalueish.producer else ""
+        raise TypeCheckError(f"Input type hint violation at {self.label}: {self._name()} {takes}"
+                             f"expected {expected}, got {_shown_type(got)}{where}")
+
     def expand(self, pcoll):
         lineage = getattr(pcoll, "_beamzoo", None)
         if lineage is None:
@@ -201,5 +261,5 @@ Classify.__doc__ = """paths -> predictions: read, decode and resize for the mode
 (``beamzoo.Classify`` as one Beam transform)."""
 
 
-__all__ = ["Apply", "Classify", "DecodeImage", "DecodeResize", "Drop", "OnnxInference", "ReadFiles",
+__all__ = ["Apply", "Classify", "DecodeImage", "DecodeResize", "Drop", "INPUT_TYPE", "OnnxInference", "ReadFiles",
            "ResizeCrop", "TopK", "dead_letters", "row_type"]
