@@ -92,6 +92,18 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def free_ports(n: int) -> list[int]:
+    """n ports free now on 127.0.0.1 (held open together, so they differ)."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
 def _listening(port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.5)
@@ -103,7 +115,9 @@ def flink_cluster():
     """A local standalone Flink cluster (JobManager, TaskManager, Beam worker pool);
     afterwards, nothing it started may be left running or listening."""
     from beamzoo.runners import flink
-    info = flink.cluster_up(parallelism=2, rest_port=8081, worker_port=50000)
+    rest, worker, rpc = free_ports(3)  # not Flink's defaults: a user's own cluster may hold those
+    info = flink.cluster_up(parallelism=2, rest_port=rest, worker_port=worker, rpc_port=rpc)
+    info["ports"] = (rest, rpc, worker)
     pids = {p for ps in info["pids"].values() for p in ps}
     assert len(pids) == 3, info
     info["seen_worker_pids"] = set()
@@ -112,12 +126,13 @@ def flink_cluster():
     flink.cluster_down()
     left = [p for p in pids | info["seen_worker_pids"] if _alive(p)]
     assert not left, f"processes left alive after cluster_down: {left}"
-    busy = [p for p in (8081, flink.JM_RPC_PORT, 50000) if _listening(p)]
+    busy = [p for p in info["ports"] if _listening(p)]
     assert not busy, f"ports still listening after cluster_down: {busy}"
 
 
 def flink_rest(path: str) -> dict:
-    with urllib.request.urlopen(f"http://localhost:8081{path}", timeout=10) as r:
+    from beamzoo.runners import flink
+    with urllib.request.urlopen(f"http://{flink.cluster_status()['rest']}{path}", timeout=10) as r:
         return json.load(r)
 
 

@@ -61,7 +61,7 @@ def _job_servers() -> list[str]:
 
 def test_standalone_flink_gives_the_same_rows_and_spreads_the_work(flink_cluster, images, edge_out, tmp_path):
     log = score("--input", str(images), "--output", str(tmp_path), "--runner=FlinkRunner",
-                "--flink_master=localhost:8081")
+                f"--flink_master={flink_cluster['rest']}")
     assert "inputs: 24  scored: 19  dead letters: 5" in log
     assert_same_as_edge(tmp_path, edge_out)
     # Flink's own figures: every subtask of the scoring operator read records (Flink names a fused
@@ -89,7 +89,7 @@ def test_losing_a_taskmanager_mid_run_loses_and_duplicates_nothing(flink_cluster
     out = tmp_path / "out"
     proc = subprocess.Popen(
         score_cmd("--input", str(many_photos / "*.jpg"), "--output", str(out), "--runner=FlinkRunner",
-                  "--flink_master=localhost:8081"),
+                  f"--flink_master={flink_cluster['rest']}"),
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # Wait until the scoring operator is running, then kill the TaskManager's JVM.

@@ -60,7 +60,7 @@ def test_standalone_cluster_external_workers(flink_cluster, tmp_path):
     cluster = flink_cluster
     assert cluster["overview"]["taskmanagers"] >= 1
     assert cluster["overview"]["slots-total"] >= 2
-    rows = run_squares(tmp_path, flink.pipeline_args(cluster["rest"], parallelism=2, worker_port=50000))
+    rows = run_squares(tmp_path, flink.pipeline_args(cluster["rest"], parallelism=2))
     check_squares(rows)
     worker_pids = {pid for pid, _, _ in rows}
     cluster["seen_worker_pids"] |= worker_pids

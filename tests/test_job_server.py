@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import logging
+import os
+import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 
-from beamzoo.runners import flink, job_server
+from beamzoo.runners import flink, flink_fetch, job_server
 from beamzoo.runners.options import flink_job_server
 from beamzoo.runners.job_server import JVM_OPTIONS, JobServer, class_archive
+from conftest import ROOT, error_line
 
 needs_java = pytest.mark.skipif(shutil.which("java") is None, reason="needs a Java runtime (17)")
 
@@ -63,3 +68,55 @@ def test_class_archive_is_written_once_and_a_broken_one_is_dropped(tmp_path, mon
         server.wait()  # started again without the archive
     assert "did not start with the class-data archive" in caplog.text
     assert not archive.exists()
+
+
+# ---------------------------------------------------------------- a first run's fetches
+
+def test_a_first_flink_run_without_java_or_maven_is_one_error_line(tmp_path, colour_dir):
+    from test_cards_confined import write_card
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    env = {**os.environ, "BEAMZOO_CACHE": str(cache), "PATH": os.path.dirname(sys.executable)}
+    cmd = [sys.executable, os.path.join(ROOT, "pipelines", "score_images.py"), "--runner=FlinkRunner",
+           "--no_progress", "--model", write_card(tmp_path / "card"), "--input", str(colour_dir / "*"),
+           "--output", str(tmp_path / "out")]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    line = error_line(r.stderr)
+    assert "needs 'java' and 'mvn', not found on PATH" in line
+    assert "apt-get install openjdk-17-jre-headless maven" in line
+    (named,) = re.findall(r"\((/[^)]*\.jar)\)", line)
+    assert named.startswith(str(cache / "flink") + os.sep)
+    assert list(cache.rglob("*")) == []  # nothing built, nothing left
+
+
+def test_the_fetches_name_paths_under_beamzoo_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("BEAMZOO_CACHE", str(tmp_path))
+    with pytest.raises(RuntimeError) as missing:
+        flink_fetch.job_server_jar(fetch=False)
+    with pytest.raises(RuntimeError) as no_flink:
+        flink_fetch.flink_home(fetch=False)
+    for exc in (missing.value, no_flink.value):
+        paths = [p for p in re.findall(r"(/\S+?)[)`\s]", str(exc)) if p != sys.executable]
+        assert paths and all(p.startswith(str(tmp_path)) for p in paths), str(exc)
+    assert flink.run_dir().is_relative_to(tmp_path)
+    assert job_server.class_archive(str(tmp_path / "x.jar")).parent == tmp_path / "flink"
+
+
+def test_a_long_step_says_what_it_does_and_when_it_is_done(tmp_path, capsys):
+    path = tmp_path / "flink" / "x.jar"
+    with flink_fetch.announced("building the Flink job server with Maven", "2 minutes", path):
+        pass
+    first, done = capsys.readouterr().err.splitlines()
+    assert first == f"building the Flink job server with Maven (first run only, about 2 minutes) -> {path}"
+    assert re.fullmatch(rf"done in \d+ s: {re.escape(str(path))}", done)
+    with pytest.raises(RuntimeError), flink_fetch.announced("fetching x", "1 minute", path):
+        raise RuntimeError("pip failed")
+    assert "done" not in capsys.readouterr().err  # a step that failed is not done
+
+
+def test_a_missing_tool_is_named_with_what_to_install(monkeypatch):
+    monkeypatch.setenv("PATH", "")
+    with pytest.raises(flink_fetch.MissingTool, match=r"^x needs 'mvn', not found on PATH: install it "
+                                                      r"\(e\.g\. apt-get install maven\)$"):
+        flink_fetch.need(("mvn",), "x")

@@ -14,8 +14,8 @@ import time
 
 from beamzoo.core.compile import STANDARD, Pass, Plan, check_kinds, compile
 from beamzoo.core.context import RunContext
-from beamzoo.core.graph import DEAD, Graph, GraphError
-from beamzoo.core.metrics import RunStats
+from beamzoo.core.graph import DEAD, Graph, GraphError, Step, split_ref
+from beamzoo.core.metrics import RunStats, StepMetrics
 from beamzoo.core.op import PRIMITIVES
 
 
@@ -60,26 +60,60 @@ class Executor:
 
 def stats(plan: Plan, ctx: RunContext, seconds: float, first_result_s: float | None = None,
           runner: str = "") -> RunStats:
-    """A run's totals from its per-step metrics: inputs listed by the sources, rows written by
-    each sink (``scored``: by the sinks of answers, not of dead letters), dead letters, rows
-    skipped (a resume's)."""
+    """A run's totals from its per-step metrics, per input (``RunStats`` says how), and the
+    rows written by each sink."""
     steps = dict(ctx.steps)
     s = RunStats(seconds=seconds, first_result_s=first_result_s, steps=steps, stages=plan.layout(),
                  counters=dict(ctx.counters), stopped=ctx.stop_reason, runner=runner,
                  notes={k: dict(v) for k, v in ctx.notes.items()})
-    for st in plan.graph.steps:
-        m = steps.get(st.id)
-        if m is None:
+    graph, none = plan.graph, StepMetrics()
+    line = input_line(graph)
+    for st in graph.steps:
+        m = steps.get(st.id, none)
+        if st.kind == "sink":
+            s.written[st.id] = m.rows_in
+            if DEAD in st.inputs:
+                s.dead_sinks.append(st.id)
+        if st.id not in line:
             continue
         if st.kind == "source":
             s.inputs += m.rows_in
-        if st.kind == "sink":
-            s.written[st.id] = m.rows_in
-            if DEAD not in st.inputs:
-                s.scored += m.rows_in
         s.failed += m.dead
         s.skipped += m.skipped
+        for port in line[st.id]:
+            s.dropped += m.ports.get(port, 0) if st.kind == "route" else m.rows_out
+    s.scored = s.inputs - s.failed - s.skipped - s.dropped
     return s
+
+
+def input_line(graph: Graph) -> dict[str, list[str]]:
+    """The steps an input is followed through, each with its ports that no step reads (rows
+    there reach no sink). From a source the line runs along every port but a one-to-many
+    step's children (``out``; its ``parents`` go on); where several steps read one port, it
+    runs on to the first that is not a sink (the others get copies); steps after the dead
+    letters are off it."""
+    on: dict[str, list[str]] = {}
+    for st in graph.steps:
+        if DEAD in st.inputs:
+            continue
+        if st.kind != "source" and not any(_followed(graph, on, st, r) for r in st.inputs):
+            continue
+        ports = [split_ref(r)[1] for r in graph.schemas if split_ref(r)[0] == st.id]
+        unread = [p for p in ports if not graph.consumers(f"{st.id}:{p}")]
+        if st.kind == "explode":  # its parents are answered by its children where none reads them
+            unread = [] if "out" not in unread else [p for p in unread if p == "parents"]
+        on[st.id] = unread
+    return on
+
+
+def _followed(graph: Graph, on: dict, step: Step, ref: str) -> bool:
+    """Whether the input line runs from ``ref`` into ``step``."""
+    sid, port = split_ref(ref)
+    if sid not in on or (graph.step(sid).kind == "explode" and port == "out"):
+        return False
+    readers = graph.consumers(ref)
+    main = next((r for r in readers if r.kind != "sink"), readers[0])
+    return main.id == step.id
 
 
 def kernel_table(table: dict):

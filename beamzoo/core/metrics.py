@@ -94,17 +94,29 @@ def reason_key(error: str, limit: int = 100) -> str:
 
 @dataclass
 class RunStats:
-    """The counts of one run. ``inputs = scored + failed + skipped`` for a graph whose inputs
-    each end in one row or one dead letter; ``written`` has the rows of each sink, ``steps``
-    every step's ``StepMetrics``, ``stages`` how the steps were staged."""
+    """The counts of one run, per input: ``inputs = scored + failed + skipped + dropped``.
+
+    ``inputs``: what the sources listed. Each input is counted once, however many rows it
+    becomes, by following it through the graph (``beamzoo.core.executor.input_line``):
+    ``failed``: inputs dead-lettered on the way (a child's dead letter, say one line of an
+    OCR page, does not fail its input; its page is still answered); ``skipped``: inputs
+    already done (a resume's); ``dropped``: inputs left on a port no step reads;
+    ``scored``: the rest, the inputs whose rows reached a sink. A route sends a row down
+    one branch; a one-to-many step's parents go on, not its children; where several steps
+    read one port, the input is followed into the first that is not a sink (the others
+    get copies, which add rows, not inputs). ``written`` has the rows of each sink
+    (``dead_sinks``: those of dead letters), ``steps`` every step's ``StepMetrics``,
+    ``stages`` how the steps were staged."""
 
     inputs: int = 0
     scored: int = 0
     failed: int = 0
     skipped: int = 0  # inputs already done (resume)
+    dropped: int = 0  # inputs left on a port no step reads
     seconds: float = 0.0
     first_result_s: float | None = None
     written: dict = field(default_factory=dict)  # sink id -> rows
+    dead_sinks: list = field(default_factory=list)  # the ids in written that write dead letters
     counters: dict = field(default_factory=dict)  # a step's own counts (a gate's rows held)
     stopped: str | None = None  # why the run stopped early (what was read is written)
     steps: dict = field(default_factory=dict)  # step id -> StepMetrics
@@ -113,13 +125,24 @@ class RunStats:
     runner: str = ""
 
     def line(self) -> str:
+        """``inputs: N  scored: N  dead letters: N`` (and ``already done``, ``not written``),
+        with the rows of the sinks where those counts do not tell them (several sinks of answers,
+        an input that became many rows): ``rows: results 100, low_confidence 79``."""
         done = f"  already done: {self.skipped}" if self.skipped else ""
-        return f"inputs: {self.inputs}  scored: {self.scored}  dead letters: {self.failed}{done}"
+        dropped = f"  not written: {self.dropped}" if self.dropped else ""
+        text = f"inputs: {self.inputs}  scored: {self.scored}  dead letters: {self.failed}{done}{dropped}"
+        rows = {k: n for k, n in self.written.items() if k not in self.dead_sinks}
+        if len(rows) < 2 and sum(rows.values()) == self.scored:
+            rows = {}
+        dead = {k: n for k, n in self.written.items() if k in self.dead_sinks}
+        if sum(dead.values()) != self.failed and dead:
+            rows.update(dead)
+        return text + ("  rows: " + ", ".join(f"{k} {n}" for k, n in rows.items()) if rows else "")
 
     def profile(self) -> dict:
         """The run as JSON data: totals, stages and every step's metrics (``--profile FILE``)."""
         return {"beamzoo_profile": 1, "runner": self.runner, "inputs": self.inputs, "scored": self.scored,
-                "failed": self.failed, "skipped": self.skipped, "seconds": self.seconds,
+                "failed": self.failed, "skipped": self.skipped, "dropped": self.dropped, "seconds": self.seconds,
                 "first_result_s": self.first_result_s, "written": self.written, "counters": self.counters,
                 "stopped": self.stopped, "stages": self.stages, "notes": self.notes,
                 "steps": {k: v.to_dict() for k, v in self.steps.items()}}

@@ -150,23 +150,67 @@ _kernel = kernel_table(KERNELS)
 
 
 class _Bar(Hooks):
-    """The progress bar: rows written, dead-lettered or skipped, of the inputs listed."""
+    """The progress bar: inputs answered (written, dead-lettered or skipped) of those listed.
 
-    def __init__(self, enabled: bool, dead_sinks: set[str]):
+    Until every source has finished listing it says ``listing`` and shows no total (so no
+    ETA); a thread per source counts its listing ahead of the run (``count``), and a source
+    that finishes its own listing first gives the exact total (``listed``). ``file``: where
+    it writes (default stderr, and only on a terminal)."""
+
+    def __init__(self, enabled: bool, dead_sinks: set[str], sources: tuple[str, ...] = (), file=None):
         from tqdm import tqdm
-        self.bar = tqdm(unit="row", disable=not (enabled and sys.stderr.isatty()), smoothing=0.1, mininterval=0.5)
+        shown = enabled and (file is not None or sys.stderr.isatty())
+        self.bar = tqdm(unit="row", disable=not shown, smoothing=0.1, mininterval=0.5, file=file, desc="listing")
         self.dead_sinks = dead_sinks
         self.lock = threading.Lock()
+        self.listing = dict.fromkeys(sources)  # source id -> its count once known
+        self.exact: set[str] = set()  # sources whose own listing ended
+        self.stopped = threading.Event()
+
+    @property
+    def shown(self) -> bool:
+        return not self.bar.disable
+
+    def count(self, step: str, refs) -> threading.Thread:
+        """Count what ``refs()`` lists (a source's references) in a thread of its own."""
+        def go():
+            n = 0
+            try:
+                for _ in refs():
+                    if self.stopped.is_set():
+                        return
+                    n += 1
+            except Exception:  # noqa: BLE001 - the source's own listing reports the error
+                return
+            self.listed(step, n, exact=False)
+        t = threading.Thread(target=go, name=f"beamzoo-count-{step}", daemon=True)
+        t.start()
+        return t
+
+    def listed(self, step: str, n: int, exact: bool = True) -> None:
+        """Source ``step`` lists ``n`` references; once every source is known the bar gets its
+        total and its ETA (a count from the source's own listing wins)."""
+        with self.lock:
+            if step in self.exact:
+                return
+            if exact:
+                self.exact.add(step)
+            self.listing[step] = n
+            if all(v is not None for v in self.listing.values()):
+                self.bar.total = sum(self.listing.values())
+                self.bar.set_description_str("", refresh=False)
+                self.bar.refresh()
 
     def batch_done(self, ctx, step, kind, sample):
-        with self.lock:
-            if kind == "source":
-                self.bar.total = (self.bar.total or 0) + sample.rows_in
-                self.bar.refresh()
-            done = sample.dead + sample.skipped + (sample.rows_in if kind == "sink" and step not in self.dead_sinks
-                                                   else 0)
-            if done:
+        done = sample.dead + sample.skipped + (sample.rows_in if kind == "sink" and step not in self.dead_sinks
+                                               else 0)
+        if done:
+            with self.lock:
                 self.bar.update(done)
+
+    def close(self) -> None:
+        self.stopped.set()
+        self.bar.close()
 
 
 class _Run:
@@ -183,7 +227,8 @@ class _Run:
         self.dead = Channel(0, sum(self.threads_of[s.id] for s in plan.stages if s.kind != "sink"))
         self.left = {s.id: self.threads_of[s.id] for s in plan.stages}
         dead_sinks = {st.id for s in plan.stages if s.kind == "sink" and DEAD in s.inputs for st in s.steps}
-        self.bar = _Bar(runner.progress, dead_sinks)
+        sources = tuple(s.id for s in plan.stages if s.kind == "source")
+        self.bar = _Bar(runner.progress, dead_sinks, sources)
         self.consumers = {(s.id, port): [(c, c.inputs.index(f"{s.id}:{port}")) for c in plan.stages
                                          if f"{s.id}:{port}" in c.inputs]
                           for s in plan.stages for port in _ports_of(s)}
@@ -248,6 +293,10 @@ class _Run:
     def go(self) -> RunStats:
         self.ctx.hooks.append(self.bar)
         self.ctx.started(self.plan)
+        if self.bar.shown:  # count the listing ahead, so the bar knows its total early
+            for s in self.plan.stages:
+                if s.kind == "source":
+                    self.bar.count(s.id, lambda s=s: s.steps[0].operator().refs())
         threads = [threading.Thread(target=self.thread, args=(s,), name=f"beamzoo-{s.id}", daemon=True)
                    for s in self.plan.stages for _ in range(self.threads_of[s.id])]
         threads.append(threading.Thread(target=self.hub_thread, name="beamzoo-dead", daemon=True))
@@ -263,7 +312,7 @@ class _Run:
             for t in threads:
                 t.join()
         finally:
-            self.bar.bar.close()
+            self.bar.close()
             self.ctx.hooks.remove(self.bar)
         if self.error is not None:
             raise self.error
@@ -336,6 +385,7 @@ def _bound(run: _Run, stage: Stage):
 def _source(run: _Run, stage: Stage) -> None:
     (op,) = _bound(run, stage)
     chunk: list[str] = []
+    listed = 0
 
     def flush():
         ok, dead = run_source(op, chunk, run.ctx)
@@ -345,10 +395,12 @@ def _source(run: _Run, stage: Stage) -> None:
 
     for ref in op.refs():
         chunk.append(ref)
+        listed += 1
         if len(chunk) >= run.r.chunk_size:
             flush()
             if run.ctx.stop_reason:  # the run is stopping: read no more, finish what was read
                 return
+    run.bar.listed(stage.id, listed)
     if chunk:
         flush()
 

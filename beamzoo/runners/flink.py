@@ -24,7 +24,7 @@ import urllib.request
 from pathlib import Path
 
 from beamzoo.runners.flink_fetch import (  # noqa: F401 - part of this module's API
-    FLINK_DIST_VERSION, FLINK_VERSION, JOB_SERVER_BEAM_VERSION, cache_dir, flink_home, job_server_jar)
+    FLINK_DIST_VERSION, FLINK_VERSION, JOB_SERVER_BEAM_VERSION, MissingTool, cache_dir, flink_home, job_server_jar)
 
 JM_RPC_PORT = 6123
 
@@ -37,10 +37,11 @@ def run_dir() -> Path:
 # ---------------------------------------------------------------- pipeline options
 
 
-def pipeline_args(master: str, *, parallelism: int = 2, worker_port: int = 50000, fetch: bool = True) -> list[str]:
+def pipeline_args(master: str, *, parallelism: int = 2, worker_port: int | None = None, fetch: bool = True) -> list[str]:
     """Beam options for FlinkRunner: `[local]` (embedded Flink, LOOPBACK
     workers) or `host:port` of a cluster's REST endpoint (EXTERNAL workers
-    from the worker pool that cluster_up() starts)."""
+    from the worker pool that cluster_up() starts: its port when ``master`` is
+    the local cluster's, else 50000)."""
     args = [
         "--runner=FlinkRunner",
         f"--flink_master={master}",
@@ -49,6 +50,8 @@ def pipeline_args(master: str, *, parallelism: int = 2, worker_port: int = 50000
     ]
     if master == "[local]":  # workers are threads of this process; subtasks one per core
         return args + ["--environment_type=LOOPBACK", f"--parallelism={os.cpu_count() or 1}"]
+    if worker_port is None:
+        worker_port = _local_worker_port(master)
     return args + [
         "--environment_type=EXTERNAL",
         f"--environment_config=localhost:{worker_port}",
@@ -146,7 +149,7 @@ def _overview(rest_port: int) -> dict | None:
         return None
 
 
-def _write_conf(conf: Path, home: Path, parallelism: int, rest_port: int) -> None:
+def _write_conf(conf: Path, home: Path, parallelism: int, rest_port: int, rpc_port: int) -> None:
     conf.mkdir(parents=True, exist_ok=True)
     for name in ("log4j.properties", "log4j-console.properties"):
         shutil.copyfile(home / "conf" / name, conf / name)
@@ -159,7 +162,7 @@ def _write_conf(conf: Path, home: Path, parallelism: int, rest_port: int) -> Non
         "env.pid.dir": run / "pid",
         "io.tmp.dirs": run / "tmp",
         "jobmanager.rpc.address": "localhost",
-        "jobmanager.rpc.port": JM_RPC_PORT,
+        "jobmanager.rpc.port": rpc_port,
         "jobmanager.bind-host": "localhost",
         "jobmanager.memory.process.size": "1024m",
         "taskmanager.host": "localhost",
@@ -206,9 +209,11 @@ def _check_ports_free(ports: dict[str, int]) -> None:
             )
 
 
-def cluster_up(parallelism: int = 2, rest_port: int = 8081, worker_port: int = 50000, timeout: float = 120) -> dict:
+def cluster_up(parallelism: int = 2, rest_port: int = 8081, worker_port: int = 50000, timeout: float = 120,
+               rpc_port: int = JM_RPC_PORT) -> dict:
     """Start JobManager + TaskManager JVMs and a Beam worker pool; wait until
-    the TaskManager's slots are registered and the worker pool listens."""
+    the TaskManager's slots are registered and the worker pool listens. The
+    TaskManager's own ports are chosen free by Flink."""
     home = flink_home()
     job_server_jar()  # fetch now, not in the middle of the first pipeline
     run = run_dir()
@@ -220,14 +225,15 @@ def cluster_up(parallelism: int = 2, rest_port: int = 8081, worker_port: int = 5
                 f"`beamzoo flink down` first."
             )
         pidfile.unlink(missing_ok=True)
-    _check_ports_free({"Flink REST": rest_port, "Flink JobManager RPC": JM_RPC_PORT, "Beam worker pool": worker_port})
+    _check_ports_free({"Flink REST": rest_port, "Flink JobManager RPC": rpc_port, "Beam worker pool": worker_port})
 
     conf = run / "conf"
-    _write_conf(conf, home, parallelism, rest_port)
+    _write_conf(conf, home, parallelism, rest_port, rpc_port)
     (run / "log").mkdir(parents=True, exist_ok=True)
     (run / "pid").mkdir(parents=True, exist_ok=True)
     (run / "cluster.json").write_text(
-        json.dumps({"parallelism": parallelism, "rest_port": rest_port, "worker_port": worker_port})
+        json.dumps({"parallelism": parallelism, "rest_port": rest_port, "worker_port": worker_port,
+                    "rpc_port": rpc_port})
     )
     # The worker pool starts its workers as plain `python`: make that this
     # interpreter (a script, not a symlink: a symlinked venv python loses the venv).
@@ -341,10 +347,16 @@ def _reap() -> None:
             del _POOLS[pid]
 
 
+def _local_worker_port(master: str) -> int:
+    """The worker pool's port of the local cluster when ``master`` is its REST endpoint, else 50000."""
+    rest, _, worker = _ports()
+    return worker if master.rsplit(":", 1)[-1] == str(rest) else 50000
+
+
 def _ports() -> list[int]:
     try:
         c = json.loads((run_dir() / "cluster.json").read_text())
-        return [c["rest_port"], JM_RPC_PORT, c["worker_port"]]
+        return [c["rest_port"], c.get("rpc_port", JM_RPC_PORT), c["worker_port"]]
     except (OSError, ValueError, KeyError):
         return [8081, JM_RPC_PORT, 50000]
 
@@ -396,14 +408,19 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--parallelism", type=int, default=2)
     up.add_argument("--rest-port", type=int, default=8081)
     up.add_argument("--worker-port", type=int, default=50000)
+    up.add_argument("--rpc-port", type=int, default=JM_RPC_PORT)
     sub.add_parser("down", help="stop the local cluster")
     sub.add_parser("status", help="show the local cluster")
     args = parser.parse_args(argv)
     if args.cmd == "fetch":
-        print(job_server_jar())
+        try:
+            print(job_server_jar())
+        except MissingTool as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         print(flink_home())
     elif args.cmd == "up":
-        info = cluster_up(args.parallelism, args.rest_port, args.worker_port)
+        info = cluster_up(args.parallelism, args.rest_port, args.worker_port, rpc_port=args.rpc_port)
         print(json.dumps(info, indent=2))
         print("pipeline options:", " ".join(pipeline_args(info["rest"], parallelism=args.parallelism,
                                                           worker_port=args.worker_port)))

@@ -12,13 +12,20 @@ Both are cached under ``$BEAMZOO_CACHE/flink`` (default ``~/.cache/beamzoo/flink
   (lib/, opt/, plugins/) and ``apache-flink`` (bin/, conf/), installed with
   ``pip install --no-deps --target`` so that nothing lands in the virtual
   environment (apache-flink pins an old apache-beam).
+
+Each fetch says on stderr what it does, how long it takes, where it puts it,
+that it goes on (every 30 s) and when it is done; a program it needs that is
+not on PATH (``MissingTool``) is named, with what to install.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 from beamzoo.zoo import cache_dir as zoo_cache_dir
@@ -90,6 +97,48 @@ def beam_cached_jar_path() -> Path:
 # ---------------------------------------------------------------- fetching
 
 
+class MissingTool(RuntimeError):
+    """A program a fetch needs is not on PATH: the user's to install."""
+
+
+INSTALL = {"java": "openjdk-17-jre-headless", "mvn": "maven"}  # the Debian/Ubuntu package of each
+
+
+def need(tools: tuple[str, ...], why: str) -> None:
+    """Raise ``MissingTool`` naming those of ``tools`` not on PATH and what to install."""
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        names = " and ".join(f"{t!r}" for t in missing)
+        raise MissingTool(f"{why} needs {names}, not found on PATH: install "
+                          f"{'them' if len(missing) > 1 else 'it'} (e.g. apt-get install "
+                          f"{' '.join(INSTALL[t] for t in missing)})")
+
+
+def say(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def announced(what: str, expected: str, path: Path, every: float = 30.0):
+    """Say ``what`` is done and ``expected`` how long it takes (first run only), a line
+    every ``every`` seconds while it goes on, and when it is done, with the time it took."""
+    say(f"{what} (first run only, about {expected}) -> {path}")
+    start, stop = time.monotonic(), threading.Event()
+
+    def tick():
+        while not stop.wait(every):
+            say(f"  ... still {what.split(' ', 1)[0]} ({time.monotonic() - start:.0f} s)")
+
+    ticker = threading.Thread(target=tick, name="beamzoo-fetch-ticker", daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        ticker.join()
+    say(f"done in {time.monotonic() - start:.0f} s: {path}")
+
+
 def job_server_jar(fetch: bool = True) -> Path:
     """The Flink job server jar; built with Maven into the cache if missing."""
     name = f"beam-runners-flink-{FLINK_VERSION}-job-server-{JOB_SERVER_BEAM_VERSION}.jar"
@@ -97,10 +146,6 @@ def job_server_jar(fetch: bool = True) -> Path:
     build = cache_dir() / "job-server-build"
     cmd = ["mvn", "-q", "-B", "-f", str(build / "pom.xml"), "package"]
     if not jar.exists():
-        build.mkdir(parents=True, exist_ok=True)
-        (build / "pom.xml").write_text(
-            _JOB_SERVER_POM.format(flink=FLINK_VERSION, beam=JOB_SERVER_BEAM_VERSION, main=JOB_SERVER_MAIN)
-        )
         hint = (
             f"The Beam Flink job server jar is missing ({jar}). Fetch it with "
             f"`beamzoo flink fetch`, or by hand: "
@@ -109,17 +154,21 @@ def job_server_jar(fetch: bool = True) -> Path:
         )
         if not fetch:
             raise RuntimeError(hint)
-        if shutil.which("mvn") is None:
-            raise RuntimeError("mvn not found (apt-get install maven). " + hint)
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        built = build / "target" / name
-        if proc.returncode != 0 or not built.exists():
-            tail = (proc.stdout + proc.stderr)[-2000:]
-            raise RuntimeError(f"Building the job server failed: {tail}\n{hint}")
-        tmp = jar.with_name(f"{name}.{os.getpid()}.tmp")
-        shutil.move(str(built), tmp)
-        tmp.rename(jar)
-        shutil.rmtree(build / "target", ignore_errors=True)
+        need(("java", "mvn"), f"building the Flink job server ({jar})")
+        build.mkdir(parents=True, exist_ok=True)
+        (build / "pom.xml").write_text(
+            _JOB_SERVER_POM.format(flink=FLINK_VERSION, beam=JOB_SERVER_BEAM_VERSION, main=JOB_SERVER_MAIN)
+        )
+        with announced("building the Flink job server with Maven", "2 minutes", jar):
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            built = build / "target" / name
+            if proc.returncode != 0 or not built.exists():
+                tail = (proc.stdout + proc.stderr)[-2000:]
+                raise RuntimeError(f"Building the job server failed: {tail}\n{hint}")
+            tmp = jar.with_name(f"{name}.{os.getpid()}.tmp")
+            shutil.move(str(built), tmp)
+            tmp.rename(jar)
+            shutil.rmtree(build / "target", ignore_errors=True)
     _link_into_beam_cache(jar)
     return jar
 
@@ -161,9 +210,10 @@ def flink_home(fetch: bool = True) -> Path:
     if not fetch:
         raise RuntimeError(hint)
     shutil.rmtree(tmp, ignore_errors=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"pip failed: {(proc.stdout + proc.stderr)[-2000:]}\n{hint}")
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)
+    with announced(f"fetching the Flink {FLINK_DIST_VERSION} distribution with pip", "1 minute", home):
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"pip failed: {(proc.stdout + proc.stderr)[-2000:]}\n{hint}")
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
     return home

@@ -21,6 +21,7 @@ import sys
 import threading
 
 from beamzoo.runners import flink
+from beamzoo.runners.flink_fetch import MissingTool
 from beamzoo.runners.job_server import JobServer
 from beamzoo.runners.registry import UnknownRunner, is_beam, resolve
 
@@ -78,7 +79,10 @@ def with_flink_defaults(argv: list[str]) -> list[str]:
     for ``--flink_master`` (default ``[local]``), unless the user set it."""
     given = _given(argv)
     master = next((a.split("=", 1)[1] for a in argv if a.startswith("--flink_master=")), "[local]")
-    extra = [a for a in flink.pipeline_args(master) if a.split("=", 1)[0] not in given]
+    try:
+        extra = [a for a in flink.pipeline_args(master) if a.split("=", 1)[0] not in given]
+    except MissingTool as exc:  # a first run builds the job server: Java and Maven must be there
+        raise OptionError(str(exc)) from None
     return argv + extra
 
 
