@@ -9,11 +9,11 @@ lines in reading order, one row of text a line), lines (text, score and box of
 each region read) and children (the regions found). An image without text has
 an empty text. Files that cannot be read, and single regions that cannot be
 cropped or recognized (with their image's parent_id), go to
-OUT/dead_letter/*.parquet. The models (PP-OCRv4 detection and recognition, the
-PP-OCR angle classifier) come from the rapidocr-onnxruntime 1.4.4 wheel, fetched
-once from PyPI into the beamzoo cache and pinned by sha256. Beam options
-(--direct_num_workers, --parallelism, ...) go to Beam runners; anything else is
-refused.
+OUT/dead_letter/*.parquet; OUT/report.html charts the run. The models
+(PP-OCRv4 detection and recognition, the PP-OCR angle classifier) come from the
+rapidocr-onnxruntime 1.4.4 wheel, fetched once from PyPI into the beamzoo cache
+and pinned by sha256. Beam options (--direct_num_workers, --parallelism, ...) go
+to Beam runners; anything else is refused.
 """
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from beamzoo.core.knobs import pick
 from beamzoo.core.limits import MAX_DEAD_FRACTION, TooManyDeadLetters
 from beamzoo.ocr import ReadText, ocr_images
 from beamzoo.pipeline import TOO_MANY_DEAD, interrupted, on_sigterm, run, user_errors
+from beamzoo.report import Timeline, report_run
 from beamzoo.runners.edge import EdgeRunner
 
 FLAGS = {"intra_op_threads": "threads", "isolate": "no_isolation"}
@@ -34,7 +35,8 @@ FLAGS = {"intra_op_threads": "threads", "isolate": "no_isolation"}
 def parser() -> Parser:
     p = Parser(prog=os.path.basename(__file__), description=__doc__)
     p.add_argument("--input", required=True, help="glob of image files ('**' recurses; quote it) or a directory")
-    p.add_argument("--output", required=True, help="folder for the results: OUTPUT/predictions, OUTPUT/dead_letter")
+    p.add_argument("--output", required=True, help="folder for the results: OUTPUT/predictions, OUTPUT/dead_letter, "
+                                                       "OUTPUT/report.html")
     add_runner(p)
     add_knobs(p, ReadText.knobs, FLAGS)
     add_knobs(p, pick(EdgeRunner, "workers", "progress"), {"progress": "no_progress"})
@@ -62,13 +64,15 @@ def main(argv=None) -> int:
     try:
         graph = ocr_images(args.input, args.output, **given(args, ReadText.knobs))
         edge = EdgeRunner(**given(args, pick(EdgeRunner, "workers")), progress=progress)
+        timeline = Timeline()
         stats = run(graph, args.runner, beam_args, edge=edge, resume=args.resume, progress=progress,
-                    **given(args, {"max_dead_fraction": MAX_DEAD_FRACTION}))
+                    hooks=[timeline], **given(args, {"max_dead_fraction": MAX_DEAD_FRACTION}))
     except KeyboardInterrupt as exc:
         interrupted(exc)
     except TooManyDeadLetters as exc:
         if args.profile:
             exc.stats.write_profile(args.profile)
+        report_run(args.output, exc.stats, timeline)
         print(f"error: {exc}", file=sys.stderr)
         return TOO_MANY_DEAD
     except user_errors() as exc:
@@ -77,6 +81,7 @@ def main(argv=None) -> int:
     if args.profile:
         stats.write_profile(args.profile)
         print(f"per-step metrics written to {args.profile}")
+    report_run(args.output, stats, timeline)
     print(stats.line())
     print(f"{stats.inputs / stats.seconds:.1f} images/s over {stats.seconds:.1f} s; results in {args.output}")
     return 0

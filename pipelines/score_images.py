@@ -7,9 +7,10 @@
     python pipelines/score_images.py --export bundle/ --sign keys/release.key   # signed (beamzoo keys new)
 
 Without --input it scores a sample set of real photographs that ship in
-scikit-image and scikit-learn. Writes OUT/predictions/*.parquet and
-OUT/dead_letter/*.parquet. Beam options (--direct_num_workers,
---parallelism, ...) go to Beam runners; anything else is refused.
+scikit-image and scikit-learn. Writes OUT/predictions/*.parquet,
+OUT/dead_letter/*.parquet and OUT/report.html (a page of charts of the run).
+Beam options (--direct_num_workers, --parallelism, ...) go to Beam runners;
+anything else is refused.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from beamzoo.core.knobs import KnobError, pick
 from beamzoo.core.limits import MAX_DEAD_FRACTION, TooManyDeadLetters
 from beamzoo.gates import load_profile, save_profile
 from beamzoo.pipeline import TOO_MANY_DEAD, interrupted, on_sigterm, run, score_images, user_errors
+from beamzoo.report import Timeline, report_run
 from beamzoo.runners.edge import EdgeRunner
 from beamzoo.transforms.deadline import Deadline
 from beamzoo.transforms.gate import ACTIONS, Gate, parse_gate
@@ -44,7 +46,8 @@ def parser() -> Parser:
     p.add_argument("--input", help="glob of image files ('**' recurses; quote it) or a directory; "
                                    "default: a sample set of real photographs")
     out = p.add_mutually_exclusive_group(required=True)
-    out.add_argument("--output", help="folder for the results: OUTPUT/predictions, OUTPUT/dead_letter")
+    out.add_argument("--output", help="folder for the results: OUTPUT/predictions, OUTPUT/dead_letter, "
+                                        "OUTPUT/report.html")
     out.add_argument("--export", metavar="DIR", help="write the graph and its model files as a bundle "
                                                      "to DIR instead of running (run it with `beamzoo run`)")
     add_knobs(p, EXPORT)
@@ -161,18 +164,21 @@ def main(argv=None) -> int:
                   f"--input 'GLOB' --output OUT{' --trust PUBKEY' if args.sign_key else ''}")
             return 0
         edge = EdgeRunner(**given(args, pick(EdgeRunner, "workers")), progress=progress)
+        timeline = Timeline()
         stats = run(graph, args.runner, beam_args, edge=edge, resume=args.resume, progress=progress,
-                    **given(args, {"max_dead_fraction": MAX_DEAD_FRACTION}))
+                    hooks=[timeline], **given(args, {"max_dead_fraction": MAX_DEAD_FRACTION}))
     except KeyboardInterrupt as exc:
         interrupted(exc)
     except TooManyDeadLetters as exc:
         write_profile(args, exc.stats)
+        report_run(args.output, exc.stats, timeline)
         print(f"error: {exc}", file=sys.stderr)
         return TOO_MANY_DEAD
     except (BundleError, *user_errors()) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     write_profile(args, stats)
+    report_run(args.output, stats, timeline)
     print(stats.line())
     first = "" if stats.first_result_s is None else f" (first result after {stats.first_result_s:.1f} s)"
     print(f"{stats.inputs / stats.seconds:.1f} images/s over {stats.seconds:.1f} s{first}; "

@@ -333,7 +333,7 @@ LAYERS = [  # lowest first; a module may import its own layer and those below
     ["beamzoo.transforms"],
     ["beamzoo.runners"],
     ["beamzoo.classify", "beamzoo.cascade", "beamzoo.gates", "beamzoo.ocr", "beamzoo.outdir", "beamzoo.pipeline",
-     "beamzoo.beam", "beamzoo.cli_args"],
+     "beamzoo.beam", "beamzoo.cli_args", "beamzoo.report"],
     ["beamzoo.serve", "beamzoo.bundle"],
     ["beamzoo.cli"],
 ]
