@@ -23,6 +23,7 @@ from beamzoo.imaging import decode
 from beamzoo.transforms.preprocess import DecodeImage, ResizeCrop
 from conftest import write_colour_image
 from test_preprocess import run_chain
+import test_formats
 from conftest import read, run_graph
 
 
@@ -198,6 +199,11 @@ def _pil(fmt: str, **kw) -> bytes:
 # every format beamzoo accepts (JPEG baseline and progressive), and files made to cost time or memory
 SEEDS = [SEED_JPEG, SEED_PNG, _pil("JPEG", progressive=True), _pil("GIF"), _pil("TIFF", compression="tiff_lzw")]
 SEEDS += [cv2.imencode(ext, cv2.resize(photo(), (40, 30)))[1].tobytes() for ext in (".webp", ".tiff", ".bmp")]
+SEED_HEIC = test_formats.heic(Image.fromarray(cv2.cvtColor(cv2.resize(photo(), (40, 30)), cv2.COLOR_BGR2RGB)))
+SEED_AVIF, SEED_PPM = _pil("AVIF", quality=60), _pil("PPM")
+SEED_PLAIN_PGM = cv2.imencode(".pgm", cv2.cvtColor(cv2.resize(photo(), (40, 30)), cv2.COLOR_BGR2GRAY),
+                              [cv2.IMWRITE_PXM_BINARY, 0])[1].tobytes()
+SEEDS += [SEED_HEIC, SEED_AVIF, SEED_PPM, SEED_PLAIN_PGM, b"P4\n40 30\n" + bytes(range(150))]
 BOMBS = [badfiles.png_bomb(6000, 5000), badfiles.jpeg_many_scans(3000), badfiles.tiff_lying_size(3000, 3000, 10, 10)]
 FUZZ_LIMITS = dict(max_pixels=30_000_000, time_limit=1.0, memory_limit=64 << 20)
 
@@ -301,3 +307,68 @@ def test_more_than_2_gib_of_files_in_one_chunk_and_on_resume(tmp_path, tiny_mode
     assert (stats.scored, stats.failed, stats.skipped) == (2, 0, 15)
     rows = read(tmp_path / "out")
     assert len(rows) == 17 and {r["label"] for r in rows} == {"red"}
+
+
+# PNM, HEIF and AVIF: random bytes after their magic, and every way of cutting them short
+
+def _new_format_magics():
+    heic_meta = SEED_HEIC.index(b"meta")
+    return [b"P1\n", b"P2 ", b"P3\n", b"P4\n", b"P5 ", b"P6\n", b"P6\n40 30\n255\n", b"P5\n40 30\n65535\n",
+            b"P3\n# c\n40 30\n1000\n", b"P4\n60000 60000\n", SEED_HEIC[:heic_meta - 4], SEED_HEIC[:heic_meta + 60],
+            SEED_HEIC[:len(SEED_HEIC) // 2], SEED_AVIF[:SEED_AVIF.index(b"meta") - 4], SEED_AVIF[:len(SEED_AVIF) // 2]]
+
+
+NEW_MAGICS = _new_format_magics()
+
+
+def _decode_isolated(blobs):
+    """(decoded paths, dead-letter reasons by path) of DecodeImage under FUZZ_LIMITS, in its workers;
+    fails if it hangs."""
+    batch = _fuzz_batch(blobs)
+    result = {}
+
+    def work():
+        rows, dl = DecodeImage(min_side=32, **FUZZ_LIMITS).process(batch)
+        result["rows"] = rows.column("path").to_pylist()
+        result["dead"] = dict(zip(dl.column("source").to_pylist(), dl.column("error").to_pylist()))
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "decoding hung"
+    return result["rows"], result["dead"]
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(st.tuples(st.sampled_from(NEW_MAGICS), st.binary(max_size=4000)), min_size=1, max_size=4))
+def test_random_bytes_after_a_pnm_heif_or_avif_magic_never_crash(items):
+    from beamzoo.imaging import magic_format
+    blobs = [magic + tail for magic, tail in items]
+    assert {magic_format(b) for b in blobs} <= {"PNM", "HEIF", "AVIF"}  # told by the magic alone
+    rows, dead = _decode_isolated(blobs)
+    assert sorted(rows + list(dead)) == sorted(f"fuzz{i}" for i in range(len(blobs)))
+    assert all(dead.values())
+
+
+@pytest.mark.parametrize("seed", ["SEED_HEIC", "SEED_AVIF", "SEED_PPM", "SEED_PLAIN_PGM"])
+def test_truncated_pnm_heif_and_avif_files_are_dead_letters(seed):
+    data = globals()[seed]
+    cuts = sorted({*range(0, 40), *range(40, len(data), max(1, len(data) // 60))})
+    rows, dead = _decode_isolated([data[:n] for n in cuts] + [data])
+    whole = f"fuzz{len(cuts)}"
+    assert rows[-1:] == [whole]  # the whole file decodes
+    if seed != "SEED_PLAIN_PGM":  # a plain PGM cut inside its last number still holds as many numbers
+        assert rows == [whole]
+    assert len(rows) + len(dead) == len(cuts) + 1 and all(dead.values())
+    assert not any("crash" in reason or "timeout" in reason for reason in dead.values()), dead
+
+
+def test_heif_and_avif_bombs_hit_the_limits_not_the_runner():
+    """A 4 KB HEIC of 4000 x 4000 and a 1 KB AVIF whose header says 5000 x 5000 (libavif scales
+    its 40 x 30 up to that): over the 64 MB memory limit, dead letters of step decode."""
+    big = test_formats.heic(Image.new("RGB", (4000, 4000), (120, 120, 120)), quality=0,
+                            enc_params={"preset": "ultrafast"})
+    rows, dead = _decode_isolated([big, test_formats.with_size(SEED_AVIF, 5000, 5000), SEED_HEIC])
+    assert rows == ["fuzz2"]
+    assert dead["fuzz0"].startswith("memory: "), dead
+    assert dead["fuzz1"].startswith("memory: "), dead

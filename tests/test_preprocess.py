@@ -160,10 +160,11 @@ def test_a_jpeg_with_bytes_after_its_end_is_scored_and_a_truncated_one_is_not(tm
 
 def test_only_formats_beamzoo_reads_reach_a_decoder_and_only_as_what_their_magic_says():
     from beamzoo.imaging import magic_format
-    ppm = cv2.imencode(".ppm", photo())[1].tobytes()
-    assert cv2.imdecode(np.frombuffer(ppm, np.uint8), cv2.IMREAD_COLOR) is not None  # OpenCV would decode it
-    with pytest.raises(ValueError, match="not an image in a known format: beamzoo reads JPEG, PNG, GIF, BMP, TIFF, WEBP"):
-        decode(ppm, 10**8)
+    ras = cv2.imencode(".ras", photo())[1].tobytes()  # Sun raster
+    assert cv2.imdecode(np.frombuffer(ras, np.uint8), cv2.IMREAD_COLOR) is not None  # OpenCV would decode it
+    with pytest.raises(ValueError, match="not an image in a known format: beamzoo reads JPEG, PNG, GIF, BMP, TIFF, "
+                                         "WEBP, PNM, HEIF, AVIF"):
+        decode(ras, 10**8)
     jpeg = cv2.imencode(".jpg", photo())[1].tobytes()
     with pytest.raises(ValueError, match="corrupt TIFF header"):
         decode(b"II*\x00" + jpeg, 10**8)  # says TIFF: read as a TIFF or not at all

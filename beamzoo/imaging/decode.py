@@ -1,10 +1,12 @@
 """Images from bytes: what a file is (from its magic bytes and header), and its pixels.
 
-Pillow reads only the header (format, size, frames) so that a decompression
-bomb is refused before any pixel is decoded; OpenCV decodes. Nothing here is
-an operator: the decode steps (``beamzoo.transforms.preprocess``), their
-worker processes (``beamzoo.transforms.isolated``) and the int8 calibration
-(``beamzoo.zoo.quantize``) share these functions, so they see the same pixels.
+The header alone is read first (format, size: by Pillow's plugins, by ``pnm``
+for PNM, by pillow-heif and Pillow for HEIF and AVIF) so that a decompression
+bomb is refused before any pixel is decoded; OpenCV decodes, pillow-heif and
+Pillow decode HEIF and AVIF (``heif``). Nothing here is an operator: the decode
+steps (``beamzoo.transforms.preprocess``), their worker processes
+(``beamzoo.transforms.isolated``) and the int8 calibration (``beamzoo.zoo.quantize``)
+share these functions, so they see the same pixels.
 """
 from __future__ import annotations
 
@@ -15,7 +17,9 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from beamzoo.imaging.heif import decode_heif, ftyp_format, heif_size
 from beamzoo.imaging.jpeg import jpeg_end
+from beamzoo.imaging.pnm import decode_pnm, is_pnm, pnm_header
 
 _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
@@ -23,13 +27,20 @@ _REDUCED = {2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2
 # The formats beamzoo decodes, by the magic bytes they start with; nothing else reaches a decoder.
 _MAGIC = ((b"\xff\xd8\xff", "JPEG"), (b"\x89PNG\r\n\x1a\n", "PNG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
           (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
-FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP")
+FORMATS = ("JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP", "PNM", "HEIF", "AVIF")
+# What a directory's listing takes for an image (a glob takes any name; formats are told by content).
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif",
+              ".ppm", ".pgm", ".pbm", ".pnm", ".heic", ".heif", ".avif")
 
 
 def magic_format(data: bytes) -> str | None:
     """The format ``data``'s first bytes name, of those beamzoo decodes, or None."""
     if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
         return "WEBP"
+    if is_pnm(data):
+        return "PNM"
+    if (fmt := ftyp_format(data)) is not None:
+        return fmt
     return next((fmt for magic, fmt in _MAGIC if data.startswith(magic)), None)
 
 
@@ -50,6 +61,11 @@ def read_header(data: bytes) -> tuple[str, int, int]:
     override the caller's ``max_pixels``.
     """
     fmt = known_format(data)
+    if fmt == "PNM":
+        header = pnm_header(data)
+        return fmt, header.width, header.height
+    if fmt in ("HEIF", "AVIF"):
+        return (fmt, *heif_size(fmt, data))
     Image.init()
     factory, _ = Image.OPEN[fmt]
     try:
@@ -105,6 +121,23 @@ def decode(data: bytes, max_pixels: int, min_side: int | None = None, channels: 
     (libjpeg's DCT scaling), never below ``min_side`` on the short side.
     """
     fmt, w, h = sniff(data, max_pixels)
+    factor = 1
+    if fmt == "PNM":
+        img = decode_pnm(data)
+    elif fmt in ("HEIF", "AVIF"):
+        img = decode_heif(fmt, data)
+    else:
+        img, factor = _imdecode(data, fmt, w, h, min_side)
+    if img.shape[0] * img.shape[1] > -(-w // factor) * -(-h // factor):
+        raise ValueError(f"this {fmt} decoded to {img.shape[1]}x{img.shape[0]}, more pixels than its header's "
+                         f"{w}x{h}: the file is not what its header says")
+    if channels == "RGB":
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    return img
+
+
+def _imdecode(data: bytes, fmt: str, w: int, h: int, min_side: int | None) -> tuple[np.ndarray, int]:
+    """OpenCV's BGR pixels, and the scale (1, 2, 4, 8) a big JPEG was decoded at."""
     if fmt == "JPEG" and _jpeg_truncated(data):
         raise ValueError("truncated JPEG (the data ends before its end-of-image marker)")
     if fmt == "PNG":
@@ -116,9 +149,4 @@ def decode(data: bytes, max_pixels: int, min_side: int | None = None, channels: 
     img = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if img is None:
         raise ValueError(f"could not decode this {fmt} image (corrupt or truncated)")
-    if img.shape[0] * img.shape[1] > -(-w // factor) * -(-h // factor):
-        raise ValueError(f"this {fmt} decoded to {img.shape[1]}x{img.shape[0]}, more pixels than its header's "
-                         f"{w}x{h}: the file is not what its header says")
-    if channels == "RGB":
-        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    return img
+    return img, factor

@@ -16,9 +16,10 @@ import pyarrow as pa
 from beamzoo.core.knobs import Knob
 from beamzoo.core.op import RowOperator
 from beamzoo.core.schemas import PATH
+from beamzoo.imaging import EXTENSIONS
 from beamzoo.transforms.isolated import DEFAULT_TIME_LIMIT, Refused
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+IMAGE_EXTENSIONS = EXTENSIONS
 
 
 def is_remote(pattern: str) -> bool:

@@ -23,7 +23,7 @@ from beamzoo.core.context import STANDALONE, RunContext
 from beamzoo.core.isolate import _MEMORY_HINTS, IsolatedPool, IsolationFailure, Limits
 from beamzoo.core.knobs import Knob
 from beamzoo.core.op import error_text
-from beamzoo.imaging import decode, decode_resized, known_format
+from beamzoo.imaging import decode, decode_resized, decoder_threads, known_format
 
 DEFAULT_TIME_LIMIT = 5.0
 DEFAULT_MEMORY_CAP = 2 << 30
@@ -84,6 +84,7 @@ def _work(item):
     global _threads_set
     if not _threads_set:
         cv2.setNumThreads(1)  # one worker per core is the parallelism
+        decoder_threads(1)
         _threads_set = True
     return work(item)
 
