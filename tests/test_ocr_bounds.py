@@ -4,7 +4,6 @@ batch holds in bytes (decoded images are handed on in pieces, never past Arrow's
 from __future__ import annotations
 
 import os
-import resource
 import subprocess
 import sys
 
@@ -113,11 +112,15 @@ def _ocr_in_a_process(tmp_path, images) -> tuple[subprocess.CompletedProcess, in
             "from beamzoo.runners.edge import EdgeRunner; "
             "s = run(ocr_images(sys.argv[1], sys.argv[2]), 'EdgeRunner', "
             "edge=EdgeRunner(workers=2, chunk_size=16, progress=False)); print(s.inputs, s.failed)")
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    done = subprocess.run([sys.executable, "-c", code, str(images / "*"), str(out)], capture_output=True,
-                          text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, timeout=900)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return done, peak if peak > before else 0
+    # a fresh parent measures it: this process's own children's peak counts every test run before
+    measure = ("import resource, subprocess, sys; r = subprocess.run(sys.argv[1:]); "
+               "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); "
+               "sys.exit(r.returncode)")
+    done = subprocess.run([sys.executable, "-c", measure, sys.executable, "-c", code, str(images / "*"), str(out)],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                          timeout=900)
+    last = done.stderr.strip().rsplit("\n", 1)[-1]
+    return done, int(last) if last.isdigit() else 0
 
 
 @pytest.mark.integration
