@@ -95,7 +95,7 @@ def _arrow_type(py) -> pa.DataType | None:
 
 # ---------------------------------------------------------------- type hints
 
-INPUT_TYPE = typehints.Union[str, fileio.FileMetadata, fileio.ReadableFile, beam.Row,
+INPUT_TYPE = typehints.Union[str, beam.io.filesystem.FileMetadata, fileio.ReadableFile, beam.Row,
                              typehints.Dict[str, typehints.Any]]
 TAKES = ("path strings, fileio matches (FileMetadata, ReadableFile) or rows with a 'path' field "
          "(beam.Row, a NamedTuple or dataclass, a dict)")
