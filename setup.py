@@ -36,6 +36,7 @@ DEV = BEAM + SAMPLES + SERVE + [
     # RapidOCR's own engine (unpacked from its wheel, without its opencv-python), which the OCR
     # tests and bench/ocr.py compare beamzoo with, needs these:
     "pyclipper>=1.2", "shapely>=1.7.1,!=2.0.4",
+    "mkdocs>=1.6", "mkdocs-material>=9.5",  # the documentation site (docs/, mkdocs.yml)
 ]
 
 setup(
