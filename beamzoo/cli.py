@@ -106,8 +106,12 @@ def _run(args) -> int:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] == "flink":
+        from beamzoo.cli_args import Parser
         from beamzoo.runners.flink import main as flink
-        return flink(argv[1:])
+        try:
+            return flink(argv[1:], parser_class=Parser)
+        except SystemExit as exc:
+            return exc.code if isinstance(exc.code, int) else 2
     try:
         args = parser().parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2, already printed)

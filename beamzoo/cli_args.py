@@ -23,6 +23,14 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         self.exit(2, f"error: {message}\n(see {self.prog} --help)\n")
 
+    def parse_known_args(self, args=None, namespace=None):
+        """A subcommand's parser (``beamzoo serve``) refuses what it does not know itself, so the
+        hint names its own ``--help``, not the top command's."""
+        ns, extras = super().parse_known_args(args, namespace)
+        if extras and " " in self.prog:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return ns, extras
+
 
 def _type(knob: Knob):
     def parse(text: str):

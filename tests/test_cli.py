@@ -49,3 +49,24 @@ def test_a_missing_java_says_what_to_install():
     with pytest.raises(OptionError, match="FlinkRunner needs Java 11 or newer, and '/nowhere/java' is not on PATH"):
         with beamzoo.beam_options(["--runner=FlinkRunner", "--job_server_java_launcher=/nowhere/java"]):
             pass
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "bundle", "--input", "x", "--output", "y"], ["keys", "new", "k"], ["models", "list"],
+    ["models", "show", "efficientnet_lite0"], ["models", "verify"], ["serve", "--model", "efficientnet_lite0"],
+    ["flink", "up"], ["flink", "down"], ["flink", "status"], ["flink", "fetch"],
+])
+def test_every_beamzoo_command_refuses_an_unknown_flag_in_one_line_with_its_own_help(argv, capsys):
+    from beamzoo.cli import main
+    assert main([*argv, "--bogus"]) == 2
+    err = capsys.readouterr().err
+    command = " ".join(a for a in argv if not a.startswith("-") and a in
+                       ("run", "keys", "new", "models", "list", "show", "verify", "serve", "flink", "up", "down",
+                        "status", "fetch"))
+    assert err == f"error: unrecognized arguments: --bogus\n(see beamzoo {command} --help)\n"
+
+
+def test_beamzoo_flink_names_its_commands_when_none_is_given(capsys):
+    from beamzoo.cli import main
+    assert main(["flink"]) == 2
+    assert capsys.readouterr().err.startswith("error: the following arguments are required: {fetch,up,down,status}\n")

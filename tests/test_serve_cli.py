@@ -133,12 +133,11 @@ def test_a_bundle_is_served_with_the_rows_of_the_model(tmp_path):
     assert all(abs(a - b) <= 1e-5 for p, q in zip(preds, direct) for a, b in zip(p["topk_scores"], q["topk_scores"]))
 
 
-def test_readme_serve_commands_use_real_options():
+def test_the_docs_serve_commands_use_real_options():
     import shlex
     from beamzoo.cli import parser
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Serving"):text.index("## Tests")]
-    cmds = [ln.split("#")[0] for ln in section.splitlines() if ln.startswith("beamzoo serve")]
+    section = (ROOT / "docs" / "serving.md").read_text()
+    cmds = [ln.split("#")[0].rstrip(" &") for ln in section.splitlines() if ln.startswith("beamzoo serve")]
     assert len(cmds) >= 2
     for cmd in cmds:
         args = parser().parse_args(shlex.split(cmd)[1:])  # exits (fails the test) on an unknown option

@@ -374,10 +374,10 @@ def test_models_list_show_and_verify(tmp_path, repo):
     assert unknown.returncode == 2 and "no model named 'nope'" in unknown.stderr
 
 
-def test_the_readme_card_documents_every_field_and_loads(tmp_path):
+def test_the_docs_card_documents_every_field_and_loads(tmp_path):
     from beamzoo.zoo.card import OPTIONAL, REQUIRED
-    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    block = readme.split("### A card\n\n```yaml\n", 1)[1].split("```", 1)[0]
+    page = open(os.path.join(ROOT, "docs", "zoo.md"), encoding="utf-8").read()
+    block = page.split("## A card\n\n```yaml\n", 1)[1].split("```", 1)[0]
     data = yaml.safe_load(block)
     assert set(data) == set(REQUIRED + OPTIONAL) - {"build"}  # build is for built-in cards only
     model = tmp_path / "cat_or_not.onnx"

@@ -400,9 +400,10 @@ def cluster_status() -> dict:
 # ---------------------------------------------------------------- CLI
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="beamzoo flink", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="cmd", required=True)
+def main(argv: list[str] | None = None, parser_class=argparse.ArgumentParser) -> int:
+    """``beamzoo flink``; ``parser_class`` is the command line's parser (one-line mistakes)."""
+    parser = parser_class(prog="beamzoo flink", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="{fetch,up,down,status}")
     sub.add_parser("fetch", help="fetch the job server jar and the Flink distribution")
     up = sub.add_parser("up", help="start a local Flink cluster and a Beam worker pool")
     up.add_argument("--parallelism", type=int, default=2)
