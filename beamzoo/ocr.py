@@ -23,7 +23,7 @@ class ReadText(Composite):
 
     default_id = "ocr"
     knobs = {**pick(ReadFiles, "max_bytes"), **pick(DecodeImage, "max_pixels", "isolate", "time_limit", "memory_limit"),
-             **pick(TextLines, "min_score"), **pick(RecognizeText, "batch_size", "intra_op_threads"),
+             **pick(TextLines, "min_score"), **pick(RecognizeText, "batch_size", "intra_op_threads", "space_prob", "space_gap"),
              **pick(CropText, "max_ratio")}
 
     def expand(self, stream: Stream) -> Stream:
@@ -35,7 +35,7 @@ class ReadText(Composite):
                                        time_limit=p["time_limit"], memory_limit=p["memory_limit"]) \
             | DetectText(**threads)
         read = regions.out | CropText(max_ratio=p["max_ratio"]) | TextAngle(**threads) \
-            | RecognizeText(batch_size=p["batch_size"], **threads)
+            | RecognizeText(batch_size=p["batch_size"], space_prob=p["space_prob"], space_gap=p["space_gap"], **threads)
         return (read, regions.parents) | Collect(["text", "score", "box"], prefix="region_", id="collect_lines") \
             | TextLines(min_score=p["min_score"])
 

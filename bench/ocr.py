@@ -8,9 +8,10 @@ then runs each contender in a fresh child process, round-robin ``--repeat``
 times: RapidOCR 1.4.4 (its Python engine from the pinned wheel, default
 settings, one image after another from the file path) and beamzoo's
 ``ocr_images`` graph on the EdgeRunner (``--direct`` adds DirectRunner). It
-prints images/s (best run), CPU seconds per image, the ratio to RapidOCR, and
-how many images got exactly the same lines as RapidOCR; writes
-OUT/ocr-n{N}.json.
+prints images/s (best run), CPU seconds per image, the ratio to RapidOCR, the
+character error rate against the text drawn, with spaces and without (each
+contender's lines put in reading order the same way, a row a line), and how many
+images got the same lines as RapidOCR (spaces aside); writes OUT/ocr-n{N}.json.
 """
 from __future__ import annotations
 
@@ -55,11 +56,19 @@ def run_rapidocr(paths: list[str]) -> dict:
     from ocr_support import rapidocr_engine
     start = time.perf_counter()
     engine = rapidocr_engine()
-    lines = {}
+    lines, texts = {}, {}
     for p in paths:
         result, _ = engine(p)
-        lines[os.path.basename(p)] = [r[1] for r in result or ()]
-    return {"seconds": time.perf_counter() - start, "lines": lines}
+        name = os.path.basename(p)
+        lines[name] = [r[1] for r in result or ()]
+        texts[name] = page_text(lines[name], [r[0] for r in result or ()])
+    return {"seconds": time.perf_counter() - start, "lines": lines, "text": texts}
+
+
+def page_text(texts: list[str], boxes: list) -> str:
+    """Lines as beamzoo's TextLines puts them: rows in reading order, a row's regions joined by a space."""
+    from beamzoo.transforms.ocr.lines import reading_order
+    return "\n".join(" ".join(texts[i] for i in row) for row in reading_order(boxes))
 
 
 def run_beamzoo(paths: list[str], runner: str) -> dict:
@@ -77,7 +86,8 @@ def run_beamzoo(paths: list[str], runner: str) -> dict:
     finally:
         shutil.rmtree(out, ignore_errors=True)
     return {"seconds": seconds, "lines": {os.path.basename(r["path"]): [x["text"] for x in r["lines"]]
-                                          for r in table}}
+                                          for r in table},
+            "text": {os.path.basename(r["path"]): r["text"] for r in table}}
 
 
 def child(name: str, directory: str, result: str) -> int:
@@ -109,12 +119,27 @@ def spawn(name: str, directory: Path, log_dir: Path) -> dict:
 
 
 def same(a: list[str], b: list[str]) -> int:
-    left, n = list(b), 0
-    for t in a:
+    """How many lines of ``a`` are lines of ``b`` (each matched once), spaces aside."""
+    left, n = [spaceless(t) for t in b], 0
+    for t in map(spaceless, a):
         if t in left:
             left.remove(t)
             n += 1
     return n
+
+
+def error_rates(texts: dict[str, str], truth: dict[str, list[str]]) -> tuple[float, float]:
+    """The mean character error rate of the pages read against the text drawn: with spaces, without."""
+    from ocr_support import cer
+
+    def rate(norm) -> float:
+        return sum(cer([norm(t) for t in texts.get(k, "").split("\n")], [norm(t) for t in v])
+                   for k, v in truth.items()) / len(truth)
+    return rate(lambda t: t), rate(spaceless)
+
+
+def spaceless(text: str) -> str:
+    return text.replace(" ", "")
 
 
 def main(argv=None) -> int:
@@ -143,25 +168,32 @@ def main(argv=None) -> int:
                       f"(load average before {res['load_before']:.1f})", flush=True)
     best = {n: min(rs, key=lambda x: x["seconds"]) for n, rs in runs.items()}
     ref = best["rapidocr"]
+    truth = json.loads((directory / "truth.json").read_text())
     table = []
     for name in names:
         b = best[name]
         lines = b["lines"]
         alike = sum(same(lines.get(k, []), v) for k, v in ref["lines"].items())
         compared = sum(max(len(lines.get(k, [])), len(v)) for k, v in ref["lines"].items())
-        same_images = sum(sorted(lines.get(k, [])) == sorted(v) for k, v in ref["lines"].items())
+        same_images = sum(sorted(map(spaceless, lines.get(k, []))) == sorted(map(spaceless, v))
+                          for k, v in ref["lines"].items())
+        with_spaces, without_spaces = error_rates(b["text"], truth)
         table.append({"contender": name, "title": TITLES[name], "images_per_s": args.n / b["seconds"],
                       "cpu_s_per_image": b["cpu_seconds"] / args.n,
                       "ratio": ref["seconds"] / b["seconds"], "images_same_text": same_images / args.n,
                       "lines_alike": alike, "lines_compared": compared,
+                      "cer": with_spaces, "cer_without_spaces": without_spaces,
                       "all_runs_images_per_s": [args.n / x["seconds"] for x in runs[name]]})
     cpu = platform.processor() or platform.machine()
     print(f"\n{args.n} rendered pages, {len(os.sched_getaffinity(0))} cores ({cpu}), best of {args.repeat}\n")
-    print("| contender | images/s | CPU s/image | × RapidOCR | same text (images) | lines alike |")
-    print("|---|---|---|---|---|---|")
+    print("CER: against the text drawn; same text, lines alike: as RapidOCR's, spaces aside\n")
+    print("| contender | images/s | CPU s/image | × RapidOCR | CER | CER without spaces | same text (images) "
+          "| lines alike |")
+    print("|---|---|---|---|---|---|---|---|")
     for t in table:
         print(f"| {t['title']} | {t['images_per_s']:.2f} | {t['cpu_s_per_image']:.3f} | {t['ratio']:.2f} | "
-              f"{t['images_same_text']:.1%} | {t['lines_alike']} / {t['lines_compared']} |")
+              f"{t['cer']:.2%} | {t['cer_without_spaces']:.2%} | {t['images_same_text']:.1%} | "
+              f"{t['lines_alike']} / {t['lines_compared']} |")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     import onnxruntime

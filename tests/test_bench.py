@@ -43,3 +43,17 @@ def test_a_tiny_serve_benchmark_measures_small_requests_among_big_ones(tmp_path)
         assert fair[phase]["requests"] > 0 and fair[phase]["errors"] == 0, fair[phase]
     assert fair["big"]["answered"] >= 1 and fair["big"]["errors"] == 0, fair["big"]
     assert "among big" in done.stdout
+
+
+@pytest.mark.slow
+def test_a_tiny_ocr_benchmark_reads_with_rapidocr_and_beamzoo_and_scores_both(tmp_path):
+    done = subprocess.run([sys.executable, "bench/ocr.py", "--n", "3", "--repeat", "1", "--out", str(tmp_path / "out"),
+                           "--cache", str(tmp_path / "cache")],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = {t["contender"]: t for t in json.loads((tmp_path / "out" / "ocr-n3.json").read_text())["table"]}
+    assert set(table) == {"rapidocr", "edge"} and "CER without spaces" in done.stdout
+    assert all(t["images_per_s"] > 0 and t["cer_without_spaces"] >= 0 for t in table.values()), table
+    assert table["edge"]["cer"] <= table["rapidocr"]["cer"]  # the same models; beamzoo puts dropped spaces back
+

@@ -25,12 +25,20 @@ class RecognizeText(BatchedModel):
     """image -> ``text`` and ``score`` (the mean confidence of its characters).
 
     A crop is scaled to 48 pixels high and padded on the right to the width its
-    ``pad_ratio`` gives (at least 320), so that it reads the same in any batch."""
+    ``pad_ratio`` gives (at least 320), so that it reads the same in any batch.
+    Narrow spaces the model reads as nothing are put back from its space class's
+    probability and the characters' positions (``beamzoo.transforms.ocr.ctc``)."""
 
     name = "recognize_text"
     default_id = "recognize"
     task = "text-recognition"
     knobs = {"model": model_knob(RECOGNIZER, "text recognition"),
+             "space_prob": Knob(ctc.SPACE_PROB, float, low=0, high=1,
+                                doc="insert a space between characters where the model's space probability "
+                                    "reaches this (1: insert none)"),
+             "space_gap": Knob(ctc.SPACE_GAP, float, low=1,
+                               doc="also insert one where that probability reaches a quarter of space_prob "
+                                   "and the characters are this many times the line's median distance apart"),
              "batch_size": Knob(16, int, low=1, high=4096, results=False, doc="regions per recognition call"),
              "intra_op_threads": INTRA_OP_THREADS}
     requires = pa.schema([image_spec("BGR").field("image"), pa.field("pad_ratio", pa.float64())])
@@ -71,4 +79,5 @@ class RecognizeText(BatchedModel):
             r -= np.float32(1)
             x[k, :, :, :new_w] = r.transpose(2, 0, 1)
         probs = self._session.run(None, {self._session.get_inputs()[0].name: x})[0]
-        return [{"text": t, "score": s} for t, s in ctc.decode(probs, self._chars)]
+        return [{"text": t, "score": s} for t, s in ctc.decode(
+            probs, self._chars, self.params["space_prob"], self.params["space_gap"])]
