@@ -36,8 +36,8 @@ from beamzoo.transforms.sinks import DERIVED_ONLY
 from beamzoo.transforms.sources import Manifest
 
 STOPPED = 3  # the exit code of a run a gate stopped
-CLASSIFY = {k: v for k, v in Classify.knobs.items() if k not in ("model", "prefix", "reduced_decode")}
-FLAGS = {"intra_op_threads": "threads", "isolate": "no_isolation"}
+CLASSIFY = {k: v for k, v in Classify.knobs.items() if k not in ("model", "prefix")}
+FLAGS = {"intra_op_threads": "threads", "isolate": "no_isolation", "reduced_decode": "no_reduced_decode"}
 CASCADE = pick(Cascade, "escalation_s", escalate_below="below")
 
 

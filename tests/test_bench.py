@@ -57,3 +57,16 @@ def test_a_tiny_ocr_benchmark_reads_with_rapidocr_and_beamzoo_and_scores_both(tm
     assert all(t["images_per_s"] > 0 and t["cer_without_spaces"] >= 0 for t in table.values()), table
     assert table["edge"]["cer"] <= table["rapidocr"]["cer"]  # the same models; beamzoo puts dropped spaces back
 
+
+def test_the_fidelity_bench_scores_every_image_with_reduced_decoding_on_and_off(tmp_path):
+    done = subprocess.run([sys.executable, "bench/fidelity.py", "--n", "2", "--repeat", "1", "--upscale", "4",
+                           "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "top-1 agreement:" in done.stdout and "UPSCALED x4" in done.stdout
+    real, upscaled = json.loads((tmp_path / "fidelity.json").read_text())["sets"]
+    assert (real["images"], real["reduced"], real["compared"]) == (2, 0, 2)  # two sample photos, small enough
+    assert real["agreement"] == 1.0 and real["max_abs_score_diff_rest"] < 1e-5  # the same pixels either way
+    assert (upscaled["images"], upscaled["reduced"], upscaled["dead_letters"]) == (2, 2, 0)
+    assert upscaled["changed_in_top5"] <= upscaled["changed"] and upscaled["speedup"] > 0
