@@ -36,7 +36,7 @@ from beamzoo.runners.options import OptionError, check_runner, runner_of
 from beamzoo.runners.registry import executor_class, is_beam
 from beamzoo.runners.sinks import remove_stale_temporaries
 from beamzoo.transforms.deadline import Deadline
-from beamzoo.transforms.resume import CorruptOutput, OutputNotEmpty, check_outputs, keying, sink_dirs
+from beamzoo.transforms.resume import RESUME_BY, CorruptOutput, OutputNotEmpty, check_outputs, keying, sink_dirs
 from beamzoo.transforms.sinks import WriteParquet
 from beamzoo.transforms.sources import Files, Manifest, NoInputs
 from beamzoo.zoo import CardError, ModelCard, ModelIntegrityError, SelectorError, UnknownModel
@@ -67,12 +67,13 @@ def executor(runner: str, argv: list[str] = (), edge: EdgeRunner | None = None, 
 def run(graph: Graph | None, runner: str = "DirectRunner", beam_args: list[str] = (),
         edge: EdgeRunner | None = None, resume: bool = False, progress: bool = True,
         clock: Callable[[], float] | None = None, max_dead_fraction: float = DEFAULT_MAX_FRACTION,
-        hooks: list[Hooks] = ()) -> RunStats:
+        hooks: list[Hooks] = (), resume_by: str = RESUME_BY.default) -> RunStats:
     """Run a graph to the end on the executor ``runner`` names; the counts of this run.
 
     ``clock``: the run's clock (seconds since the epoch; tests stand time still).
     ``max_dead_fraction``: the dead-letter limit (``beamzoo.core.limits``); 1 turns it off.
     ``hooks``: more ``Hooks`` for the run's context.
+    ``resume_by``: what keys the rows for a resume, ``stat`` or ``content`` (``beamzoo.transforms.resume``).
     """
     if graph is None or not any(s.kind == "sink" for s in graph.steps):
         raise GraphError("the pipeline writes nothing: add a sink, e.g. rows | WriteParquet('out/predictions')")
@@ -84,13 +85,14 @@ def run(graph: Graph | None, runner: str = "DirectRunner", beam_args: list[str] 
         limit = DeadLetterLimit(max_dead_fraction)
     except ValueError as exc:
         raise KnobError(f"max_dead_fraction: {exc}") from None
+    resume_by = RESUME_BY.check("run", "resume_by", resume_by)
     outputs = sink_dirs(graph)
     with _locked(outputs):
         check_outputs(graph, resume)
         if resume:
             for d in outputs:
                 remove_stale_temporaries(d)
-        plan = ex.compile(graph, before=(keying(outputs, resume),))
+        plan = ex.compile(graph, before=(keying(outputs, resume, resume_by),))
         ctx = RunContext(clock=clock, hooks=[limit, *hooks])
         stats = ex.execute(plan, ctx)
     failure = ctx.failure or limit.check(stats.steps)

@@ -28,6 +28,7 @@ from beamzoo.ocr import ReadText, ocr_images
 from beamzoo.pipeline import TOO_MANY_DEAD, interrupted, on_sigterm, run, user_errors
 from beamzoo.report import Timeline, report_run
 from beamzoo.runners.edge import EdgeRunner
+from beamzoo.transforms.resume import RESUME_BY
 
 FLAGS = {"intra_op_threads": "threads", "isolate": "no_isolation"}
 
@@ -42,6 +43,7 @@ def parser() -> Parser:
     add_knobs(p, pick(EdgeRunner, "workers", "progress"), {"progress": "no_progress"})
     p.add_argument("--resume", action="store_true",
                    help="continue a run in --output: inputs already done there are skipped")
+    add_knobs(p, {"resume_by": RESUME_BY})
     p.add_argument("--profile", metavar="FILE", help="write the run's per-step metrics to FILE (JSON)")
     add_knobs(p, {"max_dead_fraction": MAX_DEAD_FRACTION})
     return p
@@ -66,6 +68,7 @@ def main(argv=None) -> int:
         edge = EdgeRunner(**given(args, pick(EdgeRunner, "workers")), progress=progress)
         timeline = Timeline()
         stats = run(graph, args.runner, beam_args, edge=edge, resume=args.resume, progress=progress,
+                    **given(args, {"resume_by": RESUME_BY}),
                     hooks=[timeline], **given(args, {"max_dead_fraction": MAX_DEAD_FRACTION}))
     except KeyboardInterrupt as exc:
         interrupted(exc)

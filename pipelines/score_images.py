@@ -29,6 +29,7 @@ from beamzoo.gates import load_profile, save_profile
 from beamzoo.pipeline import TOO_MANY_DEAD, interrupted, on_sigterm, run, score_images, user_errors
 from beamzoo.report import Timeline, report_run
 from beamzoo.runners.edge import EdgeRunner
+from beamzoo.transforms.resume import RESUME_BY
 from beamzoo.transforms.deadline import Deadline
 from beamzoo.transforms.gate import ACTIONS, Gate, parse_gate
 from beamzoo.transforms.io import list_files
@@ -65,6 +66,7 @@ def parser() -> Parser:
     add_knobs(p, {"derived_only": DERIVED_ONLY})
     p.add_argument("--resume", action="store_true",
                    help="continue a run in --output: inputs already done there are skipped")
+    add_knobs(p, {"resume_by": RESUME_BY})
     p.add_argument("--profile", metavar="FILE", help="write the run's per-step metrics to FILE (JSON)")
     add_knobs(p, {"max_dead_fraction": MAX_DEAD_FRACTION})
     add_cascade_and_gates(p)
@@ -166,6 +168,7 @@ def main(argv=None) -> int:
         edge = EdgeRunner(**given(args, pick(EdgeRunner, "workers")), progress=progress)
         timeline = Timeline()
         stats = run(graph, args.runner, beam_args, edge=edge, resume=args.resume, progress=progress,
+                    **given(args, {"resume_by": RESUME_BY}),
                     hooks=[timeline], **given(args, {"max_dead_fraction": MAX_DEAD_FRACTION}))
     except KeyboardInterrupt as exc:
         interrupted(exc)

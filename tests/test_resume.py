@@ -1,6 +1,7 @@
 """Resume: a killed run, started again with resume, scores only what is missing."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import random
 import re
@@ -14,11 +15,13 @@ from collections import Counter
 
 import cv2
 import numpy as np
+import pyarrow as pa
 import pytest
 
+from beamzoo.core.knobs import KnobError
 from beamzoo.transforms import resume
 from beamzoo.pipeline import score_images
-from beamzoo.transforms.resume import PROCESSING, done_rows
+from beamzoo.transforms.resume import PROCESSING, STAT, Key, StatKey, done_rows
 from beamzoo.runners.sinks import count_rows
 from beamzoo.transforms.io import list_files
 from conftest import COLOURS, ROOT, read, run_graph, tiny_card, tiny_colour_model, write_colour_image
@@ -32,11 +35,12 @@ def outputs(out) -> list[str]:
     return [str(out / "predictions"), str(out / "dead_letter")]
 
 
-def test_every_row_carries_a_key(tmp_path, colour_dir, tiny_model):
+@pytest.mark.parametrize("by, prefix", [("stat", STAT), ("content", "")])
+def test_every_row_carries_a_key(tmp_path, colour_dir, tiny_model, by, prefix):
     (colour_dir / "broken.jpg").write_bytes(b"not a jpeg")
-    run_graph(score_images(str(colour_dir / "*"), str(tmp_path), tiny_model, topk=3))
+    run_graph(score_images(str(colour_dir / "*"), str(tmp_path), tiny_model, topk=3), resume_by=by)
     preds, dead = read(tmp_path), read(tmp_path, "dead_letter")
-    assert all(len(r["key"]) == 64 for r in preds + dead)
+    assert all(len(r["key"]) == len(prefix) + 64 and r["key"].startswith(prefix) for r in preds + dead)
     assert len({r["key"] for r in preds}) == len(preds)
 
 
@@ -47,22 +51,27 @@ def test_output_dir_with_results_needs_resume(tmp_path, colour_dir, tiny_model):
         run_graph(graph)
 
 
-def test_resuming_a_finished_run_does_no_inference(tmp_path, colour_dir, tiny_model, runner):
+@pytest.mark.parametrize("by, skipper", [("stat", "stat_key"), ("content", "key")])
+def test_resuming_a_finished_run_does_no_inference(tmp_path, colour_dir, tiny_model, runner, by, skipper):
     graph = score_images(str(colour_dir / "**" / "*.*"), str(tmp_path), tiny_model, topk=3)
-    first = run_graph(graph, runner)
-    again = run_graph(graph, runner, resume=True)
+    first = run_graph(graph, runner, resume_by=by)
+    again = run_graph(graph, runner, resume=True, resume_by=by)
     assert first.steps["classify/infer"].rows_in == 9
-    assert again.steps["key"].skipped == 9 and again.steps.get("classify/infer") is None  # not one row reached it
+    assert again.steps[skipper].skipped == 9 and again.steps.get("classify/infer") is None  # not one row reached it
     assert (first.inputs, first.scored, first.failed, first.skipped) == (9, 9, 0, 0)
     assert (again.inputs, again.scored, again.failed, again.skipped) == (9, 0, 0, 9)
     assert again.line() == "inputs: 9  scored: 0  dead letters: 0  already done: 9"
 
 
-def test_changed_file_and_new_model_version_are_scored_again(tmp_path, colour_dir, tiny_model):
+@pytest.mark.parametrize("by", ["stat", "content"])
+def test_changed_file_and_new_model_version_are_scored_again(tmp_path, colour_dir, tiny_model, by):
     graph = score_images(str(colour_dir / "*"), str(tmp_path), tiny_model, topk=3)
-    run_graph(graph)
+    run_graph(graph, resume_by=by)
+    before = os.stat(colour_dir / "red0.png").st_mtime_ns
     write_colour_image(colour_dir / "red0.png", (20, 20, 230))  # now blue
-    stats = run_graph(graph, resume=True)
+    later = before + 10**9 if by == "stat" else before  # by content, even its old time back does not hide it
+    os.utime(colour_dir / "red0.png", ns=(later, later))  # (a clock a tick coarser might not have moved)
+    stats = run_graph(graph, resume=True, resume_by=by)
     assert (stats.inputs, stats.scored, stats.skipped) == (6, 1, 5)  # this run's inputs, consistently
     rows = read(tmp_path)
     red0 = [r["label"] for r in rows if r["path"].endswith("red0.png")]
@@ -72,19 +81,29 @@ def test_changed_file_and_new_model_version_are_scored_again(tmp_path, colour_di
     v2 = tiny_card(other, version="2")
     graph2 = score_images(str(colour_dir / "*"), str(tmp_path), v2, topk=3)
     assert graph2.fingerprint(PROCESSING) != graph.fingerprint(PROCESSING)
-    run_graph(graph2, resume=True)
+    run_graph(graph2, resume=True, resume_by=by)
     models = Counter(r["model"] for r in read(tmp_path))
     assert models == {"tiny_colour:1": 7, "tiny_colour:2": 6}
 
 
-def test_unreadable_inputs_are_not_retried(tmp_path, colour_dir, tiny_model):
+@pytest.mark.parametrize("by", ["stat", "content"])
+def test_unreadable_inputs_are_not_retried(tmp_path, colour_dir, tiny_model, by):
+    empty = str(colour_dir / "empty.png")
     (colour_dir / "empty.png").write_bytes(b"")
     graph = score_images(str(colour_dir / "*"), str(tmp_path), tiny_model, topk=3)
-    run_graph(graph)
-    stats = run_graph(graph, resume=True)
+    run_graph(graph, resume_by=by)
+    stats = run_graph(graph, resume=True, resume_by=by)
     assert (stats.inputs, stats.scored, stats.failed, stats.skipped) == (7, 0, 0, 7)
-    assert done_rows(outputs(tmp_path))[1] == {str(colour_dir / "empty.png")}
-    assert len(read(tmp_path, "dead_letter")) == 1  # not dead-lettered again
+    dead = read(tmp_path, "dead_letter")
+    assert len(dead) == 1  # not dead-lettered again
+    if by == "content":  # it failed before it had a key
+        assert done_rows(outputs(tmp_path)).unkeyed == {empty}
+    else:  # keyed before it was read: once it holds an image, it is scored
+        assert dead[0]["key"].startswith(STAT) and not done_rows(outputs(tmp_path)).unkeyed
+        write_colour_image(colour_dir / "empty.png", (230, 20, 20))
+        stats = run_graph(graph, resume=True, resume_by=by)
+        assert (stats.scored, stats.skipped) == (1, 6)
+        assert [r["label"] for r in read(tmp_path) if r["id"] == empty] == ["red"]
 
 
 def test_committed_outputs_are_read_once_per_state_of_the_folder(tmp_path, colour_dir, tiny_model, monkeypatch):
@@ -111,6 +130,114 @@ def test_a_corrupt_output_file_stops_resume_with_the_way_forward(tmp_path, colou
         run_graph(graph, resume=True)
     os.replace(bad, str(bad) + ".bad")
     assert run_graph(graph, resume=True).skipped == 6
+
+
+READ = "classify/read"  # the step that reads each input's bytes
+
+
+def rows_in(stats, step: str) -> int:
+    """The rows a step saw (a step that saw none has no metrics)."""
+    return stats.steps[step].rows_in if step in stats.steps else 0
+
+
+def same_stat_other_bytes(path: str) -> None:
+    """Other bytes of the same size, and the file's times given back: a stat sees what it saw
+    before, a read sees no image."""
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.write(b"\0" * st.st_size)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_a_resume_by_stat_skips_done_inputs_without_reading_them(tmp_path, colour_dir, tiny_model, runner):
+    pattern = str(colour_dir / "**" / "*.*")
+    graph = score_images(pattern, str(tmp_path), tiny_model, topk=3)
+    assert run_graph(graph, runner).steps[READ].rows_in == 9
+    for path in list_files(pattern):
+        same_stat_other_bytes(path)  # had it been read, it would be a dead letter now
+    again = run_graph(graph, runner, resume=True)
+    assert (again.inputs, again.scored, again.failed, again.skipped) == (9, 0, 0, 9)
+    assert again.steps["stat_key"].skipped == 9 and rows_in(again, READ) == 0 and rows_in(again, "key") == 0
+
+
+@pytest.mark.parametrize("by, scored", [("stat", 1), ("content", 0)])
+def test_a_touched_file_is_scored_again_by_stat_not_by_content(tmp_path, colour_dir, tiny_model, by, scored):
+    graph = score_images(str(colour_dir / "*"), str(tmp_path), tiny_model, topk=3)
+    run_graph(graph, resume_by=by)
+    touched = colour_dir / "green1.jpg"
+    st = os.stat(touched)
+    os.utime(touched, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a new time, the same bytes
+    stats = run_graph(graph, resume=True, resume_by=by)
+    assert (stats.inputs, stats.scored, stats.skipped) == (6, scored, 6 - scored)
+    assert rows_in(stats, READ) == (1 if by == "stat" else 6)  # by content every input is read
+
+
+def test_outputs_keyed_by_content_are_checked_by_content_on_a_resume_by_stat(tmp_path, colour_dir, tiny_model,
+                                                                              runner):
+    graph = score_images(str(colour_dir / "*"), str(tmp_path), tiny_model, topk=3)
+    run_graph(graph, runner, resume_by="content")
+    before = os.stat(colour_dir / "red0.png").st_mtime_ns
+    write_colour_image(colour_dir / "red0.png", (20, 20, 230))  # now blue
+    os.utime(colour_dir / "red0.png", ns=(before + 10**9, before + 10**9))
+    stats = run_graph(graph, runner, resume=True)  # by stat: no stat key is done yet
+    assert (stats.inputs, stats.scored, stats.skipped) == (6, 1, 5)
+    assert rows_in(stats, READ) == 6 and stats.steps["key"].skipped == 5  # read to be checked, not scored again
+    assert sorted(r["label"] for r in read(tmp_path) if r["id"].endswith("red0.png")) == ["blue", "red"]
+    mixed = run_graph(graph, runner, resume=True)  # red0 is done by stat now, the rest by content
+    assert (mixed.scored, mixed.skipped, mixed.steps["stat_key"].skipped, rows_in(mixed, READ)) == (0, 6, 1, 5)
+
+
+def test_outputs_keyed_by_stat_are_scored_again_on_a_resume_by_content(tmp_path, colour_dir, tiny_model, runner):
+    graph = score_images(str(colour_dir / "*"), str(tmp_path), tiny_model, topk=3)
+    run_graph(graph, runner)
+    stats = run_graph(graph, runner, resume=True, resume_by="content")
+    assert (stats.inputs, stats.scored, stats.skipped) == (6, 6, 0)  # a key of the other kind is never "done"
+    assert set(Counter(r["id"] for r in read(tmp_path)).values()) == {2}
+
+
+def test_objects_are_keyed_by_what_their_store_says(tmp_path, colour_dir, tiny_model):
+    import fsspec
+    fs = fsspec.filesystem("memory")
+    for path in sorted(colour_dir.glob("*.png")):
+        fs.pipe(f"/resume_by_stat/{path.name}", path.read_bytes())
+    try:
+        graph = score_images("memory://resume_by_stat/*.png", str(tmp_path), tiny_model, topk=3)
+        run_graph(graph)
+        assert all(r["key"].startswith(STAT) for r in read(tmp_path))
+        again = run_graph(graph, resume=True)
+        assert (again.inputs, again.skipped, rows_in(again, READ)) == (3, 3, 0)
+        fs.pipe("/resume_by_stat/red0.png", (colour_dir / "blue2.png").read_bytes())  # a new object
+        changed = run_graph(graph, resume=True)
+        assert (changed.scored, changed.skipped, rows_in(changed, READ)) == (1, 2, 1)
+    finally:
+        fs.rm("/resume_by_stat", recursive=True)
+
+
+def test_an_input_with_nothing_to_stat_is_keyed_by_its_content():
+    from beamzoo.core.schemas import ID, PATH
+    url = "https://example.invalid/a.jpg"
+    batch = pa.record_batch([pa.array(["u"]), pa.array([url])], schema=pa.schema([ID, PATH]))
+    stat = StatKey("v1", None).process(batch).ok
+    assert stat.column("key").to_pylist() == [None]  # no request is made for a URL's metadata
+    keyed = Key("v1", None).process(stat.append_column("data", pa.array([b"abc"], pa.binary()))).ok
+    assert keyed.column("key").to_pylist() == [Key("v1", None).key(b"abc")] and keyed.schema.names[-1] == "key"
+
+
+@pytest.mark.parametrize("command", ["score_images", "ocr_images"])
+def test_both_commands_take_resume_by(command, capsys):
+    spec = importlib.util.spec_from_file_location(command, os.path.join(ROOT, "pipelines", f"{command}.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    args, _ = cli.parser().parse_known_args(["--input", "x", "--output", "o", "--resume", "--resume_by", "content"])
+    assert args.resume_by == "content"
+    with pytest.raises(SystemExit) as exc:
+        cli.parser().parse_known_args(["--input", "x", "--output", "o", "--resume_by", "mtime"])
+    assert exc.value.code == 2 and "--resume_by" in capsys.readouterr().err
+
+
+def test_run_refuses_an_unknown_resume_by(tmp_path, colour_dir, tiny_model):
+    with pytest.raises(KnobError, match="resume_by must be one of stat, content"):
+        run_graph(score_images(str(colour_dir / "*"), str(tmp_path), tiny_model), resume_by="mtime")
 
 
 KILLABLE = textwrap.dedent("""

@@ -15,7 +15,7 @@ from beamzoo.transforms.ocr import CropText, DetectText, RecognizeText, TextAngl
 from beamzoo.transforms.postprocess import TopK
 from beamzoo.transforms.preprocess import DecodeImage, DecodeResize, ResizeCrop
 from beamzoo.transforms.remote import RemoteClassify
-from beamzoo.transforms.resume import Key, SkipDone
+from beamzoo.transforms.resume import Key, SkipDone, StatKey
 from beamzoo.transforms.serving import Requests, Responses
 from beamzoo.transforms.sinks import WriteJsonl, WriteParquet
 from beamzoo.transforms.sources import Files, Input, Manifest, Rows
@@ -30,7 +30,7 @@ BUILTIN = (
     # OCR
     DetectText, CropText, TextAngle, RecognizeText, TextLines,
     # policies, gates, cascades, remote tiers, resume
-    Deadline, DeadlineCheck, Gate, Escalate, RemoteClassify, Key, SkipDone,
+    Deadline, DeadlineCheck, Gate, Escalate, RemoteClassify, Key, StatKey, SkipDone,
     # sinks
     WriteParquet, WriteJsonl, Responses,
 )

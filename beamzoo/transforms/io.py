@@ -108,6 +108,42 @@ def printable(path: str) -> str:
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
 
+# What object stores say of an object's version (fsspec's ``info()``); sorted into a stamp.
+VERSION_FIELDS = ("ETag", "etag", "generation", "md5Hash", "VersionId", "version_id", "LastModified",
+                  "last_modified", "updated", "mtime", "created")
+
+
+def file_stamp(path: str | None) -> str | None:
+    """What the file system already knows of a file's version, without reading it: a local
+    file's size and modification time (``mtime_ns``); an object's size and what its store
+    gives of ETag, generation, modification time (fsspec ``info()``, which answers from
+    the listing where the store keeps one). None where nothing marks a change: an http(s)
+    URL, a file that is not there or not a regular file."""
+    if not path:
+        return None
+    if is_remote(path):
+        if path.lower().startswith(("http://", "https://")):
+            return None  # asking would cost a request per input; the content decides
+        try:
+            import fsspec
+            fs, inner = fsspec.core.url_to_fs(path)
+            info = fs.info(inner)
+        except Exception:  # noqa: BLE001 - no stamp: the read says what is wrong
+            return None
+        marks = sorted((k, _plain(info[k])) for k in VERSION_FIELDS if info.get(k) is not None)
+        return f"{info.get('size')}:{marks}" if marks and info.get("type", "file") == "file" else None
+    try:
+        st = os.stat(path.removeprefix("file://"))
+    except (OSError, ValueError):
+        return None
+    return f"{st.st_size}:{st.st_mtime_ns}" if stat.S_ISREG(st.st_mode) else None
+
+
+def _plain(value) -> str:
+    """A stamp's value, the same whether a store gives a time as a datetime or as seconds."""
+    return repr(value.timestamp()) if hasattr(value, "timestamp") else str(value)
+
+
 def read_bytes(path: str, max_bytes: int) -> bytes:
     """At most ``max_bytes + 1`` bytes of a regular file, whatever it has become since it was listed."""
     if is_remote(path):
