@@ -18,13 +18,22 @@ from conftest import ROOT
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def photos(tmp_path_factory):
-    d = tmp_path_factory.mktemp("photos")
+def linked_photos(d, n: int):
     cv2.imwrite(str(d / "0000.jpg"), cv2.resize(photo(), (640, 480)))
-    for i in range(1, 2000):  # enough that no run ends before its SIGINT, even on a quiet machine
+    for i in range(1, n):
         os.link(d / "0000.jpg", d / f"{i:04d}.jpg")
     return d
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    return linked_photos(tmp_path_factory.mktemp("photos"), 2000)  # no run ends before its SIGINT, even on a quiet machine
+
+
+@pytest.fixture(scope="module")
+def some_photos(tmp_path_factory):
+    """Fewer: a run interrupted at its first written row still has hundreds to go."""
+    return linked_photos(tmp_path_factory.mktemp("some_photos"), 500)
 
 
 def start(photos, out, runner: str = "EdgeRunner") -> subprocess.Popen:
@@ -108,10 +117,10 @@ def test_after_ctrl_c_only_the_main_thread_writes_to_stderr():
 
 
 @pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
-def test_an_interrupted_edge_run_commits_what_it_wrote_and_a_resume_goes_on_from_there(photos, tmp_path, sig, code,
-                                                                                       word):
+def test_an_interrupted_edge_run_commits_what_it_wrote_and_a_resume_goes_on_from_there(some_photos, tmp_path, sig,
+                                                                                       code, word):
     out = tmp_path / "out"
-    proc = start(photos, out)
+    proc = start(some_photos, out)
     deadline = time.monotonic() + 300
     while not list((out / "predictions").glob(".beamzoo-*.tmp")) and proc.poll() is None \
             and time.monotonic() < deadline:
@@ -128,4 +137,4 @@ def test_an_interrupted_edge_run_commits_what_it_wrote_and_a_resume_goes_on_from
     resumed = subprocess.run([*proc.args, "--resume"], capture_output=True, text=True, cwd=ROOT, timeout=600,
                              env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"inputs: 2000  scored: {2000 - kept}  dead letters: 0  already done: {kept}" in resumed.stdout
+    assert f"inputs: 500  scored: {500 - kept}  dead letters: 0  already done: {kept}" in resumed.stdout
