@@ -26,6 +26,10 @@ BEAM = ["apache-beam==2.77.0"]
 SAMPLES = ["scikit-image>=0.22", "scikit-learn>=1.4"]
 # beamzoo serve: an ASGI app on uvicorn, Prometheus metrics, the Redis stream queue
 SERVE = ["starlette>=0.37", "uvicorn>=0.30", "prometheus-client>=0.20", "redis>=5"]
+# The serving peers bench/serve_peers.py measures beamzoo serve against. They pin an older starlette
+# and numpy than SERVE and DEV have: install them into a venv of their own (`serve_peers.py --setup`).
+BENCH = ["mlserver==1.7.1", "nvidia-pytriton==0.7.0",
+         "uvloop<0.22"]  # MLServer 1.7.1's workers die on uvloop 0.22 ("no current event loop")
 DEV = BEAM + SAMPLES + SERVE + [
     "pytest>=8",
     "pandas>=2",  # the tests read outputs as users do: pd.read_parquet(OUT/predictions)
@@ -52,6 +56,7 @@ setup(
     package_data={"beamzoo.zoo": ["models/*.txt", "models/*/*/card.yaml"]},
     install_requires=CORE,
     extras_require={"beam": BEAM, "flink": BEAM, "samples": SAMPLES, "serve": SERVE,
-                    "dev": DEV},
+                    "bench-serve": BENCH, "dev": DEV,
+                    "bench-ray": ["ray[data]>=2.40"]},  # bench/run.py's Ray Data contender (in the dev venv)
     entry_points={"console_scripts": ["beamzoo=beamzoo.cli:main"]},
 )

@@ -278,6 +278,137 @@ def beamzoo_flink(ctx: Ctx) -> dict:
     return _beamzoo(ctx, "FlinkRunner", pipeline_args(ctx.flink_master))
 
 
+# ---- Ray Data: map_batches with an actor pool of onnxruntime sessions --------
+
+ACTOR_CPUS = 0.75
+
+
+class RayScorer:
+    """A Ray Data actor: one single-thread onnxruntime session; reads, decodes and preprocesses
+    its batch of paths (the reference loop's pixel work), then infers."""
+
+    def __init__(self, model: str, labels: str):
+        import cv2
+        cv2.setNumThreads(1)  # one CPU per actor
+        self.sess = session(model, 1)
+        self.in_name = self.sess.get_inputs()[0].name
+        self.names = pixels.load_labels(labels)
+
+    def __call__(self, batch: dict) -> dict:
+        paths = batch["path"]
+        x = np.stack([pixels.load(p) for p in paths])
+        lab, sc = top1(self.sess.run(None, {self.in_name: x})[0], self.names)
+        return {"path": paths, "label": np.asarray(lab), "score": np.asarray(sc, np.float32)}
+
+
+def _descendants(root: int) -> list[int]:
+    """Pids of every live process below ``root`` (Ray's GCS, raylet, agents and workers)."""
+    parent = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    parent[int(d)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                pass
+    out, todo = [], [root]
+    while todo:
+        up = todo.pop()
+        kids = [pid for pid, pp in parent.items() if pp == up]
+        out += kids
+        todo += kids
+    return out
+
+
+def _proc_cpu_s(pid: int) -> float:
+    """CPU seconds of ``pid`` and of its children it has already waited for."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:  # gone since it was listed
+        return 0.0
+    return sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def _pss_mib(pids) -> float:
+    """Summed proportional set size (shared pages split among the processes that map them)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            pass
+    return total / 1024
+
+
+def ray_data(ctx: Ctx) -> dict:
+    """``from_items(paths) | map_batches(RayScorer, ActorPoolStrategy(size=cores)) | write_parquet``
+    on a local Ray started in the timed span. CPU and memory: this process and every Ray process
+    below it (GCS, raylet, agents, workers)."""
+    import threading
+
+    import ray
+    import ray.data
+
+    # the workers import this module (RayScorer) and pixels from here
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
+    paths = ctx.paths
+    me, peak, stop = os.getpid(), [0.0], threading.Event()
+
+    def sample_memory():  # Ray's processes come and go; sample their summed PSS twice a second
+        while not stop.wait(0.5):
+            peak[0] = max(peak[0], _pss_mib([me] + _descendants(me)))
+
+    sampler = threading.Thread(target=sample_memory, daemon=True)
+    t0, w0, c0 = time.perf_counter(), time.time(), time.process_time()
+    sampler.start()
+    ray.init(address="local", num_cpus=ctx.cores, include_dashboard=False, log_to_driver=False,
+             _temp_dir=os.path.join(ctx.work, "ray"))
+    init_s = time.perf_counter() - t0
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    out = os.path.join(ctx.work, "predictions")
+    # one actor per core, each running one thread; 0.75 of a CPU each in Ray's accounting leaves
+    # room for the write tasks (at 1 CPU each the writes wait until every actor is done)
+    (ray.data.from_items([{"path": p} for p in paths])
+     .map_batches(RayScorer, fn_constructor_args=(ctx.model, ctx.labels), batch_size=BATCH,
+                  batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=ctx.cores),
+                  num_cpus=ACTOR_CPUS)
+     .write_parquet(out, ray_remote_args={"num_cpus": 1 - ACTOR_CPUS}))
+    seconds = time.perf_counter() - t0
+    stop.set()
+    sampler.join()
+    ray_pids = _descendants(me)
+    peak[0] = max(peak[0], _pss_mib([me] + ray_pids))
+    names = {pid: _cmdline(pid)[:60] for pid in ray_pids}
+    at_end = {f"{pid} {names[pid]}": round(_pss_mib([pid]), 1) for pid in ray_pids}
+    workers = [pid for pid in ray_pids if names[pid].startswith("ray::")]
+    ray_cpu = sum(_proc_cpu_s(pid) for pid in ray_pids)
+    workers_cpu = sum(_proc_cpu_s(pid) for pid in workers)
+    cpu = time.process_time() - c0 + ray_cpu
+    ray.shutdown()
+    files = glob.glob(os.path.join(out, "*.parquet"))
+    first = min(os.stat(f).st_mtime for f in files) - w0 if files else None
+    labels = parquet_labels(out, "*.parquet")
+    return {"seconds": seconds, "cpu_s": cpu, "first_result_s": first, "scored": len(labels),
+            "failed": len(paths) - len(labels), "labels": labels, "peak_rss_mib": peak[0],
+            "ray_init_s": init_s, "ray_processes": len(ray_pids), "ray_cpu_s": ray_cpu,
+            "ray_workers_cpu_s": workers_cpu, "ray_pss_mib_at_end": at_end,
+            "first_result_note": "first Parquet file written (its mtime)",
+            "peak_rss_note": "summed PSS of this process and all Ray processes, sampled every 0.5 s",
+            "settings": {"batch": BATCH, "actors": ctx.cores, "num_cpus_per_actor": ACTOR_CPUS,
+                         "num_cpus_per_write": 1 - ACTOR_CPUS, "intra_op_threads": 1, "ray": ray.__version__}}
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
 CONTENDERS = {
     "limit": limit,
     "reference": reference,
@@ -286,4 +417,5 @@ CONTENDERS = {
     "beamzoo_edge_inproc": beamzoo_edge_inproc,
     "beamzoo_direct": beamzoo_direct,
     "beamzoo_flink": beamzoo_flink,
+    "ray_data": ray_data,
 }

@@ -11,6 +11,7 @@ with the reference loop). Writes OUT/results-n{N}.json. See bench/README.md.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -25,11 +26,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ORDER = ["limit", "reference", "beam_stock", "beamzoo_edge", "beamzoo_edge_inproc", "beamzoo_direct",
-         "beamzoo_flink"]
+         "beamzoo_flink", "ray_data"]
 TITLES = {"limit": "limit (stages alone)", "reference": "reference loop (ORT+OpenCV)",
           "beam_stock": "Beam stock RunInference", "beamzoo_edge": "beamzoo EdgeRunner",
           "beamzoo_edge_inproc": "EdgeRunner, no isolation",
-          "beamzoo_direct": "beamzoo DirectRunner", "beamzoo_flink": "beamzoo FlinkRunner"}
+          "beamzoo_direct": "beamzoo DirectRunner", "beamzoo_flink": "beamzoo FlinkRunner",
+          "ray_data": "Ray Data map_batches"}
 DROP_ENV = ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE")
 
 
@@ -72,7 +74,8 @@ def spawn(name: str, ctx, log_dir: str) -> dict:
         tail = Path(log_path).read_text()[-3000:]
         return {"error": f"exit code {proc.returncode}", "log_tail": tail}
     res = json.loads(Path(result_path).read_text())
-    res["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
+    # KiB on Linux; a contender whose work runs in processes not waited for (Ray) reports its own
+    res["peak_rss_mib"] = res.get("peak_rss_mib") or usage.ru_maxrss / 1024
     res["process_s"] = elapsed
     res["load_average_before"] = load  # other work on the machine skews wall-clock numbers
     res["process_cpu_s"] = usage.ru_utime + usage.ru_stime  # whole child, imports included
@@ -149,7 +152,7 @@ def table(results: dict, agree: dict, n: int) -> str:
 
 SHORT = {"limit": "limit", "reference": "reference", "beam_stock": "Beam stock", "beamzoo_edge": "edge",
          "beamzoo_edge_inproc": "edge, no isolation", "beamzoo_direct": "beamzoo DirectRunner",
-         "beamzoo_flink": "beamzoo FlinkRunner"}
+         "beamzoo_flink": "beamzoo FlinkRunner", "ray_data": "Ray Data"}
 
 
 def targets(results: dict, rss: dict | None) -> list[dict]:
@@ -181,6 +184,7 @@ def targets(results: dict, rss: dict | None) -> list[dict]:
     check("beamzoo_edge", "reference", 1.0)
     check("beamzoo_direct", "beam_stock", 2.0)
     check("beamzoo_flink", "limit", 0.5)
+    check("beamzoo_edge", "ray_data", 1.0)
     if rss and rss.get("growth_pct") is not None:
         checks.append({"target": "edge RSS growth %", "goal": "< 10", "value": rss["growth_pct"],
                        "pass": rss["growth_pct"] < 10})
@@ -282,6 +286,8 @@ def main(argv=None) -> int:
             results["beamzoo_flink"] = {"skipped": "skipped (--no-flink)"}
         elif "beamzoo_flink" in names and shutil.which("java") is None:
             results["beamzoo_flink"] = {"skipped": "skipped: no `java` on PATH (FlinkRunner needs Java 17)"}
+        if "ray_data" in names and importlib.util.find_spec("ray") is None:
+            results["ray_data"] = {"skipped": "skipped: ray is not installed (pip install -e '.[bench-ray]')"}
         todo = [name for name in names if name not in results]
         for r in range(args.repeat):
             for name in todo:

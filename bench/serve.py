@@ -93,8 +93,9 @@ def send(client: Client, body: bytes) -> bool:
     return status == 200 and "label" in answer["predictions"][0]
 
 
-def closed_loop(url: str, reqs: list[bytes], clients: int, seconds: float, limit: int) -> dict:
-    """``clients`` threads, each sending its next request when the last is answered."""
+def closed_loop(url: str, reqs: list[bytes], clients: int, seconds: float, limit: int, send=send) -> dict:
+    """``clients`` threads, each sending its next request when the last is answered; ``send(client, body)``
+    says whether the answer was right."""
     lat, errors, lock = [], [0], threading.Lock()
     count = iter(range(1 << 62))
     stop = time.perf_counter() + seconds
