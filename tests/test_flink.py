@@ -66,7 +66,7 @@ def test_standalone_flink_gives_the_same_rows_and_spreads_the_work(flink_cluster
     assert_same_as_edge(tmp_path, edge_out)
     # Flink's own figures: every subtask of the scoring operator read records (Flink names a fused
     # vertex by the first part of its transforms' names: the classify composite's steps are "classify").
-    read_counts = subtask_reads(", classify,")
+    read_counts = subtask_reads("classify,")  # the stage that scores: "{files, ..., stat_key+classify, ...}"
     assert len(read_counts) == 2 and min(read_counts) > 0, read_counts
 
 
