@@ -14,6 +14,7 @@ input is read. ``keys new`` makes the key pair that signs bundles (``--export DI
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -104,7 +105,14 @@ def _run(args) -> int:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    except BrokenPipeError:  # `beamzoo models list | head`: the reader left, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush at exit
+        return 0
+
+
+def _main(argv: list[str]) -> int:
     if argv and argv[0] == "flink":
         from beamzoo.cli_args import Parser
         from beamzoo.runners.flink import main as flink

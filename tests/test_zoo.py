@@ -389,3 +389,11 @@ def test_the_docs_card_documents_every_field_and_loads(tmp_path):
     (tmp_path / "card.yaml").write_text(block.replace("3f1c...e9", zoo.sha256_of(model)))
     card = zoo.load_card(tmp_path / "card.yaml")
     assert card.ref == "cat_or_not:2" and card.labels == ("cat", "not_cat") and card.metric("ms_per_image") == 6.5
+
+
+def test_models_list_into_a_pipe_closed_early_is_no_error():
+    # `beamzoo models list | head`: here the reader is gone before the interpreter has started
+    done = subprocess.run(["bash", "-c", f"set -o pipefail; {sys.executable} -m beamzoo.cli models list | true"],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                          timeout=120)
+    assert done.returncode == 0 and "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr
