@@ -18,6 +18,7 @@ import yaml
 from beamzoo.bundle import BundleError, export, load, new_keys, private_key, public_key
 from beamzoo.pipeline import score_images
 from conftest import ROOT, error_line
+from test_bundle import touched, trap
 
 def cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "beamzoo.cli", *map(str, args)], capture_output=True, text=True,
@@ -31,20 +32,6 @@ def score(*args) -> subprocess.CompletedProcess:
 
 def sha(path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def trap(folder: Path) -> dict[str, int]:
-    """Every atime below ``folder`` set before its mtime, so that reading a file moves it (relatime too)."""
-    seen = {}
-    for p in [folder, *folder.rglob("*")]:
-        st = os.stat(p)
-        os.utime(p, ns=(st.st_mtime_ns - 3600 * 10**9, st.st_mtime_ns))
-        seen[str(p)] = os.stat(p).st_atime_ns
-    return seen
-
-
-def touched(before: dict[str, int]) -> set[str]:
-    return {p for p, t in before.items() if os.stat(p).st_atime_ns != t}
 
 
 @pytest.fixture
