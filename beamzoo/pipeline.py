@@ -31,6 +31,7 @@ from beamzoo.core.metrics import RunStats
 from beamzoo.core.schemas import SchemaMismatchError
 from beamzoo.gates import with_gates
 from beamzoo.outdir import OutputLocked, lock_output
+from beamzoo.report import Timeline, report_run
 from beamzoo.runners.edge import EdgeRunner
 from beamzoo.runners.options import OptionError, check_runner, runner_of
 from beamzoo.runners.registry import executor_class, is_beam
@@ -145,6 +146,29 @@ def on_sigterm() -> None:
     def terminate(signum, frame):
         raise Terminated
     signal.signal(signal.SIGTERM, terminate)
+
+
+def run_command(graph: Graph, args, beam_args: list[str], edge: EdgeRunner, progress: bool) -> RunStats:
+    """A command line's run (``score_images.py``, ``ocr_images.py``): ``run`` with the flags
+    ``--runner``, ``--resume``, ``--resume_by``, ``--max_dead_fraction``; then ``--profile FILE``
+    and ``OUT/report.html`` are written, also when the dead-letter limit stops the run."""
+    timeline = Timeline()
+    knobs = {k: getattr(args, k) for k in ("resume_by", "max_dead_fraction") if getattr(args, k, None) is not None}
+    try:
+        stats = run(graph, args.runner, beam_args, edge=edge, resume=args.resume, progress=progress,
+                    hooks=[timeline], **knobs)
+    except TooManyDeadLetters as exc:
+        _keep(args, exc.stats, timeline)
+        raise
+    _keep(args, stats, timeline)
+    return stats
+
+
+def _keep(args, stats: RunStats, timeline: Timeline) -> None:
+    if args.profile:
+        stats.write_profile(args.profile)
+        print(f"per-step metrics written to {args.profile}")
+    report_run(args.output, stats, timeline)
 
 
 def interrupted(exc: BaseException | None = None) -> NoReturn:

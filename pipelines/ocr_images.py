@@ -25,8 +25,7 @@ from beamzoo.cli_args import Parser, add_knobs, add_runner, check_leftovers, giv
 from beamzoo.core.knobs import pick
 from beamzoo.core.limits import MAX_DEAD_FRACTION, TooManyDeadLetters
 from beamzoo.ocr import ReadText, ocr_images
-from beamzoo.pipeline import TOO_MANY_DEAD, interrupted, on_sigterm, run, user_errors
-from beamzoo.report import Timeline, report_run
+from beamzoo.pipeline import TOO_MANY_DEAD, interrupted, on_sigterm, run_command, user_errors
 from beamzoo.runners.edge import EdgeRunner
 from beamzoo.transforms.resume import RESUME_BY
 
@@ -66,25 +65,15 @@ def main(argv=None) -> int:
     try:
         graph = ocr_images(args.input, args.output, **given(args, ReadText.knobs))
         edge = EdgeRunner(**given(args, pick(EdgeRunner, "workers")), progress=progress)
-        timeline = Timeline()
-        stats = run(graph, args.runner, beam_args, edge=edge, resume=args.resume, progress=progress,
-                    **given(args, {"resume_by": RESUME_BY}),
-                    hooks=[timeline], **given(args, {"max_dead_fraction": MAX_DEAD_FRACTION}))
+        stats = run_command(graph, args, beam_args, edge, progress)
     except KeyboardInterrupt as exc:
         interrupted(exc)
     except TooManyDeadLetters as exc:
-        if args.profile:
-            exc.stats.write_profile(args.profile)
-        report_run(args.output, exc.stats, timeline)
         print(f"error: {exc}", file=sys.stderr)
         return TOO_MANY_DEAD
     except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.profile:
-        stats.write_profile(args.profile)
-        print(f"per-step metrics written to {args.profile}")
-    report_run(args.output, stats, timeline)
     print(stats.line())
     print(f"{stats.inputs / stats.seconds:.1f} images/s over {stats.seconds:.1f} s; results in {args.output}")
     return 0

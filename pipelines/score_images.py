@@ -26,8 +26,7 @@ from beamzoo.cli_args import Parser, add_knobs, add_runner, check_leftovers, giv
 from beamzoo.core.knobs import KnobError, pick
 from beamzoo.core.limits import MAX_DEAD_FRACTION, TooManyDeadLetters
 from beamzoo.gates import load_profile, save_profile
-from beamzoo.pipeline import TOO_MANY_DEAD, interrupted, on_sigterm, run, score_images, user_errors
-from beamzoo.report import Timeline, report_run
+from beamzoo.pipeline import TOO_MANY_DEAD, interrupted, on_sigterm, run_command, score_images, user_errors
 from beamzoo.runners.edge import EdgeRunner
 from beamzoo.transforms.resume import RESUME_BY
 from beamzoo.transforms.deadline import Deadline
@@ -166,22 +165,15 @@ def main(argv=None) -> int:
                   f"--input 'GLOB' --output OUT{' --trust PUBKEY' if args.sign_key else ''}")
             return 0
         edge = EdgeRunner(**given(args, pick(EdgeRunner, "workers")), progress=progress)
-        timeline = Timeline()
-        stats = run(graph, args.runner, beam_args, edge=edge, resume=args.resume, progress=progress,
-                    **given(args, {"resume_by": RESUME_BY}),
-                    hooks=[timeline], **given(args, {"max_dead_fraction": MAX_DEAD_FRACTION}))
+        stats = run_command(graph, args, beam_args, edge, progress)
     except KeyboardInterrupt as exc:
         interrupted(exc)
     except TooManyDeadLetters as exc:
-        write_profile(args, exc.stats)
-        report_run(args.output, exc.stats, timeline)
         print(f"error: {exc}", file=sys.stderr)
         return TOO_MANY_DEAD
     except (BundleError, *user_errors()) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    write_profile(args, stats)
-    report_run(args.output, stats, timeline)
     print(stats.line())
     first = "" if stats.first_result_s is None else f" (first result after {stats.first_result_s:.1f} s)"
     print(f"{stats.inputs / stats.seconds:.1f} images/s over {stats.seconds:.1f} s{first}; "
@@ -195,12 +187,6 @@ def main(argv=None) -> int:
         print(f"stopped: {stats.stopped}; what was read is written (continue with --resume)", file=sys.stderr)
         return STOPPED
     return 0
-
-
-def write_profile(args, stats) -> None:
-    if args.profile:
-        stats.write_profile(args.profile)
-        print(f"per-step metrics written to {args.profile}")
 
 
 def cascade(args, card) -> dict:
