@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
+import subprocess
 import urllib.request
 
 
@@ -90,6 +92,20 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # a zombie is gone
     except FileNotFoundError:
         return False
+
+
+def debian_tool(name: str) -> str:
+    """The path of ``name`` (redis-server, chromium); on a fresh machine the project's own
+    ``.ci/install-<tool>`` installs the Debian package first; skips where it cannot."""
+    found = shutil.which(name)
+    if found is None:
+        script = os.path.join(ROOT, ".ci", f"install-{name.removesuffix('-server')}")
+        got = subprocess.run([script], capture_output=True, text=True)
+        found = shutil.which(name)
+        if found is None:
+            pytest.skip(f"{name} is missing and {os.path.relpath(script, ROOT)} could not install it: "
+                        f"{got.stderr.strip()[-300:]}")
+    return found
 
 
 def free_ports(n: int) -> list[int]:

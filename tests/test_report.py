@@ -19,7 +19,7 @@ import ocr_support as ocr
 from badfiles import photo
 from beamzoo.pipeline import score_images
 from beamzoo.report import REPORT, Timeline, cumulative, page
-from conftest import ROOT, read, run_graph, tiny_card, tiny_colour_model, write_colour_image
+from conftest import ROOT, debian_tool, read, run_graph, tiny_card, tiny_colour_model, write_colour_image
 
 pytestmark = pytest.mark.integration
 
@@ -169,14 +169,7 @@ def test_an_ocr_run_reports_its_lines_confidence_and_words(tmp_path):
 
 @pytest.fixture(scope="module")
 def chromium():
-    found = shutil.which("chromium")
-    if found is None:
-        installed = subprocess.run([os.path.join(ROOT, ".ci", "install-chromium")], capture_output=True, text=True)
-        found = shutil.which("chromium")
-        if found is None:
-            pytest.skip(f"chromium is missing and .ci/install-chromium could not install it: "
-                        f"{installed.stderr.strip()[-300:]}")
-    return found
+    return debian_tool("chromium")
 
 
 def browse(chromium: str, *args: str) -> subprocess.CompletedProcess:

@@ -1,8 +1,6 @@
 """The Redis stream queue against a real redis-server (the Debian package; .ci/run installs it)."""
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -17,7 +15,7 @@ import pytest
 from beamzoo.serve.models import Servable
 from beamzoo.serve.server import Server
 from beamzoo.serve.redis_queue import _READ, BACKOFF_S, GROUP, QueueClient, RedisQueueFull, backoff_s, result_key
-from conftest import tiny_card, tiny_colour_model, write_colour_image
+from conftest import debian_tool, tiny_card, tiny_colour_model, write_colour_image
 
 redis = pytest.importorskip("redis", reason="the Redis client ships in the serve extra (pip install -e '.[serve]')")
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,14 +28,7 @@ def free_port() -> int:
 
 
 def redis_binary() -> str:
-    binary = shutil.which("redis-server")
-    if binary is None:  # a fresh machine: the project's own script installs the Debian package
-        got = subprocess.run([os.path.join(ROOT, ".ci", "install-redis")], capture_output=True, text=True)
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip(f"redis-server is not installed and .ci/install-redis could not install it: "
-                        f"{got.stderr.strip()}")
-    return binary
+    return debian_tool("redis-server")
 
 
 def start_redis(port: int, folder) -> subprocess.Popen:
