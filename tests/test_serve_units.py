@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import threading
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -274,13 +275,73 @@ def test_v2_requests_that_cannot_be_served(body, message):
 
 def test_v2_outputs_are_typed_tensors():
     schema = pa.schema([("label", pa.string()), ("score", pa.float32()), ("topk_scores", pa.list_(pa.float32()))])
-    outs = P.v2_outputs([{"label": "a", "score": 0.5, "topk_scores": [0.5, 0.25]},
-                         {"error": "x", "stage": "decode"}], schema, ["label", "score", "topk_scores"])
+    outs, raw = P.v2_outputs([{"label": "a", "score": 0.5, "topk_scores": [0.5, 0.25]},
+                              {"error": "x", "stage": "decode"}], schema, ["label", "score", "topk_scores"])
+    assert raw == b""
     assert outs == [
         {"name": "label", "datatype": "BYTES", "shape": [2], "data": ["a", None]},
         {"name": "score", "datatype": "FP32", "shape": [2], "data": [0.5, None]},
         {"name": "topk_scores", "datatype": "FP32", "shape": [2, 2], "data": [0.5, 0.25, None, None]},
         {"name": "error", "datatype": "BYTES", "shape": [2], "data": [None, "x"]}]
+
+
+def test_v2_binary_outputs_are_raw_little_endian_after_the_json():
+    from beamzoo.serve.tensors import bytes_elements
+    schema = pa.schema([("label", pa.string()), ("score", pa.float32()), ("topk_scores", pa.list_(pa.float32()))])
+    rows = [{"label": "a", "score": 0.5, "topk_scores": [0.5, 0.25]}, {"error": "x", "stage": "decode"}]
+    outs, raw = P.v2_outputs(rows, schema, ["label", "score", "topk_scores"], {"score", "error"})
+    assert outs[0] == {"name": "label", "datatype": "BYTES", "shape": [2], "data": ["a", None]}  # JSON, as asked
+    assert [o.get("parameters") for o in outs] == [None, {"binary_data_size": 8}, None, {"binary_data_size": 9}]
+    score = np.frombuffer(raw[:8], "<f4")
+    assert score[0] == 0.5 and np.isnan(score[1])  # a failed row has no value
+    assert bytes_elements(raw[8:], "error") == [b"", b"x"]
+
+
+def _binary_v2(images: list[bytes], **tensor):
+    from beamzoo.serve.tensors import to_raw
+    raw = to_raw("BYTES", images)
+    t = {"name": "image", "datatype": "BYTES", "shape": [len(images)], "parameters": {"binary_data_size": len(raw)},
+         **tensor}
+    return {"inputs": [t]}, raw
+
+
+def test_v2_binary_inputs_are_length_prefixed_elements():
+    jpeg = base64.b64decode(GOOD)
+    body, raw = _binary_v2([jpeg, b"", b"\x89PNG"])
+    rid, items, names, binary = P.parse_v2(body, ["label", "score"], raw)
+    assert items[0] == jpeg and items[2] == b"\x89PNG"
+    assert isinstance(items[1], P.Unreadable) and "empty" in items[1]
+    assert names == ["label", "score"] and binary == set()
+    body["parameters"] = {"binary_data_output": True}
+    assert P.parse_v2(body, ["label", "score"], raw)[3] == {"label", "score", "error"}
+    body["outputs"] = [{"name": "score", "parameters": {"binary_data": False}}, {"name": "label"}]
+    assert P.parse_v2(body, ["label", "score"], raw)[3] == {"label", "error"}  # each output's own wins
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda b, r: (b, r[:-1]), "binary_data_size 13 must be the 12 bytes"),
+    (lambda b, r: ({"inputs": [{**b["inputs"][0], "parameters": {"binary_data_size": 3}}]}, b"\x09\0\0"),
+     "end inside an element"),
+    (lambda b, r: ({"inputs": [{**b["inputs"][0], "data": ["x"]}]}, r), 'both "data" and binary_data_size'),
+    (lambda b, r: ({"inputs": [{**b["inputs"][0], "parameters": {"shm_region": "x"}}]}, r),
+     "unknown parameter.*'shm_region'"),
+    (lambda b, r: ({**b, "parameters": {"binary_data_output": "yes"}}, r), "must be true or false"),
+    (lambda b, r: ({**b, "priority": 1}, r), "unknown field.*'priority'"),
+    (lambda b, r: ({"inputs": [{k: v for k, v in b["inputs"][0].items() if k != "parameters"}]}, r),
+     "lacks 'data'"),
+])
+def test_v2_binary_requests_that_cannot_be_served(change, message):
+    body, raw = change(*_binary_v2([b"\xff\xd8\xff\xe0" + b"x" * 5]))
+    with pytest.raises(P.BadRequest, match=message):
+        P.parse_v2(body, ["label", "score"], raw)
+
+
+def test_the_binary_header_length_must_fit_the_body():
+    assert P.split_binary(b'{"a":1}xyz', "7") == (b'{"a":1}', b"xyz")
+    assert P.split_binary(b'{"a":1}', None) == (b'{"a":1}', b"")
+    for bad in ("99", "-1", "x"):
+        with pytest.raises(P.BadRequest, match="Inference-Header-Content-Length"):
+            P.split_binary(b'{"a":1}', bad)
 
 
 def test_the_engine_shares_the_edge_runner_s_onnxruntime_session(tmp_path):

@@ -1,8 +1,9 @@
-"""The HTTP application (Starlette): TF Serving REST, KServe v2 and /metrics."""
+"""The HTTP application (Starlette): TF Serving REST, KServe v2 (JSON and binary tensors) and /metrics."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import re
 import time
 
@@ -12,17 +13,16 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from beamzoo.serve import protocol as P
-from beamzoo.serve.batcher import Closed, QueueFull
-from beamzoo.serve.limits import RETRY_AFTER_S, Busy
+from beamzoo.serve import infer, protocol as P
+from beamzoo.serve.limits import RETRY_AFTER_S
 from beamzoo.serve.models import UnknownServable, signature
 from beamzoo.version import __version__
 
 _TF_PATH = re.compile(r"^(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+))?(?P<tail>:predict|/metadata)?$")
 _V2_PATH = re.compile(r"^(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<tail>/infer|/ready)?$")
-# what went wrong in a whole request -> the outcome label of the requests counter
-_OUTCOME = {400: "bad_request", 404: "not_found", 405: "bad_request", 408: "slow_body", 413: "too_large",
-            429: "queue_full", 503: "unavailable", 504: "timeout", 500: "error"}
+
+
+EXTENSIONS = ("binary_tensor_data",)  # of KServe v2 / Triton
 
 
 def error(status: int, message: str, **extra) -> JSONResponse:
@@ -92,59 +92,47 @@ def make_app(server) -> Starlette:
         label, ver, outcome = name, version or "", "error"
         hold = server.inflight.hold()
         try:
-            servable = catalog.get(name, version)
-            label, ver = servable.name, servable.version
-            service = server.services[(servable.name, servable.version)]
-            body = P.parse_json(await read_body(request, server.max_body_bytes, hold, server.body_timeout_s))
+            server.lookup(name, version)  # an unknown model is refused before its body is read
+            body = await read_body(request, server.max_body_bytes, hold, server.body_timeout_s)
             if protocol == "tf":
-                form, items = P.parse_tf(body)
+                form, items = P.parse_tf(P.parse_json(body))
+                fields = None
             else:
-                rid, items, names = P.parse_v2(body, service.fields)
-            if len(items) > server.max_queue:
-                raise P.BadRequest(f"the request has {len(items)} instances; this server takes at most "
-                                   f"{server.max_queue} in one request (--max_queue)", 413)
-            good = [i for i in items if not isinstance(i, P.Unreadable)]
-            future = service.submit(good)
-            answers = iter(await answer_of(request, future, due - time.monotonic(), server.timeout_s))
-            results = [{"error": str(i), "stage": "request"} if isinstance(i, P.Unreadable) else next(answers)
-                       for i in items]
-            for r in results:
-                if r.get("stage") == "request":
-                    metrics.dead.labels(label, "request").inc()
-            failed = [r for r in results if "error" in r]
-            results = P.clean(results)
+                head, binary = P.split_binary(body, request.headers.get(P.HEADER_LENGTH))
+                fields = server.lookup(name, version)[1].fields
+                rid, items, names, binary_out = P.parse_v2(P.parse_json(head), fields, binary)
+            pending = infer.submit(server, name, version, items)
+            servable, service = pending.servable, pending.service
+            label, ver = servable.name, servable.version
+            answers = await answer_of(request, pending.future, due - time.monotonic(), server.timeout_s)
+            results = infer.results(pending, answers, metrics)
+            raw, headers = b"", {}
             if protocol == "tf":
                 answer = P.tf_answer(form, results, service.fields)
             else:
+                outputs, raw = P.v2_outputs(results, service.schema, names, binary_out)
                 answer = {"model_name": servable.name, "model_version": servable.version,
-                          **({"id": rid} if rid is not None else {}),
-                          "outputs": P.v2_outputs(results, service.schema, names)}
-            if len(failed) == len(results):  # nothing to answer with: the request failed
-                status = 500 if any(r["stage"] == "server" for r in failed) else 400
-                outcome = _OUTCOME[status]
-                first = failed[0]
-                more = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
-                return JSONResponse({"error": f"{first['stage']}: {first['error']}{more}", **answer}, status)
-            outcome = "partial" if failed else "ok"
-            return JSONResponse(answer)
-        except UnknownServable as exc:
-            outcome = "not_found"
-            return error(404, str(exc))
-        except P.BadRequest as exc:
-            outcome = _OUTCOME.get(exc.status, "bad_request")
-            return error(exc.status, str(exc))
-        except QueueFull as exc:
-            outcome = "queue_full"
-            return error(429, f"the server is busy: {exc}; retry later")
-        except Busy as exc:
-            outcome = "busy"
-            return error(429, f"the server is busy: {exc}; retry later")
-        except Closed as exc:
-            outcome = "unavailable"
-            return error(503, str(exc))
+                          **({"id": rid} if rid is not None else {}), "outputs": outputs}
+            status, outcome = 200, infer.outcome(results)
+            failure = infer.failed(results)
+            if failure:  # nothing to answer with: the request failed
+                status, message = failure
+                outcome = infer.OUTCOME[status]
+                answer = {"error": message, **answer}
+            if not raw:
+                return JSONResponse(answer, status)
+            head = json.dumps(answer, separators=(",", ":")).encode()
+            return Response(head + raw, status, media_type="application/octet-stream",
+                            headers={"Inference-Header-Content-Length": str(len(head))})
         except ClientDisconnect:
             outcome = "disconnected"
             return Response(status_code=400)
+        except Exception as exc:
+            refused = infer.refusal(exc)
+            if refused is None:
+                raise
+            status, outcome, message = refused
+            return error(status, message)
         finally:
             hold.release()
             metrics.requests.labels(label, ver, protocol, outcome).inc()
@@ -162,13 +150,12 @@ def make_app(server) -> Starlette:
         if tail == ":predict":
             return error(405, "predict takes POST")
         try:
-            s = catalog.get(name, version)
+            s, service = server.lookup(name, version)
             versions = [version] if version else catalog.versions(name)
         except UnknownServable as exc:
             return error(404, str(exc))
         if tail == "/metadata":
             sig = signature(s.card)
-            service = server.services[(s.name, s.version)]
             return JSONResponse({
                 "model_spec": {"name": s.name, "signature_name": "", "version": s.version},
                 "metadata": {"signature_def": {"signature_def": {"serving_default": {
@@ -194,13 +181,12 @@ def make_app(server) -> Starlette:
         if tail == "/infer":
             return error(405, "infer takes POST")
         try:
-            s = catalog.get(name, version)
+            s, service = server.lookup(name, version)
         except UnknownServable as exc:
             return error(404, str(exc))
         if tail == "/ready":
             ready = server.ready
             return JSONResponse({"name": s.name, "ready": ready}, 200 if ready else 503)
-        service = server.services[(s.name, s.version)]
         return JSONResponse({"name": s.name, "versions": catalog.versions(s.name) if version is None else [s.version],
                              "platform": "beamzoo_onnxruntime",
                              "inputs": [{"name": P.IMAGE, "datatype": "BYTES", "shape": [-1]}],
@@ -214,7 +200,7 @@ def make_app(server) -> Starlette:
         return JSONResponse({"ready": server.ready}, 200 if server.ready else 503)
 
     async def v2_server(request):
-        return JSONResponse({"name": "beamzoo", "version": __version__, "extensions": []})
+        return JSONResponse({"name": "beamzoo", "version": __version__, "extensions": list(EXTENSIONS)})
 
     async def metrics_text(request):
         return Response(metrics.text(), media_type=metrics.content_type)

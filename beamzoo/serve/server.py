@@ -60,6 +60,16 @@ class Server:
         """Not closed, and every Redis stream it reads is reachable."""
         return not self._closed and all(c.ready for c in self.consumers)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def lookup(self, name: str, version: str | None = None) -> tuple[Servable, ModelService]:
+        """The servable of ``name`` (its newest version) or ``name:version`` and its service;
+        raises ``UnknownServable``."""
+        s = self.catalog.get(name, version)
+        return s, self.services[(s.name, s.version)]
+
     def service_for(self, model: str | None = None) -> ModelService:
         """The service of ``name[:version]``; without a name, the only model served."""
         if model is None:
@@ -68,8 +78,7 @@ class Server:
                                   f"({', '.join(f'{n}:{v}' for n, v in self.services)})")
             return next(iter(self.services.values()))
         name, _, version = model.partition(":")
-        s = self.catalog.get(name, version or None)
-        return self.services[(s.name, s.version)]
+        return self.lookup(name, version or None)[1]
 
     def consume(self, url: str, stream: str, consumer: str | None = None, claim_idle_s: float = 30.0):
         """Also serve the requests of a Redis stream (``beamzoo.serve.redis_queue``)."""
