@@ -24,8 +24,10 @@ CORE = [
 # Pinned: the Flink job server, the docker images and the tests are matched to it.
 BEAM = ["apache-beam==2.77.0"]
 SAMPLES = ["scikit-image>=0.22", "scikit-learn>=1.4"]
-# beamzoo serve: an ASGI app on uvicorn, Prometheus metrics, the Redis stream queue
-SERVE = ["starlette>=0.37", "uvicorn>=0.30", "prometheus-client>=0.20", "redis>=5"]
+# beamzoo serve: an ASGI app on uvicorn, Prometheus metrics, the Redis stream queue, KServe v2 over gRPC
+# (grpcio-tools reads the service's .proto when the server starts: no generated code to keep in step)
+SERVE = ["starlette>=0.37", "uvicorn>=0.30", "prometheus-client>=0.20", "redis>=5",
+         "grpcio>=1.62", "grpcio-tools>=1.62", "protobuf>=4.25"]
 # The serving peers bench/serve_peers.py measures beamzoo serve against. They pin an older starlette
 # and numpy than SERVE and DEV have: install them into a venv of their own (`serve_peers.py --setup`).
 BENCH = ["mlserver==1.7.1", "nvidia-pytriton==0.7.0",
@@ -41,6 +43,7 @@ DEV = BEAM + SAMPLES + SERVE + [
     # tests and bench/ocr.py compare beamzoo with, needs these:
     "pyclipper>=1.2", "shapely>=1.7.1,!=2.0.4",
     "mkdocs>=1.6", "mkdocs-material>=9.5",  # the documentation site (docs/, mkdocs.yml)
+    "tritonclient[http,grpc]>=2.50",  # Triton's own clients, which the serving tests talk to beamzoo serve with
 ]
 
 setup(
