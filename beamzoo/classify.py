@@ -13,6 +13,7 @@ from beamzoo.core.graph import Composite, Stream
 from beamzoo.core.knobs import Knob, KnobError, pick
 from beamzoo.transforms.deadline import DeadlineCheck
 from beamzoo.transforms.inference import OnnxInference
+from beamzoo.transforms.refresh import ANSWERED_BY
 from beamzoo.transforms.io import ReadFiles
 from beamzoo.transforms.model import MODEL
 from beamzoo.transforms.postprocess import TopK
@@ -37,8 +38,9 @@ def classifier(model, what: str = "Classify") -> ModelCard:
 
 
 def classifier_steps(card: ModelCard, p: dict, placement: dict | None = None, deadline: bool = False) -> list:
-    """The steps from file bytes to an answer, with the knobs ``p`` (``STEP_KNOBS``); with
-    ``deadline``, rows whose deadline passed are dead letters before the model runs."""
+    """The steps from file bytes to an answer, with the knobs ``p`` (``STEP_KNOBS``, and
+    ``model_refresh`` if it has it); with ``deadline``, rows whose deadline passed are dead
+    letters before the model runs."""
     resize = ResizeCrop.for_input(card.input, resize=card.resize, shrink=p["shrink"])
     steps = [DecodeImage(max_pixels=p["max_pixels"], channels=card.input.channels,
                          min_side=resize.resize if p["reduced_decode"] else None, isolate=p["isolate"],
@@ -46,8 +48,10 @@ def classifier_steps(card: ModelCard, p: dict, placement: dict | None = None, de
              resize]
     if deadline:
         steps.append(DeadlineCheck(before="infer"))
-    steps += [OnnxInference(card, batch_size=p["batch_size"], intra_op_threads=p["intra_op_threads"]),
-              TopK(card, k=p["topk"], prefix=p["prefix"])]
+    refresh = p.get("model_refresh")
+    steps += [OnnxInference(card, batch_size=p["batch_size"], intra_op_threads=p["intra_op_threads"],
+                            model_refresh=refresh),
+              TopK(card, k=p["topk"], prefix=p["prefix"], model_field=None if refresh is None else ANSWERED_BY)]
     for s in steps:
         s.placed(**(placement or {}))
     return steps
@@ -55,11 +59,13 @@ def classifier_steps(card: ModelCard, p: dict, placement: dict | None = None, de
 
 class Classify(Composite):
     """paths -> predictions for an image classifier: read, decode (at reduced size where
-    the resize allows), resize and crop as the card says, infer, top-k."""
+    the resize allows), resize and crop as the card says, infer, top-k. With
+    ``model_refresh`` a newer version of the model answers once it appears in the zoo
+    (``OnnxInference``); each row's ``model`` says which version answered it."""
 
     default_id = "classify"
     knobs = {"model": MODEL.but(default=DEFAULT_MODEL, required=False), **pick(ReadFiles, "max_bytes"),
-             **STEP_KNOBS}
+             **STEP_KNOBS, **pick(OnnxInference, "model_refresh")}
     positional = ("model",)
 
     def configure(self):

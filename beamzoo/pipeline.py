@@ -78,6 +78,7 @@ def run(graph: Graph | None, runner: str = "DirectRunner", beam_args: list[str] 
     """
     if graph is None or not any(s.kind == "sink" for s in graph.steps):
         raise GraphError("the pipeline writes nothing: add a sink, e.g. rows | WriteParquet('out/predictions')")
+    _one_process(graph, runner)
     ex = executor(runner, beam_args, edge, progress)
     for s in graph.steps:
         if s.kind == "source":
@@ -101,6 +102,17 @@ def run(graph: Graph | None, runner: str = "DirectRunner", beam_args: list[str] 
         failure.stats = stats
         raise failure
     return stats
+
+
+def _one_process(graph: Graph, runner: str) -> None:
+    """A step that keeps state across batches (``Operator.one_process``: one that follows its
+    model's newest version) needs the graph in one long-lived process; a Beam runner's workers
+    are not that."""
+    following = [s.id for s in graph.steps if s.operator().one_process()]
+    name = check_runner(runner)
+    if following and is_beam(name):
+        raise KnobError(f"step {following[0]!r}: model_refresh needs a runner that keeps the graph in one "
+                        f"long-lived process (EdgeRunner); {name} runs it through Beam")
 
 
 @contextlib.contextmanager

@@ -5,12 +5,16 @@
     python pipelines/score_images.py --input ... --output out/ --runner=FlinkRunner --flink_master=[local]
     python pipelines/score_images.py --export bundle/          # the graph and its model, for a device
     python pipelines/score_images.py --export bundle/ --sign keys/release.key   # signed (beamzoo keys new)
+    python pipelines/score_images.py --input ... --output out/ --runner=edge --zoo zoo/ --model cat --model_refresh 60
 
 Without --input it scores a sample set of real photographs that ship in
 scikit-image and scikit-learn. Writes OUT/predictions/*.parquet,
 OUT/dead_letter/*.parquet and OUT/report.html (a page of charts of the run).
-Beam options (--direct_num_workers, --parallelism, ...) go to Beam runners;
-anything else is refused.
+With --model_refresh S (edge runner) a newer version of --model NAME put in
+the zoo answers from the next batch on, once its card verifies and its inputs,
+outputs, labels and preprocessing are the running version's; each row's
+``model`` says which version answered it. Beam options (--direct_num_workers,
+--parallelism, ...) go to Beam runners; anything else is refused.
 """
 from __future__ import annotations
 
@@ -28,6 +32,7 @@ from beamzoo.core.limits import MAX_DEAD_FRACTION, TooManyDeadLetters
 from beamzoo.gates import load_profile, save_profile
 from beamzoo.pipeline import TOO_MANY_DEAD, interrupted, on_sigterm, run_command, score_images, user_errors
 from beamzoo.runners.edge import EdgeRunner
+from beamzoo.runners.registry import is_beam
 from beamzoo.transforms.resume import RESUME_BY
 from beamzoo.transforms.deadline import Deadline
 from beamzoo.transforms.gate import ACTIONS, Gate, parse_gate
@@ -119,7 +124,32 @@ def parse(argv: list[str]):
         p.error(f"--topk must be between 1 and {len(card.labels)} (the labels of {card.ref}), got {args.topk}")
     if args.isolate is False and (args.time_limit or args.memory_limit):
         p.error("--no_isolation turns the limits off: give it or --time_limit/--memory_limit, not both")
+    if args.model_refresh is not None:
+        problem = refresh_problem(args)
+        if problem:
+            p.error(f"--model_refresh: {problem}")
     return args, rest, card
+
+
+def refresh_problem(args) -> str | None:
+    """Why --model_refresh cannot follow the model of this command line, or None."""
+    model = args.model
+    if args.select:
+        return "it follows a model named without a version (--model NAME); --select picks one card"
+    if model and (model.endswith((".yaml", ".yml", ".json")) or "/" in model or os.sep in model):
+        return (f"--model {model} is one card file, so there is nothing to move to; put it in a repository and "
+                "name it without a version (--zoo DIR --model NAME)")
+    if model and ":" in model:
+        name, version = model.split(":", 1)
+        return f"--model {model} pins version {version}, so there is nothing to move to; name it as --model {name}"
+    if args.escalate:
+        return "a cascade's models stay the versions it was built with; give --model_refresh or --escalate"
+    if args.export:
+        return "a bundle runs the models it carries; leave it out with --export"
+    if is_beam(args.runner):
+        return (f"it needs a runner that keeps the graph in one long-lived process (--runner EdgeRunner); "
+                f"{args.runner} runs it through Beam")
+    return None
 
 
 def pick_model(p, args) -> zoo.ModelCard:

@@ -161,6 +161,11 @@ class Operator:
         """Whether the step may ask its run to read no more inputs (a gate's ``stop``)."""
         return False
 
+    def one_process(self) -> bool:
+        """Whether the step needs the whole run in one long-lived process (it keeps state across
+        batches that a Beam runner's workers would not share)."""
+        return False
+
     def placed(self, tier: str | None = None, device: str | None = None) -> Operator:
         """Hint where the step should run (``tier``: device, edge or cloud; ``device``: cpu or
         gpu). Executors that understand a hint read it, the rest ignore it; it never changes

@@ -1,4 +1,4 @@
-"""ONNX Runtime inference as an operator."""
+"""ONNX Runtime inference as an operator, optionally following its model's newest version."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,10 +8,12 @@ from beamzoo.core.knobs import Knob, KnobError
 from beamzoo.core.op import NO_DEAD_LETTERS, Operator, Result, dead_letters, error_text, with_columns
 from beamzoo.core.schemas import tensor_array
 from beamzoo.transforms.model import INTRA_OP_THREADS, MODEL
+from beamzoo.transforms.refresh import ANSWERED_BY, MODEL_REFRESH, ModelRefresh, followed, refresh_of
 from beamzoo.zoo import ModelCard, card_of, model_bytes
 from beamzoo.zoo.verify import not_loadable
 
 _OPT_LEVELS = ("disable", "basic", "extended", "all")
+
 
 
 def _session(card: ModelCard, threads: int, inter: int, optimization: str, spin: bool,
@@ -57,6 +59,13 @@ class OnnxInference(Operator):
     process shared by all. ``keep_input`` keeps the input columns (a cascade
     feeds them to a second model). A batch that fails is retried row by row
     so only the bad rows dead-letter.
+
+    ``model_refresh`` (seconds) follows the model's name: a newer version in
+    the zoo answers from the next batch on, once its card verifies and its
+    inputs, outputs, labels and preprocessing are those of the version running
+    (``ModelRefresh``); each row's ``answered_by`` says which version answered
+    it (TopK's ``model_field`` reads it). Only an executor that runs the graph
+    in one long-lived process honours it (the edge runner, the in-thread one).
     """
 
     name = "onnx_infer"
@@ -74,6 +83,7 @@ class OnnxInference(Operator):
         "optimization": Knob("all", str, choices=_OPT_LEVELS, results=False, doc="onnxruntime graph optimizations"),
         "spin": Knob(False, bool, results=False, doc="let idle onnxruntime threads spin"),
         "providers": Knob(None, list, results=False, doc="onnxruntime execution providers, in order"),
+        "model_refresh": MODEL_REFRESH,
     }
     positional = ("model",)
 
@@ -91,10 +101,13 @@ class OnnxInference(Operator):
         self.batch_size = p["batch_size"]
         self.parallel = p["intra_op_threads"] == 1
         self.requires = pa.schema([specs[t].field(c) for t, c in self.feeds.items()])
-        self.produces = pa.schema([specs[t].field(c) for t, c in self.fetches.items()])
+        self.refresh = p["model_refresh"]
+        answered_by = [pa.field(ANSWERED_BY, pa.string())] if self.refresh is not None else []
+        self.produces = pa.schema([specs[t].field(c) for t, c in self.fetches.items()] + answered_by)
         self.consumes = () if p["keep_input"] else tuple(self.feeds.values())
         self._out_specs = [specs[t] for t in self.fetches]
         self._session = None
+        self._refresh = None
 
     def _columns(self, kind, tensors, given, single, every) -> dict[str, str]:
         names = [t.name for t in tensors]
@@ -114,11 +127,19 @@ class OnnxInference(Operator):
             raise KnobError(f"OnnxInference: {kind} must map each tensor to its own column name, got {given!r}")
         return {n: given[n] for n in names if n in given}
 
-    def result_params(self):
-        return {**super().result_params(), "model": self.card.identity()}
+    def one_process(self) -> bool:
+        return self.refresh is not None  # every thread of the step follows one version
 
-    def __getstate__(self):
-        return {**super().__getstate__(), "_session": None}  # a session is made again where it is used
+    def result_params(self):
+        out = {**super().result_params(), "model": self.card.identity()}
+        # Off, the fingerprint is that of a graph made before the knob existed; on, the step is its
+        # model's name whatever the interval (a resume with another one skips what was done).
+        if out.pop("model_refresh") is not None:
+            out["model"] = followed(self.card)
+        return out
+
+    def __getstate__(self):  # a session is made again where it is used
+        return {**super().__getstate__(), "_session": None, "_refresh": None}
 
     def setup(self):
         p = self.params
@@ -129,6 +150,11 @@ class OnnxInference(Operator):
         self.ctx.note(self.id, "providers_asked", list(asked))
         self.ctx.note(self.id, "providers", list(providers))
         self._session = self.ctx.shared(key, lambda: _session(self.card, *key[3:7], providers))
+        if self.refresh is not None:
+            def make(card):
+                return _session(card, *key[3:7], providers)
+            self._refresh = refresh_of(self.ctx, self.id, lambda: ModelRefresh(
+                self.id, self.card, self._session, make, self.refresh, self.ctx))
 
     def _placed(self) -> tuple[str, ...]:
         """A step placed on a GPU (``placed(device="gpu")``) asks onnxruntime for CUDA first (an
@@ -140,21 +166,24 @@ class OnnxInference(Operator):
 
     def process(self, batch: pa.RecordBatch) -> Result:
         self.bind()
+        card = self.card
+        if self._refresh is not None:  # the version that answers this whole batch (an operator is one thread's)
+            card, self._session = self._refresh.current()
         x = {t: batch.column(c).to_numpy_ndarray() for t, c in self.feeds.items()}
         n, b = batch.num_rows, self.batch_size
         try:
             parts = [self.run({t: v[i:i + b] for t, v in x.items()}) for i in range(0, n, b)]
             ys = [np.concatenate([part[j] for part in parts]) if parts else self._empty(j)
                   for j in range(len(self.fetches))]
-            return Result(self._with_outputs(batch, ys), NO_DEAD_LETTERS)
+            return Result(self._with_outputs(batch, ys, card), NO_DEAD_LETTERS)
         except Exception:
-            return self._row_by_row(batch, x)
+            return self._row_by_row(batch, x, card)
 
     def _empty(self, j):
         spec = self._out_specs[j]
         return np.empty((0, *spec.shape), spec.dtype)
 
-    def _row_by_row(self, batch, x):
+    def _row_by_row(self, batch, x, card):
         keep, outs, bad, errors = [], [], [], []
         for i in range(batch.num_rows):
             try:
@@ -165,10 +194,12 @@ class OnnxInference(Operator):
                 errors.append(error_text(exc))
         ys = [np.stack([o[j] for o in outs]) if outs else self._empty(j) for j in range(len(self.fetches))]
         kept = batch.take(pa.array(keep, pa.int64()))
-        return Result(self._with_outputs(kept, ys), dead_letters(batch, bad, self.id, errors))
+        return Result(self._with_outputs(kept, ys, card), dead_letters(batch, bad, self.id, errors))
 
-    def _with_outputs(self, batch: pa.RecordBatch, ys: list[np.ndarray]) -> pa.RecordBatch:
+    def _with_outputs(self, batch: pa.RecordBatch, ys: list[np.ndarray], card: ModelCard) -> pa.RecordBatch:
         schema = self.output_schemas([batch.schema])["out"]
         produced = {c: tensor_array(np.asarray(y, dtype=spec.dtype))
                     for c, y, spec in zip(self.fetches.values(), ys, self._out_specs)}
+        if self.refresh is not None:
+            produced[ANSWERED_BY] = pa.array([card.ref] * batch.num_rows, pa.string())
         return with_columns(batch, schema, produced)
