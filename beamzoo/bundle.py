@@ -192,6 +192,10 @@ def export(graph: Graph, directory, sign: Ed25519PrivateKey | str | os.PathLike 
     if d.exists() and (not d.is_dir() or any(d.iterdir())):
         raise BundleError(f"cannot export to {d}: it is not an empty folder; choose a new one")
     classes = {s.id: op_class(s.op) for s in graph.steps}
+    following = [s.id for s in graph.steps if s.operator().one_process()]
+    if following:
+        raise BundleError(f"step {following[0]!r} follows its model's newest version (model_refresh); a bundle "
+                          "runs the models it carries: export the graph without model_refresh")
     if sum(_input_knob(c) is not None for c in classes.values()) != 1:
         raise BundleError("a bundle reads one input: export a graph with exactly one files or manifest source")
     base = _sink_base([s.params["path"] for s in graph.steps if _file_sink(classes[s.id])])

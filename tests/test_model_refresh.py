@@ -244,6 +244,16 @@ def test_a_beam_runner_refuses_model_refresh_in_one_line(zoo_of_this_test, tmp_p
         run(p.graph, "direct")
 
 
+def test_a_bundle_refuses_a_step_that_follows_its_model(zoo_of_this_test, tmp_path):
+    from beamzoo.bundle import BundleError, export
+    publish(zoo_of_this_test, "1")
+    p = Pipeline()
+    p | Files(str(tmp_path / "*.png")) | Classify("tiny_colour", model_refresh=5) | WriteParquet(tmp_path / "o")
+    with pytest.raises(BundleError, match=r"^step 'classify/infer' follows its model's newest version"):
+        export(p.graph, tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists() or not any((tmp_path / "bundle").iterdir())
+
+
 # ---- the command line --------------------------------------------------------------------------
 
 DRIVER = """
