@@ -56,7 +56,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["beamzoo", "beamzoo.*"]),
-    package_data={"beamzoo.zoo": ["models/*.txt", "models/*/*/card.yaml"]},
+    package_data={"beamzoo.zoo": ["models/*.txt", "models/*/*/card.yaml"], "beamzoo.serve": ["grpc_v2.proto"]},
     install_requires=CORE,
     extras_require={"beam": BEAM, "flink": BEAM, "samples": SAMPLES, "serve": SERVE,
                     "bench-serve": BENCH, "dev": DEV,

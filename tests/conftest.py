@@ -229,3 +229,42 @@ def error_line(stderr: str) -> str:
     rest = [line for line in lines if line not in errors]
     assert len(rest) <= 1 and all("--help" in line for line in rest), stderr[-3000:]
     return errors[0]
+
+
+# The serving tests' servers and the batch rows they are compared with (tests/test_serve_*.py).
+
+@pytest.fixture(scope="session")
+def batch_rows(tmp_path_factory):
+    """The batch pipeline's rows for the sample photographs, by file name."""
+    from beamzoo.pipeline import score_images
+    from beamzoo.samples import make_sample_set
+    d = tmp_path_factory.mktemp("batch")
+    images = make_sample_set(d / "images")
+    run_graph(score_images(str(images), str(d / "out")))
+    return {os.path.basename(r["path"]): r for r in read(d / "out")}
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    """efficientnet_lite0 served over HTTP on a free port."""
+    from beamzoo.serve.models import Servable
+    from beamzoo.serve.server import Server
+    running = Server([Servable.from_model("efficientnet_lite0")], max_batch=8, max_delay_ms=5, workers=2).start()
+    yield running
+    running.stop()
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny colour model in versions 1 and 2, a 64 KiB body limit, a queue of 8 rows."""
+    from beamzoo.serve.models import Servable
+    from beamzoo.serve.server import Server
+    d = tmp_path_factory.mktemp("tiny")
+    path = tiny_colour_model(d / "tiny.onnx")
+    servables = [Servable.from_model(tiny_card(path)), Servable.from_model(tiny_card(path, version="2"))]
+    running = Server(servables, max_batch=4, max_delay_ms=2, max_queue=8, max_body_bytes=64 << 10,
+                     workers=1).start()
+    running.images = {c: open(write_colour_image(d / f"{c}.png", rgb), "rb").read()
+                      for c, rgb in (("red", (230, 20, 20)), ("green", (20, 230, 20)), ("blue", (20, 20, 230)))}
+    yield running
+    running.stop()

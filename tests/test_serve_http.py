@@ -6,7 +6,6 @@ import base64
 import http.client
 import itertools
 import json
-import os
 import re
 import select
 import socket
@@ -15,13 +14,12 @@ import time
 
 import pytest
 
-from beamzoo.pipeline import score_images
-from beamzoo.samples import make_sample_set, sample_files
+from beamzoo.samples import sample_files
 from beamzoo.serve.models import Servable
 from beamzoo.serve.server import Server
 from beamzoo.serve.client import Client, ServerError
 from tests.badfiles import png_bomb
-from conftest import read, run_graph, tiny_card, tiny_colour_model, write_colour_image
+from conftest import tiny_card, tiny_colour_model, write_colour_image
 
 FIELDS = ("label", "score", "topk_labels", "topk_scores", "model")
 
@@ -46,36 +44,6 @@ def close_to(a, b, tol=1e-5):
     if isinstance(a, list):
         return len(a) == len(b) and all(close_to(x, y, tol) for x, y in zip(a, b))
     return a == b
-
-
-@pytest.fixture(scope="module")
-def lite0():
-    running = Server([Servable.from_model("efficientnet_lite0")], max_batch=8, max_delay_ms=5, workers=2).start()
-    yield running
-    running.stop()
-
-
-@pytest.fixture(scope="module")
-def batch_rows(tmp_path_factory):
-    """The batch pipeline's rows for the sample photographs, by file name."""
-    d = tmp_path_factory.mktemp("batch")
-    images = make_sample_set(d / "images")
-    run_graph(score_images(str(images), str(d / "out")))
-    return {os.path.basename(r["path"]): r for r in read(d / "out")}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    """The tiny colour model in versions 1 and 2, a 64 KiB body limit, a queue of 8 rows."""
-    d = tmp_path_factory.mktemp("tiny")
-    path = tiny_colour_model(d / "tiny.onnx")
-    servables = [Servable.from_model(tiny_card(path)), Servable.from_model(tiny_card(path, version="2"))]
-    running = Server(servables, max_batch=4, max_delay_ms=2, max_queue=8, max_body_bytes=64 << 10,
-                     workers=1).start()
-    running.images = {c: open(write_colour_image(d / f"{c}.png", rgb), "rb").read()
-                      for c, rgb in (("red", (230, 20, 20)), ("green", (20, 230, 20)), ("blue", (20, 20, 230)))}
-    yield running
-    running.stop()
 
 
 @pytest.mark.integration

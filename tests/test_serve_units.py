@@ -336,6 +336,13 @@ def test_v2_binary_requests_that_cannot_be_served(change, message):
         P.parse_v2(body, ["label", "score"], raw)
 
 
+def test_a_model_name_field_must_be_the_model_of_the_path():
+    body = {**_v2(), "model_name": "lite0"}
+    assert P.parse_v2(body, ["label"], model="lite0")[2] == ["label"]
+    with pytest.raises(P.BadRequest, match='"lite1" is not the model of the path, .lite0.' ):
+        P.parse_v2({**body, "model_name": "lite1"}, ["label"], model="lite0")
+
+
 def test_the_binary_header_length_must_fit_the_body():
     assert P.split_binary(b'{"a":1}xyz', "7") == (b'{"a":1}', b"xyz")
     assert P.split_binary(b'{"a":1}', None) == (b'{"a":1}', b"")

@@ -25,6 +25,7 @@ connection before the app reads it.)
 from __future__ import annotations
 
 import json
+import threading
 
 import h11
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -37,11 +38,12 @@ class Busy(Exception):
 
 
 class ByteBudget:
-    """Bytes of request bodies held at most; ``hold()`` is one request's share (used on the
-    event loop only)."""
+    """Bytes of request bodies held at most, across HTTP and gRPC; ``hold()`` is one request's
+    share."""
 
     def __init__(self, limit: int, gauge=None):
         self.limit, self.used, self.gauge = limit, 0, gauge
+        self.lock = threading.Lock()  # the event loop and gRPC's threads both take and release
 
     def hold(self) -> Hold:
         return Hold(self)
@@ -60,15 +62,17 @@ class Hold:
 
     def take(self, n: int) -> None:
         b = self.budget
-        if b.used + n > b.limit:
-            raise Busy(f"the server holds {b.used} bytes of request bodies, at most {b.limit} "
-                       f"(--max_inflight_bytes), and this request brings {self.bytes + n}")
-        b._add(n)
-        self.bytes += n
+        with b.lock:
+            if b.used + n > b.limit:
+                raise Busy(f"the server holds {b.used} bytes of request bodies, at most {b.limit} "
+                           f"(--max_inflight_bytes), and this request brings {self.bytes + n}")
+            b._add(n)
+            self.bytes += n
 
     def release(self) -> None:
-        self.budget._add(-self.bytes)
-        self.bytes = 0
+        with self.budget.lock:
+            self.budget._add(-self.bytes)
+            self.bytes = 0
 
 
 class Limits:

@@ -138,16 +138,20 @@ def _flag(params: dict, key: str, where: str) -> bool | None:
     return v
 
 
-def parse_v2(body, max_outputs: list[str], binary: bytes = b"") -> tuple[str | None, list, list[str], set[str]]:
+def parse_v2(body, max_outputs: list[str], binary: bytes = b"", model: str | None = None
+             ) -> tuple[str | None, list, list[str], set[str]]:
     """(request id, one item per instance, the output names asked for, those to send as binary
-    data). ``binary``: the data after the JSON header (the binary data extension)."""
+    data). ``binary``: the data after the JSON header (the binary data extension); ``model``: the
+    model the path names, which a ``model_name`` field (the KServe SDK sends one) must match."""
     from beamzoo.serve.tensors import RawError, bytes_elements
     if not isinstance(body, dict):
         raise BadRequest(f'the body must be a JSON object with "inputs", got {_show(body)}')
-    extra = sorted(set(body) - {"id", "inputs", "outputs", "parameters"})
+    extra = sorted(set(body) - {"id", "inputs", "outputs", "parameters", "model_name"})
     if extra:
         raise BadRequest(f"unknown field(s) {', '.join(map(repr, extra))}; an inference request has "
-                         '"inputs" (and optionally "id", "outputs", "parameters")')
+                         '"inputs" (and optionally "id", "outputs", "parameters", "model_name")')
+    if model is not None and body.get("model_name", model) != model:
+        raise BadRequest(f'"model_name" {_show(body["model_name"])} is not the model of the path, {model!r}')
     rid = body.get("id")
     if rid is not None and not isinstance(rid, str):
         raise BadRequest(f'"id" must be a string, got {_show(rid)}')
@@ -162,6 +166,8 @@ def parse_v2(body, max_outputs: list[str], binary: bytes = b"") -> tuple[str | N
     missing = [k for k in ("name", "shape", "datatype", *(() if size is not None else ("data",))) if k not in t]
     if missing:
         raise BadRequest(f"input tensor lacks {', '.join(map(repr, missing))}")
+    if t["name"] != IMAGE:
+        raise BadRequest(f'the input is named "{IMAGE}" (encoded images), got {_show(t["name"])}')
     if t["datatype"] != "BYTES":
         raise BadRequest(f'input {t["name"]!r} must have datatype "BYTES" (encoded images), got {_show(t["datatype"])}')
     if size is not None:
