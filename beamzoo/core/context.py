@@ -45,8 +45,9 @@ class RunContext:
     """One run's shared state. ``clock``: seconds since the epoch (default ``time.time``)."""
 
     def __init__(self, run: str | None = None, clock: Callable[[], float] | None = None,
-                 hooks: list[Hooks] = ()):
+                 hooks: list[Hooks] = (), holds: bool = False):
         self.run_id = run or run_id()
+        self.holds = holds  # what it shares is given back by ``release`` (else kept for the process)
         self.clock = clock or time.time
         self.hooks = list(hooks)
         self.steps: dict[str, StepMetrics] = {}
@@ -105,7 +106,12 @@ class RunContext:
     # ---------------------------------------------------------------- resources
     def shared(self, key: Any, make: Callable[[], Any]) -> Any:
         """The one object for ``key`` in this process (a model session, a worker pool)."""
-        return resources.shared(key, make)
+        return resources.shared(key, make, self if self.holds else None)
+
+    def release(self) -> int:
+        """Give back what a holding context shared (a served version retired); how many objects
+        no one else used are forgotten."""
+        return resources.release(self) if self.holds else 0
 
 
 class _Standalone(RunContext):

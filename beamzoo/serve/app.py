@@ -1,4 +1,5 @@
-"""The HTTP application (Starlette): TF Serving REST, KServe v2 (JSON and binary tensors) and /metrics."""
+"""The HTTP application (Starlette): TF Serving REST, KServe v2 (JSON and binary tensors), the
+model repository API (``/v2/repository/...``, as Triton has it) and /metrics."""
 from __future__ import annotations
 
 import asyncio
@@ -8,12 +9,13 @@ import re
 import time
 
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from beamzoo.serve import infer, protocol as P
+from beamzoo.serve import infer, protocol as P, repository
 from beamzoo.serve.limits import RETRY_AFTER_S
 from beamzoo.serve.models import UnknownServable, signature
 from beamzoo.version import __version__
@@ -22,7 +24,8 @@ _TF_PATH = re.compile(r"^(?P<name>[^/:]+)(?:/versions/(?P<version>[^/:]+))?(?P<t
 _V2_PATH = re.compile(r"^(?P<name>[^/]+)(?:/versions/(?P<version>[^/]+))?(?P<tail>/infer|/ready)?$")
 
 
-EXTENSIONS = ("binary_tensor_data",)  # of KServe v2 / Triton
+EXTENSIONS = ("binary_tensor_data", "model_repository")  # of KServe v2 / Triton
+REPOSITORY_BODY_BYTES = 64 << 10  # the largest body of a repository request
 
 
 def error(status: int, message: str, **extra) -> JSONResponse:
@@ -100,13 +103,13 @@ def make_app(server) -> Starlette:
             else:
                 head, binary = P.split_binary(body, request.headers.get(P.HEADER_LENGTH))
                 fields = server.lookup(name, version)[1].fields
-                rid, items, names, binary_out = P.parse_v2(P.parse_json(head), fields, binary)
+                rid, items, names, binary_out = P.parse_v2(P.parse_json(head), fields, binary, name)
             pending = infer.submit(server, name, version, items)
             servable, service = pending.servable, pending.service
             label, ver = servable.name, servable.version
             answers = await answer_of(request, pending.future, due - time.monotonic(), server.timeout_s)
             results = infer.results(pending, answers, metrics)
-            raw, headers = b"", {}
+            raw = b""
             if protocol == "tf":
                 answer = P.tf_answer(form, results, service.fields)
             else:
@@ -119,6 +122,8 @@ def make_app(server) -> Starlette:
                 status, message = failure
                 outcome = infer.OUTCOME[status]
                 answer = {"error": message, **answer}
+                if raw:  # an error's body is read as JSON alone (tritonclient does): outputs as JSON data
+                    answer["outputs"], raw = P.v2_outputs(results, service.schema, names)
             if not raw:
                 return JSONResponse(answer, status)
             head = json.dumps(answer, separators=(",", ":")).encode()
@@ -202,6 +207,55 @@ def make_app(server) -> Starlette:
     async def v2_server(request):
         return JSONResponse({"name": "beamzoo", "version": __version__, "extensions": list(EXTENSIONS)})
 
+    async def repository_body(request: Request, allowed: tuple[str, ...]) -> dict:
+        """A repository request's JSON body ({} when empty), with no fields but ``allowed``."""
+        hold = server.inflight.hold()
+        try:
+            body = await read_body(request, REPOSITORY_BODY_BYTES, hold, server.body_timeout_s)
+        finally:
+            hold.release()
+        got = P.parse_json(body) if body.strip() else {}
+        if not isinstance(got, dict):
+            raise P.BadRequest(f"the body must be a JSON object, got {type(got).__name__}")
+        if got.get("parameters") == {}:
+            del got["parameters"]
+        unknown = sorted(set(got) - set(allowed))
+        if unknown:
+            raise P.BadRequest(f"{request.url.path} takes {', '.join(map(repr, allowed)) or 'no fields'}, "
+                               f"not {', '.join(map(repr, unknown))}")
+        return got
+
+    async def repository_index(request):
+        try:
+            ready = (await repository_body(request, ("ready",))).get("ready", False)
+            if not isinstance(ready, bool):
+                raise P.BadRequest(f"'ready' must be true or false, got {json.dumps(ready)}")
+            return JSONResponse(await run_in_threadpool(repository.index, server, ready))  # it lists the folder
+        except Exception as exc:
+            return refused(exc)
+
+    async def repository_change(request, change):
+        try:
+            await repository_body(request, ())
+            return JSONResponse(await run_in_threadpool(change, server, request.path_params["name"]))
+        except repository.RepositoryError as exc:
+            return error(exc.status, str(exc))
+        except Exception as exc:
+            return refused(exc)
+
+    def refused(exc: Exception) -> JSONResponse:
+        """The answer to a request refused as a whole (a bad body, the server busy or closing)."""
+        known = infer.refusal(exc)
+        if known is None:
+            raise exc
+        return error(known[0], known[2])
+
+    async def repository_load(request):
+        return await repository_change(request, repository.load)
+
+    async def repository_unload(request):
+        return await repository_change(request, repository.unload)
+
     async def metrics_text(request):
         return Response(metrics.text(), media_type=metrics.content_type)
 
@@ -214,6 +268,9 @@ def make_app(server) -> Starlette:
     routes = [Route("/v1/models/{rest:path}", tf_models, methods=["GET", "POST"]),
               Route("/v2", v2_server), Route("/v2/health/live", live), Route("/v2/health/ready", ready),
               Route("/v2/models/{rest:path}", v2_models, methods=["GET", "POST"]),
+              Route("/v2/repository/index", repository_index, methods=["POST"]),
+              Route("/v2/repository/models/{name}/load", repository_load, methods=["POST"]),
+              Route("/v2/repository/models/{name}/unload", repository_unload, methods=["POST"]),
               Route("/metrics", metrics_text)]
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from beamzoo.bundle import BundleError
@@ -10,13 +11,17 @@ from beamzoo.cli_args import add_knobs, given, number
 from beamzoo.core.knobs import pick
 from beamzoo.pipeline import user_errors
 from beamzoo.serve.knobs import SERVER_KNOBS
+from beamzoo.serve.repository import REPOSITORY_KNOBS, versions_in
+from beamzoo.zoo import add_repository
 
 MODEL_KNOBS = pick(Classify, "topk", "max_pixels")  # of the zoo models served
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", action="append", default=[], metavar="NAME[:V]",
-                   help="a zoo model to serve (name, name:version or a card file); repeat for more")
+                   help="a zoo model to serve (name, name:version or a card file); repeat for more. With --zoo, "
+                        "a NAME the repository has is served from it, every version, following it; the others "
+                        "come from the zoo, as without --zoo")
     p.add_argument("--bundle", action="append", default=[], metavar="DIR",
                    help="an exported bundle to serve, under its model's name and version; repeat for more")
     p.add_argument("--trust", action="append", default=[], metavar="PUBKEY",
@@ -25,6 +30,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=number(int, 0, 65535), default=8501,
                    help="port (default 8501; 0 picks a free one)")
+    p.add_argument("--grpc_port", type=number(int, 0, 65535), default=None, metavar="PORT",
+                   help="also serve KServe v2 over gRPC on this port, with the same batching, limits and metrics "
+                        "(0 picks a free one; default: HTTP only)")
+    p.add_argument("--zoo", default=None, metavar="DIR",
+                   help="a model repository (DIR/NAME/VERSION/card.yaml) to serve while it changes: every version "
+                        "of its models (with --model, of those named); an added version goes live (the name alone "
+                        "moves to the newest), a removed one is retired once its requests are answered, one whose "
+                        "card does not verify is refused. POST /v2/repository/index lists it; "
+                        "/v2/repository/models/NAME/load and /unload change it on request")
+    add_knobs(p, REPOSITORY_KNOBS)
     add_knobs(p, SERVER_KNOBS)
     add_knobs(p, MODEL_KNOBS)
     p.add_argument("--redis", default=None, metavar="URL",
@@ -44,23 +59,47 @@ def _trusted(path):
 
 
 def main(args: argparse.Namespace) -> int:
+    # gRPC's core logs a failed bind itself before beamzoo's one-line error says it; a user's setting wins
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from beamzoo.serve.models import Servable  # the server's packages: needed to serve, not to parse
     from beamzoo.serve.server import Server
     try:
-        if not args.model and not args.bundle:
-            raise ValueError("nothing to serve: give --model NAME[:V] or --bundle DIR")
+        if not args.model and not args.bundle and not args.zoo:
+            raise ValueError("nothing to serve: give --model NAME[:V], --bundle DIR or --zoo DIR")
+        if args.poll_s is not None and not args.zoo:
+            raise ValueError("--poll_s says how often to look at a model repository: give it with --zoo DIR")
         knobs = given(args, SERVER_KNOBS)
         max_batch = knobs.get("max_batch", SERVER_KNOBS["max_batch"].default)  # what inference runs at once
-        servables = [Servable.from_model(m, max_batch, **given(args, MODEL_KNOBS))
-                     for m in args.model]
+        fixed, followed = list(args.model), []
+        if args.zoo:
+            if not os.path.isdir(args.zoo):
+                raise ValueError(f"--zoo {args.zoo}: no such folder; a model repository is a folder of "
+                                 "NAME/VERSION/card.yaml")
+            add_repository(args.zoo)  # --model NAME:V and NAME of the repository resolve there too
+            names = {n for n, _ in versions_in(args.zoo)}
+            followed = [m for m in args.model if m in names]
+            fixed = [m for m in args.model if m not in names]
+        servables = [Servable.from_model(m, max_batch, **given(args, MODEL_KNOBS)) for m in fixed]
         if args.trust and not args.bundle:
             raise ValueError("--trust checks bundles: give it with --bundle DIR")
         trust = [_trusted(k) for k in args.trust]
         servables += [Servable.from_bundle(b, trust) for b in args.bundle]
         server = Server(servables, **knobs)
-    except (BundleError, ValueError, *user_errors()) as exc:
+    except (BundleError, ValueError, OSError, *user_errors()) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if args.zoo:
+        try:
+            server.watch(args.zoo, only=followed if args.model else None, model_knobs=given(args, MODEL_KNOBS),
+                         **given(args, REPOSITORY_KNOBS))
+            unserved = [m for m in followed if m not in {s.name for s in server.catalog}]
+            if unserved:
+                raise ValueError(f"--model {unserved[0]}: no version of it in the repository {args.zoo} could be "
+                                 "served (the lines above say why)")
+        except (ValueError, OSError, *user_errors()) as exc:
+            server.close()
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     if args.redis:
         try:
             server.consume(args.redis, args.stream, args.consumer)
@@ -69,9 +108,10 @@ def main(args: argparse.Namespace) -> int:
             print(f"error: cannot use the Redis stream {args.stream!r} at {args.redis}: {exc}", file=sys.stderr)
             return 2
     try:
-        server.run(args.host, args.port)
+        server.run(args.host, args.port, grpc_port=args.grpc_port)
     except OSError as exc:
         server.close()
-        print(f"error: cannot listen on {args.host}:{args.port}: {exc.strerror or exc}", file=sys.stderr)
+        why = f"cannot listen on {args.host}:{args.port}: {exc.strerror}" if exc.strerror else str(exc)
+        print(f"error: {why}", file=sys.stderr)
         return 2
     return 0

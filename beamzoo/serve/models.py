@@ -3,12 +3,14 @@
 A zoo model is served as the batch pipeline's ``Classify`` graph; a bundle
 as its own graph, under the name and version of its (first) model. Only
 ``zoo.get``, ``card.ref``, ``card.name``, ``card.version``, ``card.labels``
-and ``signature`` below touch a card.
+and ``signature`` below touch a card. The ``Catalog`` of what is served may
+change while requests read it (a repository's versions come and go).
 """
 from __future__ import annotations
 
 import os
 import tempfile
+import threading
 from dataclasses import dataclass
 
 from beamzoo.bundle import BundleError, load
@@ -75,30 +77,66 @@ class Servable:
 
 
 class Catalog:
-    """Servables by name and version; a name alone means its newest version."""
+    """Servables by name and version, each with what serves it; a name alone means its newest version.
 
-    def __init__(self, servables: list[Servable]):
-        self.by_name: dict[str, dict[str, Servable]] = {}
+    Versions come and go while requests read it (``add``, ``remove``): every read is one look
+    under its lock, so a reader gets a servable and its service that belong together."""
+
+    def __init__(self, servables: list[Servable] = ()):
+        self._lock = threading.Lock()
+        self._by_name: dict[str, dict[str, tuple[Servable, object]]] = {}
         for s in servables:
-            versions = self.by_name.setdefault(s.name, {})
-            if s.version in versions:
-                raise ValueError(f"model {s.name} version {s.version} is given twice")
-            versions[s.version] = s
+            self.add(s)
 
-    def versions(self, name: str) -> list[str]:
-        if name not in self.by_name:
+    def add(self, servable: Servable, service=None) -> None:
+        """Serve ``servable`` (with ``service``); a version already here is refused."""
+        with self._lock:
+            versions = self._by_name.setdefault(servable.name, {})
+            if servable.version in versions:
+                raise ValueError(f"model {servable.name} version {servable.version} is given twice")
+            versions[servable.version] = (servable, service)
+
+    def remove(self, name: str, version: str | None = None) -> list[tuple[Servable, object]]:
+        """Take ``name:version`` (every version of ``name`` without one) out; what was taken."""
+        with self._lock:
+            self._entry(name, version)  # raises UnknownServable
+            versions = self._by_name[name]
+            taken = [versions.pop(v) for v in ([version] if version is not None else list(versions))]
+            if not versions:
+                del self._by_name[name]
+            return taken
+
+    def _versions(self, name: str) -> list[str]:
+        if name not in self._by_name:
             raise UnknownServable(f"no model named {name!r} is served here; served: "
-                                  f"{', '.join(sorted(self.by_name)) or 'none'}")
-        return sorted(self.by_name[name], key=version_key)
+                                  f"{', '.join(sorted(self._by_name)) or 'none'}")
+        return sorted(self._by_name[name], key=version_key)
 
-    def get(self, name: str, version: str | None = None) -> Servable:
-        versions = self.versions(name)
+    def _entry(self, name: str, version: str | None) -> tuple[Servable, object]:
+        versions = self._versions(name)
         if version is None:
-            return self.by_name[name][versions[-1]]
-        if version not in self.by_name[name]:
+            return self._by_name[name][versions[-1]]
+        if version not in self._by_name[name]:
             raise UnknownServable(f"model {name!r} has no version {version!r} here; served versions: "
                                   f"{', '.join(versions)}")
-        return self.by_name[name][version]
+        return self._by_name[name][version]
+
+    def versions(self, name: str) -> list[str]:
+        with self._lock:
+            return self._versions(name)
+
+    def entry(self, name: str, version: str | None = None) -> tuple[Servable, object]:
+        """(servable, service) of ``name`` (its newest version) or ``name:version``; raises ``UnknownServable``."""
+        with self._lock:
+            return self._entry(name, version)
+
+    def get(self, name: str, version: str | None = None) -> Servable:
+        return self.entry(name, version)[0]
+
+    def entries(self) -> list[tuple[Servable, object]]:
+        """Every (servable, service) now, by name and version."""
+        with self._lock:
+            return [self._by_name[n][v] for n in sorted(self._by_name) for v in self._versions(n)]
 
     def __iter__(self):
-        return (s for v in self.by_name.values() for s in v.values())
+        return iter([s for s, _ in self.entries()])

@@ -8,8 +8,9 @@ the hash ``<stream>:result:<uri>`` (``value``: the prediction as JSON,
 entry's XACK and XDEL: an entry is acknowledged only with its result, so a
 consumer killed before that leaves it pending, and the consumer started
 again (same name; or any consumer once it has been idle ``claim_idle_s``)
-answers it. ``QueueClient`` enqueues (refusing when Redis memory passes 60 %
-of ``maxmemory``) and queries.
+answers it. Entries for a model version retired just as they were queued
+go to the version now served. ``QueueClient`` enqueues (refusing when Redis
+memory passes 60 % of ``maxmemory``) and queries.
 
 Entries are capped as HTTP bodies are (the server's ``max_body_bytes``): a
 script in Redis reads them one by one and replaces a larger entry's data by
@@ -167,7 +168,7 @@ class StreamConsumer:
         self.redis.ping()  # fails now, not in the thread, when Redis cannot be reached
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}"
         self.claim_idle_ms, self.poll_s = int(claim_idle_s * 1000), poll_ms / 1000
-        self.count = max(s.loop.batcher.max_batch for s in server.services.values()) * server.workers
+        self.count = server.max_batch * server.workers
         self.max_bytes = server.max_body_bytes
         self.answered = 0
         self.ready = True
@@ -232,7 +233,7 @@ class StreamConsumer:
         return True
 
     def _serve(self, entries: list) -> None:
-        by_service: dict = {}
+        by_model: dict = {}
         answers: dict[bytes, dict] = {}
         gone = [entry_id for entry_id, fields in entries if fields is None]
         for entry_id, fields in entries:
@@ -247,21 +248,20 @@ class StreamConsumer:
                                      f"{self.max_bytes} bytes (--max_body_bytes); send a smaller image")
                 if not uri or not data:
                     raise ValueError("a queued request needs a uri and data")
-                service = self.server.service_for(model)
-            except (ValueError, LookupError) as exc:
+            except ValueError as exc:
                 answers[entry_id] = (uri, {"error": str(exc), "stage": "request"})
                 continue
-            by_service.setdefault(service, []).append((entry_id, uri, data))
-        for service, items in by_service.items():
-            while True:
-                try:
-                    future = service.submit([d for _, _, d in items])
-                    break
-                except QueueFull:  # HTTP has filled the queue: wait, the entries stay ours
-                    if self._stop.wait(0.05):
-                        return
-                except Closed:
-                    return
+            by_model.setdefault(model, []).append((entry_id, uri, data))
+        queued = []
+        for model, items in by_model.items():
+            try:
+                future = self._submit(model, [d for _, _, d in items])
+            except LookupError as exc:  # no such model (or version) is served
+                answers.update((e, (uri, {"error": str(exc), "stage": "request"})) for e, uri, _ in items)
+                continue
+            if future is not None:  # else the server stops: these entries stay pending
+                queued.append((items, future))
+        for items, future in queued:
             for (entry_id, uri, _), result in zip(items, future.result()):
                 answers[entry_id] = (uri, result)
         pipe = self.redis.pipeline(transaction=True)
@@ -275,6 +275,23 @@ class StreamConsumer:
             pipe.xack(self.stream, GROUP, entry_id)
         pipe.execute()
         self.answered += len(answers)
+
+    def _submit(self, model: str | None, data: list[bytes]):
+        """The future of ``data`` queued for ``model`` (``name[:version]``), or None once the server
+        stops. A version retired between the lookup and the queueing is looked up again: its
+        entries move to the version now served. Raises ``LookupError`` when no version serves."""
+        closed = 0
+        while True:
+            service = self.server.service_for(model)
+            try:
+                return service.submit(data)
+            except QueueFull:  # HTTP has filled the queue: wait, the entries stay ours
+                if self._stop.wait(0.05):
+                    return None
+            except Closed:
+                closed += 1
+                if self.server.closed or closed == 3:  # the server stops, not a version swapped out
+                    return None
 
     def close(self, timeout: float | None = 30.0) -> None:
         """Read no more; what is in hand is answered and acknowledged first."""

@@ -58,7 +58,8 @@ class ModelService:
                  max_queue: int = 256, workers: int = 1, clock=time.monotonic):
         self.servable, self.metrics, self.clock = servable, metrics, clock
         self.label = servable.name
-        self.ctx = RunContext(f"serve-{servable.name}-{servable.version}", hooks=[StepSeries(metrics, self.label)])
+        self.ctx = RunContext(f"serve-{servable.name}-{servable.version}", hooks=[StepSeries(metrics, self.label)],
+                              holds=True)  # a version retired gives its sessions back
         self.engines = [Engine(servable.plan, self.ctx) for _ in range(workers)]  # models load here
         self.schema = answer_schema(servable.plan)  # the answer fields
         self.fields = self.schema.names
@@ -120,5 +121,8 @@ class ModelService:
                 ticket.answer(index, {"error": error, "stage": stage})
 
     def close(self, timeout: float | None = None) -> None:
-        """Take no more; answer what was accepted."""
+        """Take no more; answer what was accepted; give back the sessions no other service uses."""
         self.loop.close(timeout)
+        if not any(t.is_alive() for t in self.loop.threads):  # no batch runs any more
+            self.engines = []
+            self.ctx.release()
