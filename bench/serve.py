@@ -14,24 +14,37 @@ requests on a fixed schedule (--small-rate), first alone, then while
 --big-clients clients send, back to back, requests of --big-rows images
 that are cheap to send but expensive to decode (--big-side px square
 PNGs of a few KB): the small requests' p50 and p99 under that load, against
-alone. Every phase is bounded by --seconds and --max-requests; --sections
-picks phases. Prints one table; writes OUT/serve-n{N}.json.
+alone; (4) wire: KServe v2 over HTTP, one image per request, JSON (base64)
+against binary tensors (the binary data extension both ways, as tritonclient
+sends by default): bytes on the wire per request and response (counted on
+the client's sockets, over every image once), then requests/s at each
+--wire-concurrency; (5) grpc: tritonclient's gRPC client against its HTTP
+client (binary tensors both) on one fresh server process serving both, at
+each --wire-concurrency. Every phase is bounded by --seconds and
+--max-requests; --sections picks phases. Prints its tables; writes
+OUT/serve-n{N}.json.
 """
 from __future__ import annotations
 
 import argparse
 import base64
+import http.client
+import importlib
+import importlib.util
 import json
 import os
 import platform
 import re
+import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -45,6 +58,7 @@ from images import image_paths, make_set  # noqa: E402
 from beamzoo.serve.client import Client  # noqa: E402
 
 MODEL = "efficientnet_lite0"
+SECTIONS = ("batch", "lone", "closed", "open", "fair", "wire", "grpc")
 
 
 def batch_child(files: str, out: str, workers: int | None) -> None:
@@ -93,15 +107,15 @@ def send(client: Client, body: bytes) -> bool:
     return status == 200 and "label" in answer["predictions"][0]
 
 
-def closed_loop(url: str, reqs: list[bytes], clients: int, seconds: float, limit: int, send=send) -> dict:
+def closed_loop(url: str, reqs: list, clients: int, seconds: float, limit: int, send=send, client=Client) -> dict:
     """``clients`` threads, each sending its next request when the last is answered; ``send(client, body)``
-    says whether the answer was right."""
+    says whether the answer was right; ``client(url)``: each thread's client (a context manager)."""
     lat, errors, lock = [], [0], threading.Lock()
     count = iter(range(1 << 62))
     stop = time.perf_counter() + seconds
 
     def loop():
-        with Client(url) as c:
+        with client(url) as c:
             while time.perf_counter() < stop:
                 i = next(count)
                 if i >= limit:
@@ -198,6 +212,208 @@ def fairness(url: str, reqs: list[bytes], args) -> dict:
             "big": {**got, "p50_ms": 1000 * quantile(secs, 0.5) if secs else None}}
 
 
+# --- KServe v2 over HTTP: binary tensors against JSON (bytes on the wire, requests/s) ---
+
+V2_PATH = f"/v2/models/{MODEL}/infer"
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+
+def v2_json(image: bytes) -> tuple[bytes, dict]:
+    """One image as KServe v2 JSON: base64 data in, every output as JSON data out."""
+    req = {"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [base64.b64encode(image).decode()]}]}
+    return json.dumps(req).encode(), {"Content-Type": "application/json"}
+
+
+def v2_binary(image: bytes) -> tuple[bytes, dict]:
+    """One image as tritonclient's HTTP client sends it by default: the binary data extension both ways."""
+    head = json.dumps({"inputs": [{"name": "image", "shape": [1], "datatype": "BYTES",
+                                   "parameters": {"binary_data_size": 4 + len(image)}}],
+                       "parameters": {"binary_data_output": True}}, separators=(",", ":")).encode()
+    return head + struct.pack("<I", len(image)) + image, {HEADER_LENGTH: str(len(head)),
+                                                           "Content-Type": "application/octet-stream"}
+
+
+class CountingSocket(socket.socket):
+    """A TCP socket that counts what it sends and receives: HTTP heads and bodies, not TCP/IP headers."""
+
+    sent = received = 0
+
+    def sendall(self, data, *flags):
+        self.sent += len(data)
+        return super().sendall(data, *flags)
+
+    def send(self, data, *flags):
+        n = super().send(data, *flags)
+        self.sent += n
+        return n
+
+    def recv_into(self, buffer, *args):
+        n = super().recv_into(buffer, *args)
+        self.received += n
+        return n
+
+    def recv(self, *args):
+        data = super().recv(*args)
+        self.received += len(data)
+        return data
+
+
+class WireClient:
+    """One keep-alive HTTP/1.1 connection (http.client, as ``Client``) whose bytes on the wire are counted."""
+
+    def __init__(self, url: str, timeout: float = 60.0):
+        u = urlsplit(url)
+        self._conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+        self._conn._create_connection = self._connect
+        self._socks = []
+
+    def _connect(self, address, timeout=None, source_address=None):
+        sock = CountingSocket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.settimeout(timeout)
+        sock.connect(address)
+        self._socks.append(sock)
+        return sock
+
+    def post(self, path: str, body: bytes, headers: dict) -> tuple[int, dict, bytes]:
+        self._conn.request("POST", path, body, headers)
+        r = self._conn.getresponse()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, r.read()
+
+    @property
+    def bytes(self) -> tuple[int, int]:
+        """(sent, received) over every connection it made."""
+        return sum(s.sent for s in self._socks), sum(s.received for s in self._socks)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._conn.close()
+
+
+def v2_label(headers: dict, data: bytes) -> str | None:
+    """The one image's label of a KServe v2 answer, JSON or binary; None if it has none."""
+    n = int(headers.get(HEADER_LENGTH.lower(), len(data)))
+    answer, at = json.loads(data[:n]), n
+    for o in answer.get("outputs", []):
+        size = o.get("parameters", {}).get("binary_data_size")
+        if o["name"] == "label":
+            if size is None:
+                return o["data"][0]
+            (k,) = struct.unpack_from("<I", data, at)
+            return data[at + 4:at + 4 + k].decode() or None
+        at += size or 0
+    return None
+
+
+def send_v2(client: WireClient, req: tuple[bytes, dict]) -> bool:
+    status, headers, data = client.post(V2_PATH, *req)
+    return status == 200 and bool(v2_label(headers, data))
+
+
+FORMS = {"json": v2_json, "binary": v2_binary}
+
+
+def wire(url: str, images: list[bytes], levels: list[int], args) -> dict:
+    """Bytes on the wire per request over every image once, then requests/s at each client count."""
+    reqs = {form: [make(i) for i in images] for form, make in FORMS.items()}
+    out = {"bytes": {}, "loops": {form: [] for form in FORMS}, "labels_agree": None}
+    labels = {}
+    for form, bodies_ in reqs.items():
+        with WireClient(url) as c:
+            got = []
+            for req in bodies_[:args.max_requests]:
+                status, headers, data = c.post(V2_PATH, *req)
+                got.append(v2_label(headers, data) if status == 200 else None)
+            sent, received = c.bytes
+        labels[form] = got
+        out["bytes"][form] = {"requests": len(got), "request": sent / len(got), "response": received / len(got),
+                              "total": (sent + received) / len(got)}
+    out["labels_agree"] = sum(a == b and a is not None for a, b in zip(*labels.values())) / len(labels["json"])
+    for k, clients in enumerate(levels):
+        for form in (("json", "binary") if k % 2 == 0 else ("binary", "json")):  # neither always goes first
+            r = closed_loop(url, reqs[form], clients, args.seconds, args.max_requests, send=send_v2,
+                            client=WireClient)
+            out["loops"][form].append(r)
+    return out
+
+
+# --- gRPC against HTTP: tritonclient's two clients, binary tensors, against one server process ---
+
+def grpc_missing() -> str | None:
+    """Why gRPC cannot be measured here, or None."""
+    if importlib.util.find_spec("beamzoo.serve.grpc_service") is None:
+        return "beamzoo.serve.grpc_service missing"
+    for module in ("tritonclient.grpc", "tritonclient.http"):
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            return f"{module} missing ({exc}): pip install 'tritonclient[http,grpc]'"
+    return None
+
+
+def grpc_child(settings: str) -> None:
+    """A server on HTTP and gRPC (run in a fresh process): prints both addresses, serves until stdin closes."""
+    from beamzoo.serve.grpc_service import start_grpc
+    from beamzoo.serve.models import Servable
+    from beamzoo.serve.server import Server
+    knobs = {k: v for k, v in json.loads(settings).items() if v is not None}
+    running = Server([Servable.from_model(MODEL, knobs["max_batch"])], **knobs).start()
+    handle = start_grpc(running.server)
+    print(json.dumps({"http": running.url, "grpc": handle.url}), flush=True)
+    sys.stdin.read()
+    handle.stop(5)
+    running.stop()
+
+
+def triton_contender(kind: str, images: list[bytes]):
+    """(client factory, requests, send) of tritonclient's ``kind`` ("http" or "grpc") client, default settings."""
+    module = importlib.import_module(f"tritonclient.{kind}")
+    from tritonclient.utils import InferenceServerException
+
+    def request(image):
+        i = module.InferInput("image", [1], "BYTES")
+        i.set_data_from_numpy(np.array([image], dtype=object))
+        return i
+
+    def client(url):
+        return module.InferenceServerClient(url.removeprefix("http://"))
+
+    def send_one(c, inp) -> bool:
+        try:
+            return bool(c.infer(MODEL, [inp]).as_numpy("label")[0])
+        except InferenceServerException:
+            return False
+
+    return client, [request(i) for i in images], send_one
+
+
+def grpc_against_http(images: list[bytes], levels: list[int], args) -> dict:
+    settings = json.dumps({k: getattr(args, k) for k in ("max_batch", "max_delay_ms", "max_queue", "workers")})
+    proc = subprocess.Popen([sys.executable, __file__, "--grpc-child", settings], cwd=ROOT, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        line = proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"the HTTP and gRPC server did not start (exit {proc.wait(60)})")
+        urls = json.loads(line)
+        contenders = {kind: triton_contender(kind, images) for kind in ("http", "grpc")}
+        out = {kind: [] for kind in contenders}
+        for kind, (client, reqs, send_one) in contenders.items():
+            with client(urls[kind]) as c:
+                for r in reqs[:8]:  # warm up
+                    send_one(c, r)
+        for k, clients in enumerate(levels):
+            for kind in (("http", "grpc") if k % 2 == 0 else ("grpc", "http")):
+                client, reqs, send_one = contenders[kind]
+                out[kind].append(closed_loop(urls[kind], reqs, clients, args.seconds, args.max_requests,
+                                             send=send_one, client=client))
+        return out
+    finally:
+        proc.stdin.close()
+        proc.wait(60)
+
+
 def quantile(xs: list[float], q: float) -> float | None:
     if not xs:
         return None
@@ -220,10 +436,44 @@ def fmt(v, spec="8.1f"):
     return format("n/a", f">{width}") if width else "n/a"
 
 
+def ratio(a, b) -> float | None:
+    return a / b if a and b else None
+
+
+def print_wire(w: dict) -> None:
+    b, j = w["bytes"]["binary"], w["bytes"]["json"]
+    print(f"\nKServe v2 over HTTP, one image per request, {j['requests']} images each way "
+          f"(top-1 labels agree: {w['labels_agree']:.0%}):")
+    print("  bytes per request   request  response    total")
+    for form, x in (("JSON", j), ("binary", b)):
+        print(f"  {form:<16}{x['request']:>10.0f}{x['response']:>10.0f}{x['total']:>9.0f}")
+    print(f"  binary / JSON   {b['request'] / j['request']:>10.3f}{b['response'] / j['response']:>10.3f}"
+          f"{b['total'] / j['total']:>9.3f}")
+    print(f"  {'clients':>7}{'JSON req/s':>12}{'binary req/s':>14}{'binary/JSON':>13}{'p50 ms (J / b)':>18}")
+    for rj, rb in zip(w["loops"]["json"], w["loops"]["binary"]):
+        print(f"  {rj['clients']:>7}{rj['images_per_s']:>12.1f}{rb['images_per_s']:>14.1f}"
+              f"{fmt(ratio(rb['images_per_s'], rj['images_per_s']), '13.2f')}"
+              f"{fmt(rj['p50_ms'], '11.1f')} /{fmt(rb['p50_ms'], '5.1f')}  errors {rj['errors'] + rb['errors']}")
+
+
+def print_grpc(g: dict) -> None:
+    print("\ngRPC against HTTP (tritonclient.grpc / tritonclient.http, binary tensors, one image per request):")
+    print(f"  {'clients':>7}{'HTTP req/s':>12}{'gRPC req/s':>12}{'gRPC/HTTP':>11}{'p50 ms (H / g)':>18}"
+          f"{'p99 ms (H / g)':>18}")
+    for rh, rg in zip(g["http"], g["grpc"]):
+        print(f"  {rh['clients']:>7}{rh['images_per_s']:>12.1f}{rg['images_per_s']:>12.1f}"
+              f"{fmt(ratio(rg['images_per_s'], rh['images_per_s']), '11.2f')}"
+              f"{fmt(rh['p50_ms'], '11.1f')} /{fmt(rg['p50_ms'], '5.1f')}"
+              f"{fmt(rh['p99_ms'], '11.1f')} /{fmt(rg['p99_ms'], '5.1f')}  errors {rh['errors'] + rg['errors']}")
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--batch-child"]:
         batch_child(argv[1], argv[2], int(argv[3]) if len(argv) > 3 else None)
+        return 0
+    if argv[:1] == ["--grpc-child"]:
+        grpc_child(argv[1])
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                                 allow_abbrev=False)
@@ -238,8 +488,10 @@ def main(argv=None) -> int:
     p.add_argument("--max_delay_ms", type=float, default=5.0)
     p.add_argument("--max_queue", type=int, default=256)
     p.add_argument("--workers", type=int, default=None, help="server and edge runner threads (default: cores)")
-    p.add_argument("--sections", default="batch,lone,closed,open,fair",
-                   help="phases to run, of batch,lone,closed,open,fair (default all; open needs closed)")
+    p.add_argument("--sections", default=",".join(SECTIONS),
+                   help=f"phases to run, of {','.join(SECTIONS)} (default all; open needs closed)")
+    p.add_argument("--wire-concurrency", default="1,8,32",
+                   help="client counts of wire (binary against JSON) and grpc (default 1,8,32)")
     p.add_argument("--small-rate", type=float, default=4.0, help="small requests per second in fair (default 4)")
     p.add_argument("--big-rows", type=int, default=64, help="images per big request in fair (default 64)")
     p.add_argument("--big-clients", type=int, default=2, help="clients sending big requests in fair (default 2)")
@@ -248,7 +500,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
     sections = set(args.sections.split(","))
-    unknown = sections - {"batch", "lone", "closed", "open", "fair"}
+    unknown = sections - set(SECTIONS)
+    wire_levels = [int(c) for c in args.wire_concurrency.split(",")]
     if unknown or ("open" in sections and "closed" not in sections):
         p.error(f"--sections: {', '.join(sorted(unknown)) or 'open'}: not a phase (or open without closed)")
 
@@ -257,16 +510,16 @@ def main(argv=None) -> int:
     reqs = bodies(paths)
     print(f"{len(paths)} images; {len(os.sched_getaffinity(0))} cores; load {os.getloadavg()[0]:.2f}", flush=True)
     result = {"n": len(paths), "settings": vars(args)}
-    batch = lone = half = fair = None
+    batch = lone = half = fair = wired = grpc = None
     loops = []
     if "batch" in sections:
         batch = result["batch"] = batch_throughput(str(files), len(paths), args.workers)
         print(f"edge runner (batch): {batch['images_per_s']:.1f} images/s", flush=True)
 
-    proc, url = start_server(args)
+    proc, url = start_server(args) if sections - {"batch", "grpc"} else (None, None)
     try:
         with Client(url) as c:
-            for body in reqs[:8]:  # warm up
+            for body in reqs[:8] if proc else ():  # warm up
                 send(c, body)
         if "lone" in sections:
             lone = result["lone"] = closed_loop(url, reqs, 1, args.seconds, args.lone)
@@ -283,9 +536,19 @@ def main(argv=None) -> int:
             half = result["half_saturation"] = open_loop(url, reqs, saturation / 2, args.seconds, args.max_requests)
         if "fair" in sections:
             fair = result["fairness"] = fairness(url, reqs, args)
+        if "wire" in sections:
+            wired = result["wire"] = wire(url, [Path(p).read_bytes() for p in paths], wire_levels, args)
     finally:
-        proc.terminate()
-        proc.wait(60)
+        if proc:
+            proc.terminate()
+            proc.wait(60)
+    if "grpc" in sections:
+        why = grpc_missing()
+        if why:
+            result["grpc"] = {"not_measured": why}
+            print(f"gRPC: not measured ({why})", flush=True)
+        else:
+            grpc = result["grpc"] = grpc_against_http([Path(p).read_bytes() for p in paths], wire_levels, args)
 
     checks = []
     if batch and loops:
@@ -307,7 +570,8 @@ def main(argv=None) -> int:
               f"{r['errors'] if errors is None else errors:>8}")
 
     print()
-    print(f"{'load':<34}{'images/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
+    if batch or lone or loops or half or fair:
+        print(f"{'load':<34}{'images/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'errors':>8}")
     if batch:
         line("edge runner, batch", {**batch, "p50_ms": None, "p99_ms": None}, batch["failed"])
     if lone:
@@ -323,6 +587,10 @@ def main(argv=None) -> int:
         print(f"  big requests ({args.big_rows} x {args.big_side}px PNG, {fair['big_body_bytes'] // 1024} KB, "
               f"{args.big_clients} clients): {b['answered']} answered, p50 {fmt(b['p50_ms'], '.0f')} ms, "
               f"{b['errors']} errors")
+    if wired:
+        print_wire(wired)
+    if grpc:
+        print_grpc(grpc)
     print()
     for ch in checks:
         print(f"{'met' if ch['met'] else 'MISSED':<7}{ch['target']}: {ch['value']:.2f} (goal {ch['goal']})")

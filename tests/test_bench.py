@@ -70,3 +70,25 @@ def test_the_fidelity_bench_scores_every_image_with_reduced_decoding_on_and_off(
     assert real["agreement"] == 1.0 and real["max_abs_score_diff_rest"] < 1e-5  # the same pixels either way
     assert (upscaled["images"], upscaled["reduced"], upscaled["dead_letters"]) == (2, 2, 0)
     assert upscaled["changed_in_top5"] <= upscaled["changed"] and upscaled["speedup"] > 0
+
+
+@pytest.mark.slow
+def test_a_tiny_serve_benchmark_measures_binary_against_json_and_grpc_against_http(tmp_path):
+    done = subprocess.run([sys.executable, "bench/serve.py", "--n", "3", "--sections", "wire,grpc", "--seconds", "1",
+                           "--wire-concurrency", "1,2", "--max-requests", "20", "--workers", "1",
+                           "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                          timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "out" / "serve-n3.json").read_text())
+    wire = result["wire"]
+    assert wire["labels_agree"] == 1.0 and "binary / JSON" in done.stdout
+    assert wire["bytes"]["binary"]["request"] < wire["bytes"]["json"]["request"]  # no base64
+    loops = [r for form in ("json", "binary") for r in wire["loops"][form]]
+    assert [r["clients"] for r in loops] == [1, 2, 1, 2] and all(r["requests"] > 0 and r["errors"] == 0 for r in loops)
+    grpc = result["grpc"]
+    if "not_measured" in grpc:  # until the gRPC service is there
+        assert f"gRPC: not measured ({grpc['not_measured']})" in done.stdout
+    else:
+        loops = grpc["http"] + grpc["grpc"]
+        assert all(r["requests"] > 0 and r["errors"] == 0 for r in loops), loops

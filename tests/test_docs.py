@@ -3,7 +3,7 @@
 Each page's blocks run in order, in one folder of its own that holds ``photos/``
 (the sample JPEGs, some in ``photos/album/``), ``scans/`` (two pages of text) and
 ``pipelines/`` (a link to the repository's). The only changes to a block are
-paths and hosts: a port of 127.0.0.1 or localhost becomes a free one, ``0.0.0.0``
+paths and hosts: a port of 127.0.0.1 or localhost (or given with --port, --grpc_port) becomes a free one, ``0.0.0.0``
 becomes 127.0.0.1, the remote tier's hosts become servers this test starts, a
 Redis URL one of a ``redis-server`` this test starts, and ``~/models`` and
 ``/srv/models`` a model repository in the page's folder. A block marked
@@ -40,7 +40,7 @@ RUNNABLE = {"python", "bash", "sh"}
 INERT = {"text", "yaml", "json"}
 SKIP = re.compile(r"<!-- docs: skip \((?P<reason>[^)]{10,})\) -->")
 SUMMARY = re.compile(r"inputs: (\d+)  scored: (\d+)  dead letters: (\d+)(?:  already done: (\d+))?")
-LOCAL_PORT = re.compile(r"\b(?:localhost|127\.0\.0\.1|0\.0\.0\.0):(\d{2,5})\b|--port (\d{2,5})\b")
+LOCAL_PORT = re.compile(r"\b(?:localhost|127\.0\.0\.1|0\.0\.0\.0):(\d{2,5})\b|--(?:grpc_)?port (\d{2,5})\b")
 REMOTE_HOST = re.compile(r"http://(cloud-[a-z]+:\d+)")
 BACKGROUND = re.compile(r"&\s*(#.*)?$")  # a command line left running in the background
 
@@ -181,7 +181,8 @@ class Workspace:
         ports = sorted({int(a or b) for a, b in LOCAL_PORT.findall(text)})
         for port, free in zip(ports, free_ports(len(ports))):
             self.subs += [(f"localhost:{port}", f"127.0.0.1:{free}"), (f"127.0.0.1:{port}", f"127.0.0.1:{free}"),
-                          (f"0.0.0.0:{port}", f"127.0.0.1:{free}"), (f"--port {port}", f"--port {free}")]
+                          (f"0.0.0.0:{port}", f"127.0.0.1:{free}"), (f"--port {port}", f"--port {free}"),
+                          (f"--grpc_port {port}", f"--grpc_port {free}")]
         self.subs.append(("--host 0.0.0.0", "--host 127.0.0.1"))
         self.redis_port = dict(self.subs).get("127.0.0.1:6379", "").rpartition(":")[2]
 
