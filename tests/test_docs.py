@@ -407,6 +407,39 @@ def check_remote_tier(ws, output):
     assert all(r["cloud_label"] == r["label"] for r in escalated)  # the same model answered, remotely
 
 
+def check_followed(ws, output):
+    got = rows(ws, "out/follow")
+    assert len(got) == jpgs(ws, "photos/*.jpg") and {r["model"] for r in got} == {"cat_or_not:2"}
+
+
+def check_tritonclient(ws, output):
+    label, scores = output.strip().splitlines()[-1].split(" [", 1)
+    assert label == "missile" and len(scores.split()) == 3, output[-500:]  # photos/rocket.jpg, as the batch says
+
+
+def check_grpc(ws, output):
+    assert output.strip().splitlines()[-1] == "missile", output[-500:]
+
+
+def json_values(text: str) -> list:
+    """The JSON values written one after another (curl adds no newline)."""
+    decoder, at, out = json.JSONDecoder(), 0, []
+    text = text.strip()
+    while at < len(text):
+        value, at = decoder.raw_decode(text, at)
+        out.append(value)
+        while at < len(text) and text[at].isspace():
+            at += 1
+    return out
+
+
+def check_repository(ws, output):
+    index, unloaded, loaded = json_values(output)[-3:]
+    assert index == [{"name": "cat_or_not", "version": "2", "state": "READY", "reason": ""}], index
+    assert loaded == {"name": "cat_or_not", "versions": ["2"]}, loaded
+    assert unloaded["name"] == "cat_or_not", unloaded
+
+
 def check_redis(ws, output):
     assert "'label'" in output and "'error'" not in output
 
@@ -422,7 +455,8 @@ CHECKS = {  # page -> {a line of the block: its check}
         "beam.io.WriteToText(\"out/beam/labels\"": check_beam_example,
         "bz.WriteParquet(\"out/api/predictions\")": check_own_api("out/api"),
     },
-    "docs/scoring.md": {"--output out/edge/ --runner=EdgeRunner": check_runners_agree},
+    "docs/scoring.md": {"--output out/edge/ --runner=EdgeRunner": check_runners_agree,
+                        "--model_refresh 30": check_followed},
     "docs/ocr.md": {"python pipelines/ocr_images.py": check_ocr},
     "docs/pipelines.md": {
         "ls photos/*.jpg > paths.txt": check_classify_beam,
@@ -438,6 +472,9 @@ CHECKS = {  # page -> {a line of the block: its check}
     "docs/serving.md": {"v1/models/efficientnet_lite0:predict": check_tf_serving,
                         "v2/models/efficientnet_lite0/infer": check_kserve,
                         "with Client(": check_client,
+                        "httpclient.InferInput(": check_tritonclient,
+                        "grpcclient.InferInput(": check_grpc,
+                        "/v2/repository/index": check_repository,
                         "RemoteClassify([": check_remote_tier,
                         "QueueClient(": check_redis},
     "docs/flink.md": {"--flink_master=[local]": check_flink},
