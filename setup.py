@@ -32,7 +32,9 @@ SERVE = ["starlette>=0.37", "uvicorn>=0.30", "prometheus-client>=0.20", "redis>=
 # and numpy than SERVE and DEV have: install them into a venv of their own (`serve_peers.py --setup`).
 BENCH = ["mlserver==1.7.1", "nvidia-pytriton==0.7.0",
          "uvloop<0.22"]  # MLServer 1.7.1's workers die on uvloop 0.22 ("no current event loop")
-DEV = BEAM + SAMPLES + SERVE + [
+# beamzoo tune --report: its plots
+TUNE = ["matplotlib>=3.8"]
+DEV = BEAM + SAMPLES + SERVE + TUNE + [
     "pytest>=8",
     "pandas>=2",  # the tests read outputs as users do: pd.read_parquet(OUT/predictions)
     "hypothesis>=6.100",
@@ -58,7 +60,7 @@ setup(
     packages=find_packages(include=["beamzoo", "beamzoo.*"]),
     package_data={"beamzoo.zoo": ["models/*.txt", "models/*/*/card.yaml"], "beamzoo.serve": ["grpc_v2.proto"]},
     install_requires=CORE,
-    extras_require={"beam": BEAM, "flink": BEAM, "samples": SAMPLES, "serve": SERVE,
+    extras_require={"beam": BEAM, "flink": BEAM, "samples": SAMPLES, "serve": SERVE, "tune": TUNE,
                     "bench-serve": BENCH, "dev": DEV,
                     "bench-ray": ["ray[data]>=2.40"]},  # bench/run.py's Ray Data contender (in the dev venv)
     entry_points={"console_scripts": ["beamzoo=beamzoo.cli:main"]},

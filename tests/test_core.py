@@ -334,9 +334,9 @@ LAYERS = [  # lowest first; a module may import its own layer and those below
     ["beamzoo.transforms"],
     ["beamzoo.runners"],
     ["beamzoo.classify", "beamzoo.cascade", "beamzoo.gates", "beamzoo.ocr", "beamzoo.outdir", "beamzoo.pipeline",
-     "beamzoo.beam", "beamzoo.cli_args", "beamzoo.report"],
+     "beamzoo.beam", "beamzoo.cli_args", "beamzoo.report", "beamzoo.tune.config", "beamzoo.tune.result"],
     ["beamzoo.serve", "beamzoo.bundle"],
-    ["beamzoo.cli"],
+    ["beamzoo.tune", "beamzoo.cli"],
 ]
 
 

@@ -6,8 +6,9 @@ fingerprint; batch sizes and threads do not), a one-line doc, and how a
 command line writes it (``unit``: ``bytes`` takes ``512M``, ``seconds``
 takes ``2s``). Everything else is derived from the declaration: a class's
 constructor and its signature (``declare``), the checked JSON parameters,
-the errors that name the parameter, the docs, and the flags and ``--help``
-of the command lines (``beamzoo.cli_args``).
+the errors that name the parameter, the docs, the flags and ``--help``
+of the command lines (``beamzoo.cli_args``), and the values ``beamzoo tune``
+tries (``tune``).
 
 >>> k = Knob(4, int, low=1, doc="rows per call", results=False)
 >>> k.check("OnnxInference", "batch_size", 8)
@@ -54,6 +55,24 @@ class Knob:
     convert: Callable[[Any], Any] | None = field(default=None, compare=False, repr=False)
     role: str | None = None
     required: bool = False
+    tune: tuple | str | None = field(default=None, compare=False)  # the values ``beamzoo tune`` tries
+
+    def candidates(self, cores: int) -> tuple:
+        """The values ``beamzoo tune`` tries for this knob: its ``tune`` values, or with
+        ``tune="cores"`` the powers of two up to twice ``cores`` (and ``cores`` itself)."""
+        if self.tune is None:
+            return ()
+        if self.tune == "cores":
+            values = {1 << i for i in range(max(1, 2 * cores).bit_length()) if 1 << i <= 2 * cores} | {cores}
+            return tuple(sorted(v for v in values if self._fits(v)))
+        return tuple(v for v in self.tune if self._fits(v))
+
+    def _fits(self, value) -> bool:
+        try:
+            self._valid(value)
+            return True
+        except KnobError:
+            return False
 
     def check(self, owner: str, name: str, value: Any) -> Any:
         """``value`` as this knob holds it; KnobError naming ``owner`` and ``name`` if it does not fit."""

@@ -11,7 +11,7 @@ from beamzoo.zoo import card_param
 
 MODEL = Knob(None, object, role="model", convert=card_param, required=True,
              doc="a zoo model (NAME or NAME:VERSION), the path of a card file, or a card")
-INTRA_OP_THREADS = Knob(1, int, low=0, high=1024, results=False,
+INTRA_OP_THREADS = Knob(1, int, low=0, high=1024, results=False, tune=(1, 0),
                         doc="onnxruntime intra-op threads per session (1: workers run inference side by side; "
                             "0: all cores for each call)")
 

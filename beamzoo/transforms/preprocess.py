@@ -110,7 +110,7 @@ RESIZE_KNOBS = {
     "channels": Knob("RGB", str, choices=CHANNELS, doc="channel order of the pixels"),
     "value_range": Knob([-1.0, 1.0], list, doc="(low, high) the pixels 0..255 are scaled to",
                         convert=lambda v: [float(x) for x in v]),
-    "shrink": Knob("area", str, choices=tuple(SHRINK_FILTERS),
+    "shrink": Knob("area", str, choices=tuple(SHRINK_FILTERS), tune=tuple(SHRINK_FILTERS),
                    doc="resize filter when shrinking: area (an exact area average) or linear (bilinear: a "
                        "seventh of the resize cost, a little more aliasing)"),
 }
