@@ -117,7 +117,7 @@ class EdgeRunner(Executor):
 
     name = "EdgeRunner"
     formats = frozenset(WRITERS)
-    knobs = {"workers": Knob(None, int, low=1, high=4096, results=False,
+    knobs = {"workers": Knob(None, int, low=1, high=4096, results=False, tune="cores",
                              doc="edge runner: threads for each row-parallel stage (default: the CPU count)"),
              "chunk_size": Knob(16, int, low=1, high=1 << 20, results=False, doc="rows per task"),
              "queue_depth": Knob(None, int, low=1, results=False,
@@ -127,7 +127,12 @@ class EdgeRunner(Executor):
              "rows_per_file": Knob(10_000, int, low=1, results=False, doc="rows per committed output file"),
              "seconds_per_file": Knob(60.0, float, low=0.0, results=False, unit="seconds",
                                       doc="an output file is committed at least this often"),
-             "progress": Knob(True, bool, results=False, doc="a progress bar on a terminal")}
+             "progress": Knob(True, bool, results=False, doc="a progress bar on a terminal"),
+             "adapt": Knob(False, bool, results=False,
+                           doc="keep each step within its latency budget while running (a --config's budgets): "
+                               "batch sizes move within bounds, each change logged and in the run's stats"),
+             "budgets": Knob(None, dict, results=False,
+                             doc="{step id: latency budget, seconds per row} that --adapt keeps to")}
     positional = ()
 
     def __init__(self, **knobs):

@@ -35,7 +35,8 @@ class Target:
     def met(self, measured: float | None) -> bool:
         if measured is None:
             return False
-        return measured >= self.value if self.op == ">=" else measured <= self.value
+        floor = METRICS[self.metric][0] == ">="  # parse_target took the metric's one comparison
+        return measured >= self.value if floor else measured <= self.value
 
 
 def parse_target(text: str) -> Target:
