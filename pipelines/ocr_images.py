@@ -3,6 +3,7 @@
     python pipelines/ocr_images.py --input 'scans/**/*.png' --output out/
     python pipelines/ocr_images.py --input ... --output out/ --runner=EdgeRunner
     python pipelines/ocr_images.py --input ... --output out/ --runner=FlinkRunner --flink_master=[local]
+    python pipelines/ocr_images.py --input ... --output out/ --runner=edge --config tuned.yaml --adapt
 
 Each image gives one row of OUT/predictions/*.parquet: id, path, text (the
 lines in reading order, one row of text a line), lines (text, score and box of
@@ -12,8 +13,11 @@ cropped or recognized (with their image's parent_id), go to
 OUT/dead_letter/*.parquet; OUT/report.html charts the run. The models
 (PP-OCRv4 detection and recognition, the PP-OCR angle classifier) come from the
 rapidocr-onnxruntime 1.4.4 wheel, fetched once from PyPI into the beamzoo cache
-and pinned by sha256. Beam options (--direct_num_workers, --parallelism, ...) go
-to Beam runners; anything else is refused.
+and pinned by sha256. With --config FILE (``beamzoo tune --ocr``) the file's
+knobs are the defaults of these flags, a flag given here wins; with --adapt
+the edge runner keeps each step within the file's latency budgets. Beam
+options (--direct_num_workers, --parallelism, ...) go to Beam runners;
+anything else is refused.
 """
 from __future__ import annotations
 
@@ -21,7 +25,8 @@ import logging
 import os
 import sys
 
-from beamzoo.cli_args import Parser, add_knobs, add_runner, check_leftovers, given
+from beamzoo.cli_args import (FLAG_NAMES, Parser, add_config, add_knobs, add_runner, check_leftovers,
+                               config_budgets, given)
 from beamzoo.core.knobs import pick
 from beamzoo.core.limits import MAX_DEAD_FRACTION, TooManyDeadLetters
 from beamzoo.ocr import ReadText, ocr_images
@@ -29,7 +34,8 @@ from beamzoo.pipeline import TOO_MANY_DEAD, interrupted, on_sigterm, run_command
 from beamzoo.runners.edge import EdgeRunner
 from beamzoo.transforms.resume import RESUME_BY
 
-FLAGS = {"intra_op_threads": "threads", "isolate": "no_isolation"}
+FLAGS = FLAG_NAMES
+EDGE = pick(EdgeRunner, "workers", "progress", "adapt")
 
 
 def parser() -> Parser:
@@ -38,8 +44,9 @@ def parser() -> Parser:
     p.add_argument("--output", required=True, help="folder for the results: OUTPUT/predictions, OUTPUT/dead_letter, "
                                                        "OUTPUT/report.html")
     add_runner(p)
+    add_config(p, "ocr")
     add_knobs(p, ReadText.knobs, FLAGS)
-    add_knobs(p, pick(EdgeRunner, "workers", "progress"), {"progress": "no_progress"})
+    add_knobs(p, EDGE, {"progress": "no_progress"})
     p.add_argument("--resume", action="store_true",
                    help="continue a run in --output: inputs already done there are skipped")
     add_knobs(p, {"resume_by": RESUME_BY})
@@ -64,7 +71,7 @@ def main(argv=None) -> int:
     progress = args.progress is not False
     try:
         graph = ocr_images(args.input, args.output, **given(args, ReadText.knobs))
-        edge = EdgeRunner(**given(args, pick(EdgeRunner, "workers")), progress=progress)
+        edge = EdgeRunner(**given(args, pick(EDGE, "workers", "adapt")), progress=progress, **config_budgets(args))
         stats = run_command(graph, args, beam_args, edge, progress)
     except KeyboardInterrupt as exc:
         interrupted(exc)

@@ -6,6 +6,7 @@
     python pipelines/score_images.py --export bundle/          # the graph and its model, for a device
     python pipelines/score_images.py --export bundle/ --sign keys/release.key   # signed (beamzoo keys new)
     python pipelines/score_images.py --input ... --output out/ --runner=edge --zoo zoo/ --model cat --model_refresh 60
+    python pipelines/score_images.py --input ... --output out/ --runner=edge --config tuned.yaml --adapt
 
 Without --input it scores a sample set of real photographs that ship in
 scikit-image and scikit-learn. Writes OUT/predictions/*.parquet,
@@ -13,7 +14,10 @@ OUT/dead_letter/*.parquet and OUT/report.html (a page of charts of the run).
 With --model_refresh S (edge runner) a newer version of --model NAME put in
 the zoo answers from the next batch on, once its card verifies and its inputs,
 outputs, labels and preprocessing are the running version's; each row's
-``model`` says which version answered it. Beam options (--direct_num_workers,
+``model`` says which version answered it. With --config FILE (written by
+``beamzoo tune``) the file's knobs are the defaults of these flags, a flag
+given here wins; with --adapt the edge runner keeps each step within the
+file's latency budgets. Beam options (--direct_num_workers,
 --parallelism, ...) go to Beam runners; anything else is refused.
 """
 from __future__ import annotations
@@ -26,7 +30,8 @@ from beamzoo import zoo
 from beamzoo.bundle import EXPORT, BundleError, export, private_key
 from beamzoo.cascade import CALIBRATION_IMAGES, Cascade, choose_threshold
 from beamzoo.classify import Classify
-from beamzoo.cli_args import Parser, add_knobs, add_runner, check_leftovers, given, number
+from beamzoo.cli_args import (FLAG_NAMES, Parser, add_config, add_knobs, add_runner, check_leftovers,
+                               config_budgets, given, number)
 from beamzoo.core.knobs import KnobError, pick
 from beamzoo.core.limits import MAX_DEAD_FRACTION, TooManyDeadLetters
 from beamzoo.gates import load_profile, save_profile
@@ -42,7 +47,8 @@ from beamzoo.transforms.sources import Manifest
 
 STOPPED = 3  # the exit code of a run a gate stopped
 CLASSIFY = {k: v for k, v in Classify.knobs.items() if k not in ("model", "prefix")}
-FLAGS = {"intra_op_threads": "threads", "isolate": "no_isolation", "reduced_decode": "no_reduced_decode"}
+FLAGS = FLAG_NAMES
+EDGE = pick(EdgeRunner, "workers", "progress", "adapt")
 CASCADE = pick(Cascade, "escalation_s", escalate_below="below")
 
 
@@ -57,6 +63,7 @@ def parser() -> Parser:
                                                      "to DIR instead of running (run it with `beamzoo run`)")
     add_knobs(p, EXPORT)
     add_runner(p)
+    add_config(p, "classify", text=("model", "escalate"))
     model = p.add_mutually_exclusive_group()
     model.add_argument("--model", help="NAME or NAME:VERSION from the zoo (default efficientnet_lite0, "
                                        "NAME alone: its newest version), or the path of a card file")
@@ -66,7 +73,7 @@ def parser() -> Parser:
                    help="a model repository (<DIR>/<name>/<version>/card.yaml) beside the built-ins; "
                         "also BEAMZOO_ZOO")
     add_knobs(p, CLASSIFY, FLAGS)
-    add_knobs(p, pick(EdgeRunner, "workers", "progress"), {"progress": "no_progress"})
+    add_knobs(p, EDGE, {"progress": "no_progress"})
     add_knobs(p, {"derived_only": DERIVED_ONLY})
     p.add_argument("--resume", action="store_true",
                    help="continue a run in --output: inputs already done there are skipped")
@@ -194,7 +201,7 @@ def main(argv=None) -> int:
                   f"{' and signed' if args.sign_key else ''}; run it with: beamzoo run {args.export} "
                   f"--input 'GLOB' --output OUT{' --trust PUBKEY' if args.sign_key else ''}")
             return 0
-        edge = EdgeRunner(**given(args, pick(EdgeRunner, "workers")), progress=progress)
+        edge = EdgeRunner(**given(args, pick(EDGE, "workers", "adapt")), progress=progress, **config_budgets(args))
         stats = run_command(graph, args, beam_args, edge, progress)
     except KeyboardInterrupt as exc:
         interrupted(exc)

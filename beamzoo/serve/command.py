@@ -1,4 +1,9 @@
-"""``beamzoo serve``: its options and what it does (beamzoo.cli holds only the subparser)."""
+"""``beamzoo serve``: its options and what it does (beamzoo.cli holds only the subparser).
+
+With ``--config FILE`` (a tuned config of the classify graph, ``beamzoo tune --serve``) the
+file's ``serve`` section gives the batching flags' defaults, its ``knobs`` the model served
+when no --model or --bundle is given and that model's knobs (threads, shrink, topk, ...);
+a flag given on the command line wins."""
 from __future__ import annotations
 
 import argparse
@@ -7,14 +12,17 @@ import sys
 
 from beamzoo.bundle import BundleError
 from beamzoo.classify import Classify
-from beamzoo.cli_args import add_knobs, given, number
+from beamzoo.cli_args import FLAG_NAMES, add_config, add_knobs, config_budgets, config_value, given, number
 from beamzoo.core.knobs import pick
 from beamzoo.pipeline import user_errors
 from beamzoo.serve.knobs import SERVER_KNOBS
 from beamzoo.serve.repository import REPOSITORY_KNOBS, versions_in
+from beamzoo.tune.config import Config, ConfigError
 from beamzoo.zoo import add_repository
 
 MODEL_KNOBS = pick(Classify, "topk", "max_pixels")  # of the zoo models served
+BATCH_RUN = ("batch_size", "workers")  # a config's knobs for the batch run; its serve section has the server's
+NOT_SERVED = ("model", "prefix", "model_refresh")  # Classify's knobs a config cannot set for a served model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -40,7 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "card does not verify is refused. POST /v2/repository/index lists it; "
                         "/v2/repository/models/NAME/load and /unload change it on request")
     add_knobs(p, REPOSITORY_KNOBS)
-    add_knobs(p, SERVER_KNOBS)
+    add_knobs(p, SERVER_KNOBS, skip=("budgets",))  # the budgets come from --config
+    add_config(p, "classify", sections=_from_config)
     add_knobs(p, MODEL_KNOBS)
     p.add_argument("--redis", default=None, metavar="URL",
                    help="also take requests from a Redis stream (redis://HOST:PORT/DB)")
@@ -48,6 +57,41 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--consumer", default=None, metavar="NAME",
                    help="this server's name in the stream's consumer group; started again under the same "
                         "name it first answers what it had taken (default: host-pid)")
+
+
+def _from_config(config: Config, where: str) -> dict:
+    """The flags a tuned config sets: its serve section, and topk/max_pixels of its knobs
+    (the rest of them are checked here, and become the served models' knobs in ``main``)."""
+    served_knobs(config, where)
+    return {"serve": config.serve or {}, "knobs": {k: v for k, v in config.knobs.items() if k in MODEL_KNOBS}}
+
+
+def served_knobs(config: Config, where: str = "--config") -> dict:
+    """The knobs of the served models' graph that a tuned config sets (Classify's: threads,
+    shrink, ...), checked; a cascade, which one served model cannot answer, is refused."""
+    flags = {FLAG_NAMES.get(n, n): n for n in Classify.knobs if n not in NOT_SERVED and n not in MODEL_KNOBS}
+    out = {}
+    for flag, value in config.knobs.items():
+        if flag in ("escalate", "escalate_below"):
+            raise ConfigError(f"{where}: knobs: {flag}: the config is a cascade, and beamzoo serve serves single "
+                              "models; serve one with --model NAME, or tune with --serve and without --escalate")
+        if flag == "model":
+            if not isinstance(value, str):
+                raise ConfigError(f"{where}: knobs: model must be text (NAME[:VERSION] or a card file), got {value!r}")
+            continue
+        if flag in BATCH_RUN or flag in MODEL_KNOBS:
+            continue
+        name = flags.get(flag) or (flag if flag in flags.values() else None)
+        if name is None:
+            known = ["model", *BATCH_RUN, *MODEL_KNOBS, *flags]
+            raise ConfigError(f"{where}: knobs: {flag!r} is not a knob of the classify graph beamzoo serve runs; "
+                              f"its knobs: {', '.join(known)}")
+        knob = Classify.knobs[name]
+        turns = (not knob.default) if knob.type is bool and flag != name else None
+        v = config_value(f"{where}: knobs", flag, value, knob, turns)
+        if v is not None:
+            out[name] = v
+    return out
 
 
 def _trusted(path):
@@ -64,11 +108,17 @@ def main(args: argparse.Namespace) -> int:
     from beamzoo.serve.models import Servable  # the server's packages: needed to serve, not to parse
     from beamzoo.serve.server import Server
     try:
+        config = args.config
+        if config is not None and not args.model and not args.bundle and config.knobs.get("model"):
+            args.model = [config.knobs["model"]]  # the tuned model, unless the command line names others
         if not args.model and not args.bundle and not args.zoo:
             raise ValueError("nothing to serve: give --model NAME[:V], --bundle DIR or --zoo DIR")
         if args.poll_s is not None and not args.zoo:
             raise ValueError("--poll_s says how often to look at a model repository: give it with --zoo DIR")
         knobs = given(args, SERVER_KNOBS)
+        if "budgets" in Server.knobs:
+            knobs.update(config_budgets(args))  # what --adapt keeps each step to
+        model_knobs = {**(served_knobs(config) if config is not None else {}), **given(args, MODEL_KNOBS)}
         max_batch = knobs.get("max_batch", SERVER_KNOBS["max_batch"].default)  # what inference runs at once
         fixed, followed = list(args.model), []
         if args.zoo:
@@ -79,7 +129,7 @@ def main(args: argparse.Namespace) -> int:
             names = {n for n, _ in versions_in(args.zoo)}
             followed = [m for m in args.model if m in names]
             fixed = [m for m in args.model if m not in names]
-        servables = [Servable.from_model(m, max_batch, **given(args, MODEL_KNOBS)) for m in fixed]
+        servables = [Servable.from_model(m, max_batch, **model_knobs) for m in fixed]
         if args.trust and not args.bundle:
             raise ValueError("--trust checks bundles: give it with --bundle DIR")
         trust = [_trusted(k) for k in args.trust]
@@ -90,7 +140,7 @@ def main(args: argparse.Namespace) -> int:
         return 2
     if args.zoo:
         try:
-            server.watch(args.zoo, only=followed if args.model else None, model_knobs=given(args, MODEL_KNOBS),
+            server.watch(args.zoo, only=followed if args.model else None, model_knobs=model_knobs,
                          **given(args, REPOSITORY_KNOBS))
             unserved = [m for m in followed if m not in {s.name for s in server.catalog}]
             if unserved:
