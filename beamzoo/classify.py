@@ -103,4 +103,7 @@ class ClassifyBytes(Composite):
         return stream
 
 
-__all__ = ["Classify", "ClassifyBytes", "DEFAULT_MODEL", "STEP_KNOBS", "classifier", "classifier_steps"]
+# The knobs of the classifier's steps that score_images.py (and beamzoo tune) take as flags
+COMMAND_KNOBS = {k: v for k, v in Classify.knobs.items() if k not in ("model", "prefix")}
+
+__all__ = ["COMMAND_KNOBS", "Classify", "ClassifyBytes", "DEFAULT_MODEL", "STEP_KNOBS", "classifier", "classifier_steps"]

@@ -5,6 +5,7 @@
     beamzoo models {list,show,verify} [--zoo DIR] [--json]
     beamzoo flink {fetch,up,down,status} [options]
     beamzoo serve --model NAME[:V] ... [--bundle DIR ...] [--host H] [--port 8501] [batching options]
+    beamzoo tune --input GLOB --target SPEC ... [--serve --rate R] [--config OUT.yaml] [--report DIR]
 
 ``run`` runs a bundle (``beamzoo.bundle.export``) on the edge runner, no Beam
 needed; its lock (and with ``--trust``, its signature) is checked before any
@@ -24,7 +25,7 @@ def parser() -> argparse.ArgumentParser:
     from beamzoo.runners.edge import EdgeRunner
     from beamzoo.transforms.sinks import DERIVED_ONLY
     p = Parser(prog="beamzoo", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{run,keys,models,serve,flink}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{run,keys,models,serve,tune,flink}")
     run = sub.add_parser("run", help="run an exported bundle on this machine (edge runner, no Beam)",
                          description="Run an exported bundle (beamzoo.bundle.export) on the edge runner. "
                                      "The bundle's lock, and with --trust its signature, is checked before "
@@ -58,6 +59,9 @@ def parser() -> argparse.ArgumentParser:
     from beamzoo.serve.command import add_arguments
     add_arguments(sub.add_parser("serve", allow_abbrev=False, help="serve zoo models and bundles over HTTP "
                                  "(TF Serving REST, KServe v2, /metrics)"))
+    from beamzoo.tune.command import add_arguments as tune_arguments
+    tune_arguments(sub.add_parser("tune", allow_abbrev=False, help="find the cheapest configuration that meets "
+                                  "throughput, latency or agreement targets, and write it as a config"))
     return p
 
 
@@ -130,6 +134,9 @@ def _main(argv: list[str]) -> int:
     if args.command == "serve":
         from beamzoo.serve.command import main as serve
         return serve(args)
+    if args.command == "tune":
+        from beamzoo.tune.command import main as tune
+        return tune(args, argv[1:])
     if args.command == "keys":
         return _keys(args)
     return _run(args)

@@ -29,7 +29,7 @@ import sys
 from beamzoo import zoo
 from beamzoo.bundle import EXPORT, BundleError, export, private_key
 from beamzoo.cascade import CALIBRATION_IMAGES, Cascade, choose_threshold
-from beamzoo.classify import Classify
+from beamzoo.classify import COMMAND_KNOBS, Classify
 from beamzoo.cli_args import (FLAG_NAMES, Parser, add_config, add_knobs, add_runner, check_leftovers,
                                config_budgets, given, number)
 from beamzoo.core.knobs import KnobError, pick
@@ -46,7 +46,7 @@ from beamzoo.transforms.sinks import DERIVED_ONLY
 from beamzoo.transforms.sources import Manifest
 
 STOPPED = 3  # the exit code of a run a gate stopped
-CLASSIFY = {k: v for k, v in Classify.knobs.items() if k not in ("model", "prefix")}
+CLASSIFY = COMMAND_KNOBS
 FLAGS = FLAG_NAMES
 EDGE = pick(EdgeRunner, "workers", "progress", "adapt")
 CASCADE = pick(Cascade, "escalation_s", escalate_below="below")

@@ -59,8 +59,10 @@ class Knob:
 
     def candidates(self, cores: int) -> tuple:
         """The values ``beamzoo tune`` tries for this knob: its ``tune`` values, or with
-        ``tune="cores"`` the powers of two up to twice ``cores`` (and ``cores`` itself)."""
-        if self.tune is None:
+        ``tune="cores"`` the powers of two up to twice ``cores`` (and ``cores`` itself); with
+        ``tune="deciles"`` the values come from the data (the deciles of what the knob is
+        compared with, a score say), which the tuner measures: none here."""
+        if self.tune is None or self.tune == "deciles":
             return ()
         if self.tune == "cores":
             values = {1 << i for i in range(max(1, 2 * cores).bit_length()) if 1 << i <= 2 * cores} | {cores}

@@ -19,7 +19,7 @@ class Escalate(Operator):
     name = "escalate"
     kind = "route"
     default_id = "confidence"
-    knobs = {"below": Knob(0.5, float, low=0.0, high=1.0,
+    knobs = {"below": Knob(0.5, float, low=0.0, high=1.0, tune="deciles",
                            doc="escalate images whose top score (a confidence, 0..1) is below this"),
              "field": Knob("fast_score", str, doc="the fast model's score column"),
              "escalation_s": Knob(0.0, float, low=0.0, unit="seconds",

@@ -352,7 +352,7 @@ def _target_lines(result: TuneResult, metric: str) -> list[tuple[float, str, boo
     out = []
     for t in result.targets:
         if t.metric == metric:
-            out.append((t.value, t.text, t.op == ">="))
+            out.append((t.value, t.text, METRICS[t.metric][0] == ">="))
         elif metric == "throughput" and t.metric == "finish":
             floor = _finish_floor(result.points, t)
             if floor is not None:
