@@ -440,6 +440,19 @@ def check_repository(ws, output):
     assert unloaded["name"] == "cat_or_not", unloaded
 
 
+def check_tuned(ws, output):
+    config = yaml.safe_load((ws.root / "tuned.yaml").read_text())
+    assert config["graph"] == "classify" and config["measured"]["agreement"] >= 0.8, config
+    assert (ws.root / "tune-report" / "README.md").is_file() and (ws.root / "tune-report" / "cost_throughput.png").is_file()
+    got = rows(ws, "out/tuned")
+    assert len(got) == jpgs(ws) and {r["model"] for r in got} == {config["knobs"]["model"]}
+
+
+def check_served_config(ws, output):
+    config = yaml.safe_load((ws.root / "served.yaml").read_text())
+    assert set(config["serve"]) >= {"max_batch", "max_delay_ms", "workers"}, config
+
+
 def check_redis(ws, output):
     assert "'label'" in output and "'error'" not in output
 
@@ -478,6 +491,7 @@ CHECKS = {  # page -> {a line of the block: its check}
                         "RemoteClassify([": check_remote_tier,
                         "QueueClient(": check_redis},
     "docs/flink.md": {"--flink_master=[local]": check_flink},
+    "docs/tuning.md": {"--output out/tuned/": check_tuned, "--config served.yaml --port": check_served_config},
 }
 
 
