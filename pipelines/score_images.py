@@ -216,7 +216,10 @@ def main(argv=None) -> int:
     print(f"{stats.inputs / stats.seconds:.1f} images/s over {stats.seconds:.1f} s{first}; "
           f"results in {args.output}")
     for name, n in sorted(stats.counters.items()):
-        print(f"{name.removesuffix('_held')}: held for {n} rows" if name.endswith("_held") else f"{name}: {n} rows")
+        if name.endswith("_held"):
+            print(f"{name.removesuffix('_held')}: held for {n} rows")
+        else:
+            print(f"{name}: {n}" if name == "adapt changes" else f"{name}: {n} rows")
     if args.save_profile:
         profile = save_profile(os.path.join(args.output, "predictions"), args.save_profile)
         print(f"label profile of {profile['rows']} predictions saved to {args.save_profile}")

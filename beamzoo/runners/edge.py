@@ -11,6 +11,13 @@ and tells each collect how many of its children died. What happens to a
 batch inside a stage is the shared kernels' (``beamzoo.core.kernels``), which
 report every step's metrics; the time a stage waits on its channels is
 reported too.
+
+With ``adapt`` an ``Adapter`` (``beamzoo.core.adapt``) keeps each step within its
+latency budget while the run goes on: it moves a step's own batch size (an
+operator reads its ``batch_size`` knob per call, from ``params`` or the attribute
+of that name) and the rows per task (``chunk_size``, read by the sources per
+task). The worker threads stay as started: a stage's thread count closes its
+channels and the dead-letter hub, so it cannot change part-way.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ from collections import deque
 
 import pyarrow as pa
 
+from beamzoo.core.adapt import Adapter, Lever, check_budgets
 from beamzoo.core.context import Hooks, RunContext
 from beamzoo.core.executor import Clock, Executor, kernel_table, stats
 from beamzoo.core.graph import DEAD, split_ref
@@ -29,6 +37,7 @@ from beamzoo.core.kernels import Collector, record_sink, record_wait, run_map, r
 from beamzoo.core.knobs import Knob, bind, declare
 from beamzoo.core.compile import Plan, Stage
 from beamzoo.core.metrics import RunStats
+from beamzoo.core.registry import op_class
 from beamzoo.runners.sinks import WRITERS
 
 
@@ -113,6 +122,8 @@ class EdgeRunner(Executor):
     file reader's ``batch_bytes``, what is in memory is bounded in bytes, not only rows.
     ``rows_per_file``/``seconds_per_file``: how often output files are committed
     (what a killed run keeps). ``progress``: a bar on a terminal (never in logs).
+    ``adapt``: keep each step within ``budgets`` ({step id: seconds per row}; without them,
+    1.5 x its first batches) by moving batch sizes and ``chunk_size`` while running.
     """
 
     name = "EdgeRunner"
@@ -143,6 +154,7 @@ class EdgeRunner(Executor):
         self.queue_depth = p["queue_depth"] or 4 * self.workers
         self.progress, self.queue_bytes = p["progress"], p["queue_bytes"]
         self.rows_per_file, self.seconds_per_file = p["rows_per_file"], p["seconds_per_file"]
+        self.adapt, self.budgets = p["adapt"], check_budgets(type(self).__name__, p["budgets"])
 
     def execute(self, plan: Plan, ctx: RunContext) -> RunStats:
         self.check(plan)
@@ -237,6 +249,42 @@ class _Run:
         self.consumers = {(s.id, port): [(c, c.inputs.index(f"{s.id}:{port}")) for c in plan.stages
                                          if f"{s.id}:{port}" in c.inputs]
                           for s in plan.stages for port in _ports_of(s)}
+        self.chunk_size = runner.chunk_size  # the rows per task; --adapt may move it
+        self.live: dict[str, list] = {}  # step id -> its operators, one per thread
+        self.tuned: dict[tuple[str, str], object] = {}  # (step id, knob) -> the value --adapt moved it to
+        self.adapter = Adapter(self._levers(), runner.budgets, say=_say) if runner.adapt else None
+
+    def _levers(self) -> list[Lever]:
+        """What --adapt may move: each step's own batch size, then the rows per task."""
+        levers = []
+        for s in self.plan.stages:
+            for st in s.steps if s.kind in ("map", "explode", "route") else ():
+                knob = op_class(st.op).knobs.get("batch_size")
+                if knob is not None and not knob.results:
+                    levers.append(Lever("batch_size", knob, st.params.get("batch_size", knob.default),
+                                        lambda v, sid=st.id: self.retune(sid, "batch_size", v), steps=(st.id,)))
+        levers.append(Lever("chunk_size", EdgeRunner.knobs["chunk_size"], self.chunk_size, self._chunk))
+        return levers
+
+    def _chunk(self, rows: int) -> None:
+        self.chunk_size = rows
+
+    def retune(self, step: str, name: str, value) -> None:
+        """Set speed knob ``name`` of every operator of ``step`` (and of those bound later)."""
+        with self.lock:
+            self.tuned[(step, name)] = value
+            ops = list(self.live.get(step, ()))
+        for op in ops:
+            _set_knob(op, name, value)
+
+    def bound(self, ops: list) -> None:
+        """A thread's operators, bound: known to ``retune``, with what it moved so far."""
+        with self.lock:
+            for op in ops:
+                self.live.setdefault(op.id, []).append(op)
+                for (step, name), value in self.tuned.items():
+                    if step == op.id:
+                        _set_knob(op, name, value)
 
     def _threads(self, s: Stage) -> int:
         return self.r.workers if s.parallel and s.kind in ("map", "explode", "route") else 1
@@ -297,6 +345,8 @@ class _Run:
 
     def go(self) -> RunStats:
         self.ctx.hooks.append(self.bar)
+        if self.adapter is not None:
+            self.ctx.hooks.append(self.adapter)
         self.ctx.started(self.plan)
         if self.bar.shown:  # count the listing ahead, so the bar knows its total early
             for s in self.plan.stages:
@@ -319,6 +369,8 @@ class _Run:
         finally:
             self.bar.close()
             self.ctx.hooks.remove(self.bar)
+            if self.adapter is not None:
+                self.ctx.hooks.remove(self.adapter)
         if self.error is not None:
             raise self.error
         out = stats(self.plan, self.ctx, self.clock(), self.first, self.r.name)
@@ -383,7 +435,20 @@ def _bound(run: _Run, stage: Stage):
     ops = stage.operators()
     for op in ops:
         op.bind(run.ctx)
+    run.bound(ops)
     return ops
+
+
+def _set_knob(op, name: str, value) -> None:
+    """A speed knob of a running operator: in its parameters and in the attribute it reads per call."""
+    op.params[name] = value
+    if name in vars(op):
+        setattr(op, name, value)
+
+
+def _say(line: str) -> None:
+    from tqdm import tqdm
+    tqdm.write(line, file=sys.stderr)  # above the progress bar, where one is shown
 
 
 @_kernel("source")
@@ -401,7 +466,7 @@ def _source(run: _Run, stage: Stage) -> None:
     for ref in op.refs():
         chunk.append(ref)
         listed += 1
-        if len(chunk) >= run.r.chunk_size:
+        if len(chunk) >= run.chunk_size:
             flush()
             if run.ctx.stop_reason:  # the run is stopping: read no more, finish what was read
                 return

@@ -8,7 +8,8 @@ to ``max_batch`` rows once that many wait, once the oldest has waited
 robin, one row of each waiting request in turn, so a request with many rows
 cannot make one that came after it wait for all of them. ``drop`` forgets a
 request's rows not yet taken (it timed out, or its client went away).
-``BatchLoop`` runs it with worker threads.
+``BatchLoop`` runs it with worker threads; ``BatchLoop.set`` moves ``max_batch`` and
+``max_delay`` while it runs (``--adapt``): the next cut reads them.
 """
 from __future__ import annotations
 
@@ -136,6 +137,19 @@ class BatchLoop:
     def queued(self) -> int:
         with self.cv:
             return len(self.batcher)
+
+    def set(self, max_batch: int | None = None, max_delay: float | None = None) -> None:
+        """Cut the next batches at ``max_batch`` rows, or after ``max_delay`` seconds."""
+        with self.cv:
+            if max_batch is not None:
+                if max_batch < 1:
+                    raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+                self.batcher.max_batch = max_batch
+            if max_delay is not None:
+                if max_delay < 0:
+                    raise ValueError(f"max_delay must be >= 0, got {max_delay}")
+                self.batcher.max_delay = max_delay
+            self.cv.notify_all()  # a batch may be due now
 
     def _loop(self, index: int) -> None:
         while True:

@@ -20,7 +20,10 @@ import sys
 import threading
 import time
 
-from beamzoo.core.knobs import bind, declare
+from prometheus_client import Counter
+
+from beamzoo.core.adapt import check_budgets
+from beamzoo.core.knobs import Knob, bind, declare
 from beamzoo.serve.app import make_app
 from beamzoo.serve.knobs import SERVER_KNOBS
 from beamzoo.serve.limits import ByteBudget, Guarded, Limits
@@ -34,9 +37,14 @@ from beamzoo.serve.service import ModelService
 
 class Server:
     """Serves ``servables`` (each a model's graph; none at first is fine where ``load`` or a
-    watched repository adds them); its knobs are the batching and the limits."""
+    watched repository adds them); its knobs are the batching and the limits. With ``adapt``
+    each model's batching moves to keep its steps within ``budgets`` (``ModelService``), each
+    change on stderr and counted in ``beamzoo_adapt_changes{model,knob}``."""
 
-    knobs = SERVER_KNOBS
+    knobs = {**SERVER_KNOBS,  # budgets come from a tuned config (--config), not from a flag
+             "budgets": Knob(None, dict, results=False,
+                             doc="{step id: latency budget, seconds per row} that adapt keeps each served "
+                                 "step to (without them: 1.5 x its first batches)")}
 
     def __init__(self, servables: list[Servable], **knobs):
         p = bind(type(self).__name__, self.knobs, (), (), knobs)
@@ -54,6 +62,10 @@ class Server:
         self.inflight = ByteBudget(p["max_inflight_bytes"], self.metrics.inflight)
         self.workers = workers or os.cpu_count() or 1
         self._batching = (max_batch, max_delay_ms / 1000, max_queue, self.workers)
+        self.adapt, self.budgets = p["adapt"], check_budgets(type(self).__name__, p["budgets"])
+        if self.adapt:
+            self.adapt_changes = Counter("beamzoo_adapt_changes", "Changes adapt made to a model's batching, by "
+                                         "model and knob", ["model", "knob"], registry=self.metrics.registry)
         self.catalog = Catalog()
         for s in servables:
             self.catalog.add(s, self._service(s))
@@ -65,7 +77,13 @@ class Server:
         self.app = make_app(self)
 
     def _service(self, servable: Servable) -> ModelService:
-        return ModelService(servable, self.metrics, *self._batching)
+        if not self.adapt:
+            return ModelService(servable, self.metrics, *self._batching)
+
+        def changed(change, model=servable.name):
+            self.adapt_changes.labels(model, change.knob).inc()
+        return ModelService(servable, self.metrics, *self._batching, adapt=True, budgets=self.budgets,
+                            on_change=changed)
 
     @property
     def ready(self) -> bool:

@@ -6,20 +6,28 @@ cancelling the future (the request timed out, its client went away) drops
 its rows not yet run from the queue. Each
 worker thread runs the served plan with the in-thread runner's ``Engine``, in
 one run context whose hook turns every step's metrics into Prometheus series.
+With ``adapt`` an ``Adapter`` (``beamzoo.core.adapt``) in that context keeps each
+step within its latency budget by moving the batcher's ``max_batch`` and
+``max_delay`` within the values their knobs declare; ``on_change`` hears of
+each change (the server counts them in ``beamzoo_adapt_changes``).
 """
 from __future__ import annotations
 
+import sys
 import threading
 import time
 from concurrent.futures import Future, InvalidStateError
+from typing import Callable
 
 import pyarrow as pa
 
+from beamzoo.core.adapt import Adapter, Change, Lever
 from beamzoo.core.context import RunContext
 from beamzoo.core.op import error_text
 from beamzoo.runners.inline import Engine
 from beamzoo.serve.batcher import BatchLoop, Batcher, Row
 from beamzoo.serve.graph import REQUEST_SCHEMA, answer_schema
+from beamzoo.serve.knobs import SERVER_KNOBS
 from beamzoo.serve.metrics import Metrics, StepSeries
 from beamzoo.serve.models import Servable
 
@@ -55,7 +63,8 @@ class Ticket:
 
 class ModelService:
     def __init__(self, servable: Servable, metrics: Metrics, max_batch: int = 8, max_delay: float = 0.005,
-                 max_queue: int = 256, workers: int = 1, clock=time.monotonic):
+                 max_queue: int = 256, workers: int = 1, clock=time.monotonic, adapt: bool = False,
+                 budgets: dict | None = None, on_change: Callable[[Change], None] | None = None):
         self.servable, self.metrics, self.clock = servable, metrics, clock
         self.label = servable.name
         self.ctx = RunContext(f"serve-{servable.name}-{servable.version}", hooks=[StepSeries(metrics, self.label)],
@@ -65,6 +74,18 @@ class ModelService:
         self.fields = self.schema.names
         self.loop = BatchLoop(Batcher(max_batch, max_delay, max_queue, clock), self._run, workers,
                               name=f"beamzoo-{servable.name}")
+        self.adapter = None
+        if adapt:
+            loop = self.loop
+            levers = [Lever("max_batch", SERVER_KNOBS["max_batch"], max_batch, lambda v: loop.set(max_batch=v)),
+                      Lever("max_delay_ms", SERVER_KNOBS["max_delay_ms"], round(max_delay * 1000, 6),
+                            lambda v: loop.set(max_delay=v / 1000))]
+            self.adapter = Adapter(levers, budgets, say=self._say, on_change=[on_change] if on_change else ())
+            self.adapter.known(s.id for s in servable.plan.graph.steps)
+            self.ctx.hooks.append(self.adapter)
+
+    def _say(self, line: str) -> None:
+        print(f"beamzoo serve: {self.label}:{self.servable.version}: {line}", file=sys.stderr, flush=True)
 
     def submit(self, instances: list[bytes]) -> Future:
         """Queue the instances; raises ``QueueFull`` or ``Closed`` at once when they cannot wait."""
