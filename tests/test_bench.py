@@ -92,3 +92,44 @@ def test_a_tiny_serve_benchmark_measures_binary_against_json_and_grpc_against_ht
     else:
         loops = grpc["http"] + grpc["grpc"]
         assert all(r["requests"] > 0 and r["errors"] == 0 for r in loops), loops
+
+
+def _tiny_variant(repo, name, size, top1):
+    import yaml
+    from beamzoo.zoo import sha256_of
+    from conftest import COLOURS, tiny_colour_model
+    folder = repo / name / "1"
+    folder.mkdir(parents=True)
+    model = tiny_colour_model(folder / "m.onnx", size=size)
+    card = dict(name=name, version="1", task="image-classification", file="m.onnx", sha256=sha256_of(model),
+                inputs=[dict(name="images", dtype="float32", shape=[3, size, size], layout="NCHW", channels="RGB",
+                             value_range=[-1, 1])],
+                outputs=[dict(name="logits", dtype="float32", shape=[3])], labels=list(COLOURS),
+                preprocess=dict(resize=size + size // 8, crop=size),
+                metrics=dict(colour_top1=dict(value=top1, source="tests/test_bench.py")))
+    (folder / "card.yaml").write_text(yaml.safe_dump(card))
+
+
+@pytest.mark.slow
+def test_a_tiny_tuning_benchmark_compares_the_tuner_with_a_grid_the_defaults_and_a_hill_climb(tmp_path):
+    repo = tmp_path / "repo"
+    _tiny_variant(repo, "tiny_colour", 32, 0.99)
+    _tiny_variant(repo, "tiny_colour_small", 16, 0.9)
+    limits = ["shrink=area", "batch_size=4", "threads=1", "workers=1,2", "max_batch=4", "max_delay_ms=0"]
+    done = subprocess.run([sys.executable, "bench/tune.py", "--n", "4", "--sample", "4", "--zoo", str(repo),
+                           "--model", "tiny_colour_small:1", "--throughput", "1", "--rate", "50", "--latency", "5",
+                           "--agreement", "0.5", "--cascade-deciles", "5", *[a for x in limits for a in ("--limit", x)],
+                           "--out", str(tmp_path / "out"), "--cache", str(tmp_path / "cache")],
+                          capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT},
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "out" / "tune.json").read_text())
+    assert list(report["results"]) == ["throughput", "latency", "agreement"]
+    assert report["grid_runs"]["batch"] and report["grid_runs"]["serve"]
+    for r in report["results"].values():  # targets every configuration meets: each method's choice is verified
+        rows = r["rows"]
+        assert set(rows) == {"tuner", "grid", "defaults", "hill-climb"}
+        assert all(row["met"] and row["verified"]["cost"] > 0 for row in rows.values()), rows
+        assert 0 < rows["tuner"]["time_vs_grid"] and rows["grid"]["cost_vs_grid"] == 1.0
+        assert r["tuner"]["space"] > r["grid_space"]["configurations"]  # the tuner searches a superset
+    assert (tmp_path / "out" / "tune.png").stat().st_size > 0 and "cost / grid" in done.stdout

@@ -244,13 +244,13 @@ def test_user_mistakes_print_one_error_line(bundle, tmp_path):
 def test_help_lists_both_commands_and_flink_still_parses_its_own():
     r = beamzoo_cmd("--help")
     assert r.returncode == 0 and "beamzoo run DIR --input GLOB --output OUT" in r.stdout
-    assert "{run,keys,models,serve,flink}" in r.stdout and "flink" in r.stdout.split("positional arguments")[1]
+    assert "{run,keys,models,serve,tune,flink}" in r.stdout and "flink" in r.stdout.split("positional arguments")[1]
     r = beamzoo_cmd("flink", "--help")
     assert r.returncode == 0 and "usage: beamzoo flink" in r.stdout and "{fetch,up,down,status}" in r.stdout
     r = beamzoo_cmd("flink", "sideways")
     assert r.returncode == 2 and "invalid choice: 'sideways'" in r.stderr
     r = beamzoo_cmd()
-    assert r.returncode == 2 and "required: {run,keys,models,serve,flink}" in r.stderr
+    assert r.returncode == 2 and "required: {run,keys,models,serve,tune,flink}" in r.stderr
 
 
 def test_derived_only_drops_raw_columns_and_keeps_the_predictions(tiny_model, colour_dir, tmp_path):
